@@ -1,0 +1,36 @@
+"""deltatune: parameter-efficient fine-tuning for PyTorch.
+
+    import deltatune as dt
+    model = dt.attach(base, dt.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    dt.save_adapter(model, "out/adapter")               # peft's format
+    model = dt.load_adapter(base, "out/adapter", name="other")
+    dt.merge(model); dt.unmerge(model); merged = dt.merge_and_unload(model)
+"""
+from ._version import __version__
+from .core.config import AdapterConfig, ConfigError
+from .core.io import AdapterFileError, adapter_tensors, load_adapter, read_adapter, save_adapter
+from .core.layer import AdapterLayer
+from .core.model import (
+    active_adapters,
+    adapter_configs,
+    attach,
+    delete_adapter,
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    route,
+    set_active,
+    trainable_parameters,
+    unload,
+    unmerge,
+)
+from .core.registry import register, registered_methods
+from .core.targets import TargetNotFoundError
+from .methods.lora import LoraConfig
+
+__all__ = [
+    "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "AdapterLayer", "TargetNotFoundError",
+    "LoraConfig", "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
+    "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
+    "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",
+]

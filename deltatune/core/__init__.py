@@ -1,0 +1,1 @@
+"""Generic machinery shared by every method: configs, targets, layers, model operations, the file format."""

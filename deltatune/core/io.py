@@ -1,0 +1,215 @@
+"""The adapter file format: peft's `adapter_config.json` + `adapter_model.safetensors`, both ways.
+
+This module is the one owner of the on-disk format. Tensor keys are the model's parameter names with the
+adapter name removed and peft's `base_model.model.` prefix added, e.g.
+
+    model.layers.0.self_attn.q_proj.lora_A.default.weight        (in memory, adapter "default")
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (on disk)
+
+`modules_to_save` copies are stored under the original module's name; learnable biases under their own
+names. An in-memory rename never changes what is on disk: the mapping below is the contract.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._version import __version__
+from .config import ConfigError
+from .layer import AdapterLayer, ModulesToSave
+from .model import adapter_configs, attach, active_adapters, delete_adapter, wrappers
+from .registry import config_from_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory that cannot be read or does not fit the model; nothing was changed."""
+
+
+def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """On-disk key -> live parameter of adapter `name` (the tensors `save_adapter` writes)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, wrapper in wrappers(model):
+        if isinstance(wrapper, ModulesToSave):
+            if name in wrapper.modules_to_save:
+                for key, tensor in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
+                    out[f"{PREFIX}{path}.{key}"] = tensor
+        else:
+            for key, param in wrapper.adapter_parameters(name):
+                out[f"{PREFIX}{path}.{key}"] = param
+    out.update(_learnable_biases(model, name))
+    return out
+
+
+def _learnable_biases(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    bias = getattr(adapter_configs(model).get(name), "bias", "none")
+    if bias == "all":
+        return {
+            f"{PREFIX}{k}": p for k, p in model.named_parameters(remove_duplicate=False)
+            if k.split(".")[-1] == "bias" and ".modules_to_save." not in k and ".original_module." not in k
+        }
+    if bias.endswith("_only"):
+        return {
+            f"{PREFIX}{path}.base_layer.bias": w.base_layer.bias for path, w in wrappers(model)
+            if isinstance(w, AdapterLayer) and name in w.adapter_names and getattr(w.base_layer, "bias", None) is not None
+        }
+    return {}
+
+
+def _default_name(model: nn.Module) -> str:
+    configs = adapter_configs(model)
+    if not configs:
+        raise ValueError("the model has no adapter attached; use deltatune.attach or deltatune.load_adapter first")
+    active = active_adapters(model)
+    return "default" if "default" in configs else (active[0] if active else next(iter(configs)))
+
+
+def _base_name(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
+    """Write adapter `name` (default: "default", else the active one) to directory `path` in peft's format."""
+    from safetensors.torch import save_file
+
+    name = name or _default_name(model)
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(configs) or 'none'}")
+    config = configs[name]
+    record = config.to_dict()
+    record["base_model_name_or_path"] = config.base_model_name_or_path or _base_name(model)
+    record["inference_mode"] = True
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "deltatune_version": __version__}))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
+    return out
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[Any, dict[str, torch.Tensor], dict[str, str]]:
+    """(config, tensors, metadata) of an adapter directory, validated but not applied to any model."""
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterFileError(f"{root} is not a directory; an adapter is a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    config_path = root / CONFIG_NAME
+    if not config_path.is_file():
+        raise AdapterFileError(f"{root} has no {CONFIG_NAME}")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is truncated or corrupted") from None
+    if not isinstance(data, dict):
+        raise AdapterFileError(f"{config_path} must hold a JSON object, found {type(data).__name__}")
+    try:
+        config = config_from_dict(data)
+    except (ConfigError, TypeError) as exc:
+        raise AdapterFileError(f"{config_path}: {exc}") from None
+    tensors, metadata = _read_tensors(root, allow_pickle)
+    return config, tensors, metadata
+
+
+def _read_tensors(root: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    weights = root / WEIGHTS_NAME
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise AdapterFileError(f"{weights} cannot be read ({exc}); the file is truncated or corrupted") from None
+    pickled = root / PICKLE_WEIGHTS_NAME
+    if pickled.is_file():
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{root} holds only {PICKLE_WEIGHTS_NAME}, a pickle file that can run code when loaded. Refused; "
+                "pass allow_pickle=True (CLI: --allow-pickle) if you trust it (it is then read with weights_only=True), "
+                "or convert it to safetensors"
+            )
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True), {}
+        except Exception as exc:  # torch raises many types for a bad pickle
+            raise AdapterFileError(f"{pickled} cannot be read ({exc})") from None
+    raise AdapterFileError(f"{root} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    name: str = "default",
+    *,
+    activate: bool = True,
+    allow_pickle: bool = False,
+    trainable: bool = False,
+) -> nn.Module:
+    """Attach the adapter stored in `path` (peft's format, written by deltatune or peft) as `name`.
+
+    Any error (unreadable files, unknown keys, a tensor whose shape does not fit, an adapter made for
+    another base) is raised before or instead of changing the model: on failure the model is unchanged.
+    The adapter's parameters are frozen unless `trainable=True` (to continue training it).
+    """
+    config, tensors, _ = read_adapter(path, allow_pickle=allow_pickle)
+    base_hint = _other_base_hint(model, config.base_model_name_or_path)
+    try:
+        attach(model, config.replace(inference_mode=not trainable), name, activate=activate)
+    except Exception as exc:
+        raise AdapterFileError(f"cannot apply adapter {path}: {exc}{base_hint}") from exc
+    try:
+        _copy_tensors(model, name, tensors, Path(path), base_hint)
+    except BaseException:
+        delete_adapter(model, name)
+        raise
+    return model
+
+
+def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path, base_hint: str) -> None:
+    live = adapter_tensors(model, name)
+    missing = sorted(set(live) - set(tensors))
+    unexpected = sorted(set(tensors) - set(live))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors the config implies (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors that fit no module of this model (first: {unexpected[0]})")
+        raise AdapterFileError(f"{path / WEIGHTS_NAME}: {'; '.join(parts)}{base_hint}")
+    for key, param in live.items():
+        if tensors[key].shape != param.shape:
+            raise AdapterFileError(
+                f"{path / WEIGHTS_NAME}: tensor {key} has shape {tuple(tensors[key].shape)} but the model needs "
+                f"{tuple(param.shape)}{base_hint}"
+            )
+    with torch.no_grad():
+        for key, param in live.items():
+            param.copy_(tensors[key])
+
+
+def _other_base_hint(model: nn.Module, adapter_base: str | None) -> str:
+    model_base = _base_name(model)
+    if adapter_base and model_base and Path(adapter_base).name != Path(model_base).name:
+        return f" (this adapter was trained for base model {adapter_base!r}, but the model given is {model_base!r})"
+    return ""

@@ -1,0 +1,145 @@
+"""Which modules of a model get an adapter: peft's matching rules, on any `nn.Module`.
+
+- a string target is a regular expression matched against the whole module name;
+- a list target matches a module whose name equals an entry or ends with `.entry`;
+- `"all-linear"` is every Linear / GPT-2 Conv1D except the output head;
+- `layers_to_transform` keeps modules whose layer index (after `layers_pattern`) is listed;
+- `exclude_modules` (same forms as targets) removes matches.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Callable, Iterable
+
+from torch import nn
+
+from .config import AdapterConfig, ConfigError
+
+try:  # GPT-2 style linear with a transposed weight
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but the core works without it
+    Conv1D = ()  # type: ignore[assignment,misc]
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+# peft's per-architecture defaults for LoRA when target_modules is None (model.config.model_type).
+DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "gptj": ("q_proj", "v_proj"),
+    "gpt_neox": ("query_key_value",), "bert": ("query", "value"), "roberta": ("query", "value"),
+    "t5": ("q", "v"), "bart": ("q_proj", "v_proj"),
+}
+
+
+class TargetNotFoundError(ValueError):
+    """No module matched the config's targets; the message lists the closest names."""
+
+
+def _matches(name: str, spec: str | tuple[str, ...]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _layer_index(name: str, patterns: str | tuple[str, ...] | None) -> int | None:
+    patterns = DEFAULT_LAYER_PATTERNS if patterns is None else ((patterns,) if isinstance(patterns, str) else patterns)
+    for pattern in patterns:
+        found = re.match(rf".*\.{pattern}\.(\d+)\.", "." + name)
+        if found:
+            return int(found.group(1))
+    return None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output projection (lm_head), which `all-linear` never touches."""
+    names = {"lm_head"}
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is not None:
+        names |= {n for n, m in model.named_modules() if m is head}
+    return names
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ConfigError(
+            f"target_modules is not set and there is no default for model type {model_type!r}; "
+            "set target_modules, e.g. target_modules='all-linear' or ['q_proj', 'v_proj']"
+        )
+    return DEFAULT_TARGETS[model_type]
+
+
+def find_targets(
+    model: nn.Module,
+    config: AdapterConfig,
+    supports: Callable[[nn.Module], bool],
+    skip_prefixes: tuple[str, ...] = (),
+) -> list[str]:
+    """Module names the config selects, in model order. Raises TargetNotFoundError when there are none.
+
+    Names starting with one of `skip_prefixes` (the insides of existing adapter layers) are never selected.
+    """
+    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    heads = output_head_names(model) if spec == "all-linear" else set()
+    layers = config.layers_to_transform
+    layers = (layers,) if isinstance(layers, int) else layers
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(skip_prefixes):
+            continue
+        if spec == "all-linear":
+            base = getattr(module, "base_layer", module)  # an existing adapter layer counts as its base
+            if not isinstance(base, LINEAR_TYPES) or name in heads or name.split(".")[-1] in heads:
+                continue
+        elif not _matches(name, spec):
+            continue
+        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
+            continue
+        if layers is not None and _layer_index(name, config.layers_pattern) not in layers:
+            continue
+        if not supports(module):
+            if spec == "all-linear":
+                continue
+            raise TargetNotFoundError(
+                f"module {name!r} ({type(module).__name__}) matches target_modules but "
+                f"{config.peft_type} cannot be applied to it"
+            )
+        found.append(name)
+    if not found:
+        raise TargetNotFoundError(_nothing_matched(model, spec, config))
+    return found
+
+
+def _nothing_matched(model: nn.Module, spec: object, config: AdapterConfig) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.split(".")[-1] for n in names})
+    wanted: Iterable[str] = [spec] if isinstance(spec, str) else spec  # type: ignore[assignment]
+    close: list[str] = []
+    for w in wanted:
+        close += difflib.get_close_matches(w.split(".")[-1], leaves, n=3, cutoff=0.4)
+        close += difflib.get_close_matches(w, names, n=2, cutoff=0.6)
+    extra = ""
+    if config.layers_to_transform is not None:
+        extra = f" within layers {config.layers_to_transform!r}"
+    hint = f" Closest module names: {', '.join(dict.fromkeys(close))}." if close else ""
+    return (
+        f"target_modules={spec!r} matched no module{extra} of {type(model).__name__}.{hint} "
+        f"Module name endings in this model: {', '.join(leaves[:25])}{' ...' if len(leaves) > 25 else ''}"
+    )
+
+
+def find_modules_to_save(model: nn.Module, wanted: tuple[str, ...]) -> list[str]:
+    found = [n for n, _ in model.named_modules() if n and _matches(n, wanted)]
+    missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in found)]
+    if missing:
+        leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
+        close = [c for w in missing for c in difflib.get_close_matches(w, leaves, n=3, cutoff=0.4)]
+        raise TargetNotFoundError(
+            f"modules_to_save names {missing} that do not exist in {type(model).__name__}"
+            + (f"; closest: {', '.join(dict.fromkeys(close))}" if close else "")
+        )
+    return found
