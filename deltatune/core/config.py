@@ -125,7 +125,7 @@ def _check_regex(name: str, pattern: str) -> None:
 def pattern_value(pattern: Mapping[str, Any], module_name: str, default: Any) -> Any:
     """peft's rank_pattern/alpha_pattern lookup: the first key that matches the end of the module name."""
     for key, value in pattern.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module_name):
+        if re.fullmatch(rf"(.*\.)?({key})", module_name):  # grouped, so "q_proj|v_proj" works as in peft
             return value
     return default
 

@@ -23,7 +23,7 @@ from torch import nn
 from .._version import __version__
 from .config import ConfigError
 from .layer import AdapterLayer, ModulesToSave
-from .model import adapter_configs, attach, active_adapters, delete_adapter, wrappers
+from .model import adapter_configs, attach, active_adapters, delete_adapter, set_active, wrappers
 from .registry import config_from_dict
 
 CONFIG_NAME = "adapter_config.json"
@@ -91,6 +91,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     record = config.to_dict()
     record["base_model_name_or_path"] = config.base_model_name_or_path or _base_name(model)
     record["inference_mode"] = True
+    if record.get("task_type") is None and record.get("auto_mapping") is None:  # what peft's AutoPeftModel reads
+        record["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +176,8 @@ def load_adapter(
     """
     config, tensors, _ = read_adapter(path, allow_pickle=allow_pickle)
     base_hint = _other_base_hint(model, config.base_model_name_or_path)
+    previous_active = active_adapters(model)
+    requires_grad = [(param, param.requires_grad) for param in model.parameters()]
     try:
         attach(model, config.replace(inference_mode=not trainable), name, activate=activate)
     except Exception as exc:
@@ -182,12 +186,19 @@ def load_adapter(
         _copy_tensors(model, name, tensors, Path(path), base_hint)
     except BaseException:
         delete_adapter(model, name)
+        if previous_active:
+            set_active(model, previous_active)
+        for param, flag in requires_grad:  # attach froze the base; a failed load must not
+            param.requires_grad_(flag)
         raise
     return model
 
 
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path, base_hint: str) -> None:
     live = adapter_tensors(model, name)
+    # peft also saves a targeted embedding's base weight (save_embedding_layers="auto"); load it as peft does
+    base = {PREFIX + key: param for key, param in model.named_parameters()}
+    live.update({key: base[key] for key in tensors if key not in live and key in base})
     missing = sorted(set(live) - set(tensors))
     unexpected = sorted(set(tensors) - set(live))
     if missing or unexpected:

@@ -205,7 +205,8 @@ class ModulesToSave(nn.Module):
         return list(self.modules_to_save.keys())
 
     def delete_adapter(self, name: str) -> None:
-        self.modules_to_save.pop(name, None)
+        if name in self.modules_to_save:  # nn.ModuleDict.pop takes no default
+            del self.modules_to_save[name]
         if name in self.active_adapters:
             self.active_adapters.remove(name)
 

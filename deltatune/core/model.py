@@ -78,6 +78,11 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         for target in find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []:
             module = model.get_submodule(target)
             if not isinstance(module, ModulesToSave):
+                if any(_is_wrapper(m) for m in module.modules()):
+                    raise ConfigError(
+                        f"modules_to_save names {target!r}, which holds another adapter's layers; "
+                        "a module is either adapted or trained in full, not both"
+                    )
                 module = ModulesToSave(module)
                 _replace(model, target, module)
             module.add_adapter(name)
@@ -140,7 +145,7 @@ def _mark_trainable(model: nn.Module, names: list[str]) -> None:
         bias = getattr(configs.get(name), "bias", "none")
         if bias == "all":
             for pname, param in model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname:
+                if pname.endswith("bias") and ".modules_to_save." not in pname and ".original_module." not in pname:
                     param.requires_grad_(True)
         elif bias.endswith("_only"):  # peft's "lora_only": biases of the adapted layers
             for _, wrapper in wrappers(model):
@@ -153,6 +158,9 @@ def _mark_trainable(model: nn.Module, names: list[str]) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; layers left with no adapter are restored to their original modules."""
     _require(model, [name])
+    merged = [path for path, w in wrappers(model) if isinstance(w, AdapterLayer) and name in w.merged_adapters]
+    if merged:  # checked up front: failing half-way would leave some modules deleted and others not
+        raise RuntimeError(f"adapter {name!r} is merged into {merged[0]}; call deltatune.unmerge(model) first")
     _remove_adapter_modules(model, name)
     configs = {k: v for k, v in adapter_configs(model).items() if k != name}
     setattr(model, STATE_ATTR, configs)

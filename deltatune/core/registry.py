@@ -2,12 +2,14 @@
 
 A method registers its config class and the layer classes that wrap supported modules; `attach` then needs
 nothing method-specific. A method that does not wrap layers (prompt tuning, say) registers an `inject`
-function instead, and the generic layer replacement is skipped.
+function instead, and the generic layer replacement is skipped. A method that acts during training
+(AdaLoRA's rank budget, ReLoRA's resets, DyLoRA's rank sampling, Child-tuning's gradient masks) registers a
+`step_hook` factory; the training loop calls it once per trainable adapter (see `deltatune.train.hooks`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from torch import nn
 
@@ -19,12 +21,17 @@ class Injector(Protocol):
     def __call__(self, model: nn.Module, config: AdapterConfig, name: str) -> None: ...
 
 
+# (model, config, adapter name) -> an object with before_step/on_step (deltatune.train.hooks.StepHook), or None.
+StepHookFactory = Callable[[nn.Module, AdapterConfig, str], Any]
+
+
 @dataclass(frozen=True)
 class Method:
     peft_type: str
     config_cls: type[AdapterConfig]
     layer_classes: tuple[type[AdapterLayer], ...] = ()
     inject: Injector | None = None
+    step_hook: StepHookFactory | None = None  # per-step training hook; None for methods that need none
 
     def layer_for(self, module: nn.Module) -> type[AdapterLayer] | None:
         return next((cls for cls in self.layer_classes if cls.supports(module)), None)
@@ -33,8 +40,13 @@ class Method:
 _METHODS: dict[str, Method] = {}
 
 
-def register(config_cls: type[AdapterConfig], *layer_classes: type[AdapterLayer], inject: Injector | None = None) -> Method:
-    method = Method(config_cls.peft_type, config_cls, tuple(layer_classes), inject)
+def register(
+    config_cls: type[AdapterConfig],
+    *layer_classes: type[AdapterLayer],
+    inject: Injector | None = None,
+    step_hook: StepHookFactory | None = None,
+) -> Method:
+    method = Method(config_cls.peft_type, config_cls, tuple(layer_classes), inject, step_hook)
     _METHODS[config_cls.peft_type] = method
     for cls in layer_classes:
         cls.peft_type = config_cls.peft_type

@@ -23,6 +23,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but the 
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+PEFT_CLASSIFIER_HEADS = ("classifier", "score")  # what peft adds to modules_to_save for SEQ_CLS / TOKEN_CLS
 
 # peft's per-architecture defaults for LoRA when target_modules is None (model.config.model_type).
 DEFAULT_TARGETS = {
@@ -99,6 +100,8 @@ def find_targets(
             continue
         if config.exclude_modules is not None and _matches(name, config.exclude_modules):
             continue
+        if config.modules_to_save and any(f".{m}." in f".{name}." for m in config.modules_to_save):
+            continue  # as in peft: a module trained in full (or inside one) never also gets an adapter
         if layers is not None and _layer_index(name, config.layers_pattern) not in layers:
             continue
         if not supports(module):
@@ -125,6 +128,8 @@ def _nothing_matched(model: nn.Module, spec: object, config: AdapterConfig) -> s
     extra = ""
     if config.layers_to_transform is not None:
         extra = f" within layers {config.layers_to_transform!r}"
+    if config.modules_to_save:
+        extra += f" outside modules_to_save={list(config.modules_to_save)!r}"
     hint = f" Closest module names: {', '.join(dict.fromkeys(close))}." if close else ""
     return (
         f"target_modules={spec!r} matched no module{extra} of {type(model).__name__}.{hint} "
@@ -135,6 +140,8 @@ def _nothing_matched(model: nn.Module, spec: object, config: AdapterConfig) -> s
 def find_modules_to_save(model: nn.Module, wanted: tuple[str, ...]) -> list[str]:
     found = [n for n, _ in model.named_modules() if n and _matches(n, wanted)]
     missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in found)]
+    if found:  # peft writes both usual head names (["classifier", "score"]) for classifiers; a model has one of them
+        missing = [w for w in missing if w not in PEFT_CLASSIFIER_HEADS]
     if missing:
         leaves = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
         close = [c for w in missing for c in difflib.get_close_matches(w, leaves, n=3, cutoff=0.4)]

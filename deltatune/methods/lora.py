@@ -119,7 +119,8 @@ class LoraLinear(_LoraBase):
 
     def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
         r = self._add_common(name, config, module_name)
-        self.fan_in_fan_out = self.fan_in_fan_out or config.fan_in_fan_out
+        # fan_in_fan_out follows the layer type (Conv1D: yes, Linear: no) as in peft, whatever the config says:
+        # a transposed delta on a square nn.Linear would merge a wrong weight without any shape error.
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
         if config.init_lora_weights is False:

@@ -1,0 +1,196 @@
+"""One conformance suite, run for every registered method (peft's tester idea, on the tiny Llama).
+
+Every method in `dt.registered_methods()` must have at least one case in CASES; a method without one fails
+`test_every_registered_method_has_a_case`, so a new method cannot skip the suite. Each case checks:
+identity at initialisation, only adapter parameters trainable, merged == unmerged and unmerge restores the
+weights (if the method merges), save/load round trip, mixed batch == separate runs, and the loss falls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+
+import deltatune as dt
+from conftest import make_tiny_llama
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    make_config: Callable[[], dt.AdapterConfig]
+    identity_at_init: bool = True  # the adapted model equals the base before training
+    mergeable: bool = True  # the method's layers can fold into the base weight
+
+
+CASES: dict[str, list[Case]] = {
+    "LORA": [
+        Case("plain", lambda: dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+        Case("rslora-gaussian", lambda: dt.LoraConfig(r=8, lora_alpha=16, use_rslora=True, init_lora_weights="gaussian",
+                                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+        Case("all-linear-rank-pattern", lambda: dt.LoraConfig(
+            r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2, "q_proj|k_proj": 6},
+            alpha_pattern={"o_proj": 16})),
+    ],
+}
+
+
+def _params():
+    out = []
+    for peft_type in sorted(dt.registered_methods()):
+        cases = CASES.get(peft_type) or [None]
+        for case in cases:
+            out.append(pytest.param(peft_type, case, id=f"{peft_type}-{case.name if case else 'MISSING-CASE'}"))
+    return out
+
+
+def _require_case(peft_type: str, case: Case | None) -> Case:
+    if case is None:
+        pytest.fail(f"method {peft_type!r} is registered but has no conformance case: add at least one "
+                    f"Case(...) under CASES[{peft_type!r}] in tests/test_conformance.py")
+    return case
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(11))
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _attach(case: Case, name: str = "default", seed: int = 1, perturb: bool = True):
+    """A tiny Llama with the case's adapter; `perturb` adds noise to every adapter tensor so it is not a no-op."""
+    model = make_tiny_llama()
+    torch.manual_seed(seed)
+    config = case.make_config()
+    dt.attach(model, config, name)
+    if perturb:
+        _perturb(model, name, seed)
+    return model
+
+
+def _perturb(model, name: str, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in dt.adapter_tensors(model, name).values():
+            tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.1)
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    adapter_ids = {id(t) for n in dt.adapter_configs(model) for t in dt.adapter_tensors(model, n).values()}
+    return {k: p.detach().clone() for k, p in model.state_dict(keep_vars=True).items() if id(p) not in adapter_ids}
+
+
+def test_every_registered_method_has_a_case():
+    missing = sorted(set(dt.registered_methods()) - set(CASES))
+    assert not missing, (
+        f"registered methods without a conformance case: {missing}; add Case(...) entries to CASES in "
+        "tests/test_conformance.py"
+    )
+    unknown = sorted(set(CASES) - set(dt.registered_methods()))
+    assert not unknown, f"CASES names methods that are not registered: {unknown}"
+
+
+@pytest.mark.parametrize(("peft_type", "case"), _params())
+def test_config_matches_method(peft_type, case):
+    case = _require_case(peft_type, case)
+    config = case.make_config()
+    assert config.peft_type == peft_type
+    assert type(config).from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("peft_type", "case"), _params())
+def test_identity_at_init(peft_type, case):
+    case = _require_case(peft_type, case)
+    ids = _ids()
+    base = _logits(make_tiny_llama(), ids)
+    adapted = _logits(_attach(case, perturb=False), ids)
+    if case.identity_at_init:
+        torch.testing.assert_close(adapted, base, atol=1e-6, rtol=1e-6)
+    else:
+        assert not torch.allclose(adapted, base, atol=1e-6)
+
+
+@pytest.mark.parametrize(("peft_type", "case"), _params())
+def test_only_adapter_parameters_are_trainable(peft_type, case):
+    case = _require_case(peft_type, case)
+    model = _attach(case, perturb=False)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    adapter = {id(t) for t in dt.adapter_tensors(model, "default").values()}
+    assert trainable and trainable == adapter
+    count, total = dt.trainable_parameters(model)
+    assert 0 < count < total / 5
+
+
+@pytest.mark.parametrize(("peft_type", "case"), _params())
+def test_merge_equals_unmerged_and_unmerge_restores(peft_type, case):
+    case = _require_case(peft_type, case)
+    if not case.mergeable:
+        pytest.skip(f"{peft_type} {case.name} declares mergeable=False")
+    model = _attach(case)
+    ids = _ids()
+    weights = _base_state(model)
+    unmerged = _logits(model, ids)
+    dt.merge(model)
+    torch.testing.assert_close(_logits(model, ids), unmerged, atol=1e-5, rtol=1e-5)
+    merged_weights = _base_state(model)
+    dt.merge(model)  # idempotent
+    assert all(torch.equal(v, merged_weights[k]) for k, v in _base_state(model).items())
+    dt.unmerge(model)
+    for key, value in _base_state(model).items():
+        torch.testing.assert_close(value, weights[key], atol=1e-6, rtol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize(("peft_type", "case"), _params())
+def test_save_load_round_trip(peft_type, case, tmp_path):
+    case = _require_case(peft_type, case)
+    model = _attach(case)
+    ids = _ids()
+    dt.save_adapter(model, tmp_path)
+    loaded = dt.load_adapter(make_tiny_llama(), tmp_path)
+    assert type(dt.adapter_configs(loaded)["default"]) is type(dt.adapter_configs(model)["default"])
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("peft_type", "case"), _params())
+def test_mixed_batch_equals_separate_runs(peft_type, case):
+    case = _require_case(peft_type, case)
+    model = _attach(case, "a", seed=1)
+    torch.manual_seed(2)
+    dt.attach(model, case.make_config(), "b")
+    _perturb(model, "b", seed=2)
+    ids = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(3))
+    names = ["b", None, "a", "b"]
+    with dt.route(model, names):
+        mixed = _logits(model, ids)
+    for row, name in enumerate(names):
+        if name is None:
+            with dt.disable_adapters(model):
+                alone = _logits(model, ids[row:row + 1])
+        else:
+            dt.set_active(model, name)
+            alone = _logits(model, ids[row:row + 1])
+        torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("peft_type", "case"), _params())
+def test_loss_falls(peft_type, case):
+    case = _require_case(peft_type, case)
+    model = _attach(case, perturb=False)
+    model.train()
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(4))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(model(ids, labels=ids).loss.item())
+    assert losses[-1] < losses[0], losses
