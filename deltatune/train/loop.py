@@ -1,0 +1,377 @@
+"""The training loop: one plain function, `train`, that reads top to bottom.
+
+    from deltatune.train.loop import train
+    result = train("run.yaml", overrides=["--optim.lr", "1e-4"])
+    result = train(data={"train": "sft.jsonl"}, init_adapter="runs/cpt/adapter", max_steps=200)
+
+Each optimizer step: take the scheduler's learning rate; run `grad_accum` micro-batches (forward, backward of
+the summed token losses); divide the gradients by the number of target tokens of the whole step, summed over
+micro-batches and processes, so that batch 4 equals 4 accumulated batches of 1 and N processes equal one
+process with N times the batch (torchtune's normalisation); clip; `before_step` hooks; optimizer step;
+`on_step` hooks; scheduler step; zero the gradients; log; evaluate; checkpoint. A NaN/Inf loss or gradient
+norm stops the run before anything of that step is saved.
+
+Resuming (`resume: true`) restores adapter, optimizer, scheduler, hook and RNG states and the data position
+from the newest complete checkpoint, so the losses that follow equal those of a run never interrupted.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.config import ConfigError
+from ..core.io import load_adapter, save_adapter
+from ..core.model import attach
+from ..data import batch_order, collate, load_records, pack, split_eval, tokenize
+from .checkpoint import DataPosition, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig, config_to_dict, load_config
+from .distributed import World, all_reduce_sum, barrier, init_distributed, maybe_no_sync, shard, shutdown, wrap
+from .hooks import run_before_step, run_on_step, step_hooks
+from .loss import causal_lm_loss
+from .optim import build_optimizer, build_scheduler
+from .progress import Progress
+
+ADAPTER_NAME = "default"
+# Keys that may change between a run and its resumption without changing what is computed.
+_BOOKKEEPING = {"resume", "save_every", "keep_last", "eval_every", "log_every", "tensorboard", "output_dir"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/Inf; nothing of that step was saved."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path  # output_dir/adapter, peft's format
+    steps: int  # optimizer steps done in total (including those before a resume)
+    last_loss: float | None  # of the last step run by this call; None if it ran none
+    metrics_path: Path
+    eval: dict[str, float] = field(default_factory=dict)  # the last evaluation (eval_loss, eval_perplexity)
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss, for the steps this call ran
+
+
+def train(
+    config: TrainConfig | str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    hooks: Iterable[Any] = (),
+    **values: Any,
+) -> TrainResult:
+    """Train an adapter as `config` says (a TrainConfig, a YAML path, or None for the defaults), with keyword
+    `values` and CLI-style `overrides` applied on top. `model`/`tokenizer` replace loading `config.model`;
+    `hooks` (StepHook objects) run after the adapter methods' own hooks."""
+    cfg = _resolve_config(config, overrides, values)
+    with contextlib.ExitStack() as cleanup:
+        world = init_distributed()
+        cleanup.callback(shutdown, world)
+        _seed(cfg.seed)
+        autocast = _autocast(cfg.precision, world)
+        model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world)
+        data = _load_data(cfg, tokenizer, world)
+        _attach_adapter(model, cfg, world)
+        if cfg.gradient_checkpointing:
+            _enable_gradient_checkpointing(model)
+        optimizer = build_optimizer(model, cfg.optim)
+        scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+        hooks = step_hooks(model, hooks)
+        step, position = _resume(cfg, model, optimizer, scheduler, hooks, world)
+        stream = _BatchStream(data.train, cfg, world, position)
+        loss_module = wrap(_LossModule(model, cfg.loss_chunk_size), world)
+        progress = cleanup.enter_context(contextlib.closing(
+            Progress(cfg.max_steps, cfg.output_dir, tensorboard=cfg.tensorboard, enabled=world.is_main, start_step=step)))
+        params = [p for p in model.parameters() if p.requires_grad]
+        losses: dict[int, float] = {}
+        evals: dict[str, float] = {}
+        tokens = 0  # input tokens since the last log line, all processes
+        model.train()
+        while step < cfg.max_steps:
+            step += 1
+            lr = _base_lr(optimizer)  # set by the scheduler at the end of the previous step
+            loss, step_tokens = _micro_steps(loss_module, stream, data, params, cfg, world, autocast)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf))
+            _check_finite(step, loss, grad_norm, cfg)
+            run_before_step(hooks, model, optimizer, step)
+            optimizer.step()
+            run_on_step(hooks, model, optimizer, step)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses[step], tokens = loss, tokens + step_tokens
+            if step % cfg.log_every == 0 or step == cfg.max_steps:  # Progress adds tokens_per_s from `tokens`
+                progress.log(step, {"loss": loss, "lr": lr, "tokens": tokens, "grad_norm": grad_norm})
+                tokens = 0
+            if data.eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
+                evals = _evaluate(model, data, cfg, world, autocast)
+                progress.log(step, evals)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+                _save_checkpoint(cfg, step, model, optimizer, scheduler, stream.position, hooks, world)
+        model.eval()  # as given: no dropout when the caller generates with it next
+        adapter_dir = _save_final_adapter(model, cfg, world)
+        return TrainResult(adapter_dir, step, losses.get(step), progress.jsonl, evals, losses)
+
+
+# ---- setup ----------------------------------------------------------------------------------------------
+def _resolve_config(config: TrainConfig | str | Path | None, overrides: Sequence[str], values: Mapping[str, Any]) -> TrainConfig:
+    if not isinstance(config, TrainConfig):
+        return load_config(config, overrides, **values)
+    if not overrides and not values:
+        return config
+    return load_config(None, overrides, **{**config_to_dict(config), **values})
+
+
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def _main_print(world: World, message: str) -> None:
+    if world.is_main:
+        print(message, flush=True)
+
+
+def _autocast(precision: str, world: World) -> Callable[[], ContextManager[Any]]:
+    """bf16 autocast or plain fp32; "auto" picks bf16 only where the hardware computes it natively."""
+    device = world.device.type
+    if precision != "auto":
+        use_bf16, reason = precision == "bf16", "set by the precision key"
+    elif device == "cuda":
+        use_bf16 = torch.cuda.is_bf16_supported()
+        reason = f"this GPU {'supports' if use_bf16 else 'lacks'} bf16"
+    else:
+        use_bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+        reason = f"this CPU {'has' if use_bf16 else 'lacks'} AVX512-BF16" + ("" if use_bf16 else "; bf16 would be emulated (slow)")
+    _main_print(world, f"precision: {'bf16 autocast' if use_bf16 else 'fp32'} ({reason})")
+    return functools.partial(torch.autocast, device, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, world: World) -> tuple[nn.Module, Any]:
+    if model is None:
+        from ..models import load_model
+
+        model, loaded_tokenizer = load_model(cfg.model, dtype=torch.float32)  # bf16 is autocast, weights stay fp32
+        tokenizer = tokenizer or loaded_tokenizer
+    elif tokenizer is None:
+        raise ConfigError("train(model=...) also needs tokenizer=...: the data is tokenized with the model's tokenizer")
+    return model.to(world.device), tokenizer  # no use_cache change needed: the loss runs with use_cache=False
+
+
+@dataclass
+class _Data:
+    train: list[dict[str, Any]]
+    eval: list[dict[str, Any]]
+    pad_id: int
+
+
+def _load_data(cfg: TrainConfig, tokenizer: Any, world: World) -> _Data:
+    if cfg.data.train is None:
+        raise ConfigError("data.train is not set; give a .jsonl, .json or .parquet file (--data.train path)")
+    train_records = load_records(cfg.data.train)
+    eval_records: list[dict[str, Any]] = []
+    if cfg.data.eval:
+        eval_records = load_records(cfg.data.eval)
+    elif cfg.data.eval_fraction > 0:  # hold out records, not tokenized chunks, so no text lands on both sides
+        train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.seed)
+    train_set = _tokenized(train_records, cfg.data.train, cfg, tokenizer, world)
+    eval_set = _tokenized(eval_records, cfg.data.eval or f"{cfg.data.train} (held out)", cfg, tokenizer, world)
+    if cfg.data.packing:
+        train_set = pack(train_set, cfg.data.max_length)
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    return _Data(list(train_set), list(eval_set), pad_id)
+
+
+def _tokenized(records: list[dict[str, Any]], source: str, cfg: TrainConfig, tokenizer: Any, world: World) -> list[dict[str, Any]]:
+    if not records:
+        return []
+    examples, report = tokenize(records, tokenizer, format=cfg.data.format, max_length=cfg.data.max_length,
+                                overlong=cfg.data.overlong, source=source)
+    _main_print(world, report.summary())
+    return list(examples)
+
+
+def _attach_adapter(model: nn.Module, cfg: TrainConfig, world: World) -> None:
+    """A new adapter from cfg.adapter, or the one in cfg.init_adapter, trainable (the adapter section is then unused)."""
+    if cfg.init_adapter:
+        load_adapter(model, cfg.init_adapter, ADAPTER_NAME, trainable=True)
+        _main_print(world, f"continuing to train adapter {cfg.init_adapter}")
+    else:
+        attach(model, cfg.adapter_config(), ADAPTER_NAME)
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    # non-reentrant checkpointing works although the frozen embeddings' outputs need no gradient
+    kwargs = {"use_reentrant": False}
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing: false")
+
+
+def _resume(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, hooks: list[Any], world: World) -> tuple[int, DataPosition]:
+    """(step, data position) to start from: the newest complete checkpoint's with resume, else (0, start)."""
+    latest = latest_checkpoint(cfg.output_dir)
+    if not cfg.resume:
+        if latest is not None:
+            raise ConfigError(
+                f"output_dir {cfg.output_dir} already holds checkpoints (newest: {latest.name}); set resume: true "
+                "(--resume true) to continue that run, or choose another output_dir"
+            )
+        return 0, DataPosition()
+    if latest is None:
+        _main_print(world, f"resume: no complete checkpoint in {cfg.output_dir}, starting at step 0")
+        return 0, DataPosition()
+    checkpoint = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, hooks=hooks,
+                                 adapter_name=ADAPTER_NAME)
+    changed = _changed_keys(checkpoint.config, _run_record(cfg, world))
+    if changed:
+        _main_print(world, f"warning: resuming with changed settings {', '.join(changed)}; the run will differ from "
+                           "an uninterrupted one")
+    _main_print(world, f"resumed from {latest} at step {checkpoint.step}")
+    return checkpoint.step, checkpoint.position
+
+
+def _run_record(cfg: TrainConfig, world: World) -> dict[str, Any]:
+    """What a checkpoint records of the run: the config, and the process count (it sets the global batch)."""
+    return {**config_to_dict(cfg), "world_size": world.size}
+
+
+def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    current = json.loads(json.dumps(current, default=str))  # as stored: tuples become lists
+    keys = sorted(set(saved) | set(current))
+    changed = []
+    for key in keys:
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict) and key != "adapter":
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b and (prefix or key not in _BOOKKEEPING):
+            changed.append(prefix + key)
+    return changed
+
+
+# ---- one step -------------------------------------------------------------------------------------------
+class _BatchStream:
+    """This process's micro-batches (example indices), epoch after epoch, from a saved data position."""
+
+    def __init__(self, examples: list[dict[str, Any]], cfg: TrainConfig, world: World, position: DataPosition) -> None:
+        self.lengths = [len(e["input_ids"]) for e in examples]
+        self.cfg, self.world, self.position = cfg, world, position
+        self._order: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._order is None or self._order[0] != epoch:
+            order = batch_order(self.lengths, self.cfg.batch_size * self.world.size,
+                                group_by_length=self.cfg.data.group_by_length, seed=self.cfg.seed, epoch=epoch)
+            order = [b for b in order if len(b) >= self.world.size]  # every process needs an example
+            if not order:
+                raise ValueError(f"data.train has {len(self.lengths)} examples, fewer than the {self.world.size} processes")
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def next(self) -> list[int]:
+        epoch, index = self.position.epoch, self.position.batch
+        if index >= len(self._batches(epoch)):
+            epoch, index = epoch + 1, 0
+        self.position = DataPosition(epoch, index + 1)
+        return shard(self._batches(epoch)[index], self.world)
+
+
+class _LossModule(nn.Module):
+    """Model and loss as one module, so DDP sees the whole forward (the chunked loss calls decoder and head apart)."""
+
+    def __init__(self, model: nn.Module, chunk_size: int) -> None:
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return causal_lm_loss(self.model, batch, self.chunk_size)
+
+
+def _micro_steps(loss_module: nn.Module, stream: _BatchStream, data: _Data, params: list[nn.Parameter],
+                 cfg: TrainConfig, world: World, autocast) -> tuple[float, int]:
+    """Forward and backward of grad_accum micro-batches; the gradients become d(mean loss per target token)
+    over the whole step on every process. Returns (that mean loss, input tokens of the step on all processes)."""
+    totals = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss sum, target tokens, input tokens
+    for i in range(cfg.grad_accum):
+        batch = collate([data.train[j] for j in stream.next()], data.pad_id)
+        batch = {k: v.to(world.device) for k, v in batch.items()}
+        with maybe_no_sync(loss_module, sync=i == cfg.grad_accum - 1):
+            with autocast():
+                loss_sum, n_targets = loss_module(batch)
+            loss_sum.backward()
+        mask = batch.get("attention_mask")  # absent on packed rows: count every position
+        totals[0] += loss_sum.detach()
+        totals[1] += n_targets
+        totals[2] += mask.sum() if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
+    all_reduce_sum(totals, world)
+    n_targets = max(float(totals[1]), 1.0)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(world.size / n_targets)  # DDP averaged over processes; undo that, divide by all tokens
+    return float(totals[0]) / n_targets, int(totals[2])
+
+
+def _base_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The learning rate of the default parameter group (LoRA+ groups are multiples of it)."""
+    groups = optimizer.param_groups
+    return next((g["lr"] for g in groups if g.get("name", "default") == "default"), groups[0]["lr"])
+
+
+def _check_finite(step: int, loss: float, grad_norm: float, cfg: TrainConfig) -> None:
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss:.4f})"
+    latest = latest_checkpoint(cfg.output_dir)
+    raise TrainingDiverged(
+        f"step {step}: {what}; training stopped and nothing from this step was saved. The last good checkpoint is "
+        f"{latest if latest else 'none (none was written yet)'}. Try a lower optim.lr, optim.max_grad_norm > 0, "
+        "or precision: fp32, then resume: true"
+    )
+
+
+def _evaluate(model: nn.Module, data: _Data, cfg: TrainConfig, world: World, autocast) -> dict[str, float]:
+    """Mean loss per target token over the eval split (each process takes every world_size-th example)."""
+    model.eval()
+    examples = data.eval[world.rank::world.size]
+    totals = torch.zeros(2, dtype=torch.float64, device=world.device)
+    with torch.no_grad():
+        for start in range(0, len(examples), cfg.batch_size):
+            batch = collate(examples[start:start + cfg.batch_size], data.pad_id)
+            with autocast():
+                loss_sum, n = causal_lm_loss(model, {k: v.to(world.device) for k, v in batch.items()}, cfg.loss_chunk_size)
+            totals[0] += loss_sum
+            totals[1] += n
+    model.train()
+    all_reduce_sum(totals, world)
+    loss = float(totals[0]) / max(float(totals[1]), 1.0)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+
+# ---- saving ---------------------------------------------------------------------------------------------
+def _save_checkpoint(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler, position: DataPosition,
+                     hooks: list[Any], world: World) -> None:
+    if world.is_main:
+        save_checkpoint(cfg.output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, position=position,
+                        config=_run_record(cfg, world), hooks=hooks, keep_last=cfg.keep_last, adapter_name=ADAPTER_NAME)
+    barrier(world)
+
+
+def _save_final_adapter(model: nn.Module, cfg: TrainConfig, world: World) -> Path:
+    out = Path(cfg.output_dir) / "adapter"
+    if world.is_main:
+        save_adapter(model, out, ADAPTER_NAME)
+        print(f"adapter saved to {out}", flush=True)
+    barrier(world)
+    return out
