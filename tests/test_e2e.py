@@ -64,7 +64,12 @@ def test_cli_merge_writes_a_model_plain_transformers_loads(smol, tmp_path):
     from deltatune.cli import main
 
     model = _load(smol)
-    dt.attach(model, dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    dt.attach(model, dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: small nonzero B
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
     ids = _batch()
     with torch.no_grad():
         expected = model(ids).logits
