@@ -1,0 +1,134 @@
+"""AdamW over the trainable parameters, LoRA+ learning rates, and the warmup + decay schedule.
+
+Parameter groups (Loshchilov & Hutter 2019, arXiv:1711.05101, for decoupled weight decay):
+
+    group            which parameters                                       lr                 weight decay
+    lora_B           names with "lora_B"                                    lr · ratio (LoRA+)  cfg.weight_decay
+    lora_embedding   "lora_embedding_A/B" (LoRA on an nn.Embedding)         1e-6 (LoRA+)        cfg.weight_decay
+    default          everything else that is trainable                      lr                  cfg.weight_decay
+    ..._no_decay     any of the above that is 1-D (biases, norm weights)    as its group        0
+
+LoRA+ (Hayou et al. 2024, arXiv:2402.12354, §4; shared/METHODS.md §2) trains B with a learning rate λ times
+that of A, λ = `optim.loraplus_lr_ratio` (the paper suggests 2^4 = 16). Following peft's
+`create_loraplus_optimizer` (peft 0.21, `peft/optimizers/loraplus.py`), the LoRA parameters of embedding
+layers, A and B alike, get the fixed learning rate 1e-6 (peft's `loraplus_lr_embedding` default). One
+deviation from that helper: peft also puts every 1-D parameter (biases) in B's group at lr · λ; here they keep
+lr, as the paper's rule concerns B only. Without LoRA+ only the weight-decay split exists.
+
+Every group carries `initial_lr`, the lr that the schedule's multiplier scales, so LambdaLR (and a resumed
+run) scales each group from its own base.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import OptimConfig
+
+LORAPLUS_EMBEDDING_LR = 1e-6  # peft's loraplus_lr_embedding default
+
+
+def _kind(name: str, loraplus: bool) -> str:
+    if loraplus and "lora_embedding_" in name:
+        return "lora_embedding"
+    if loraplus and "lora_B" in name:
+        return "lora_B"
+    return "default"
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters (shared tensors once), as the table above."""
+    loraplus = cfg.loraplus_lr_ratio is not None
+    lrs = {"default": cfg.lr, "lora_B": cfg.lr * (cfg.loraplus_lr_ratio or 1.0), "lora_embedding": LORAPLUS_EMBEDDING_LR}
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        kind = _kind(name, loraplus)
+        decay = param.ndim >= 2
+        key = kind if decay else f"{kind}_no_decay"
+        group = groups.setdefault(key, {
+            "name": key, "params": [], "param_names": [], "lr": lrs[kind], "initial_lr": lrs[kind],
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+        })
+        group["params"].append(param)
+        group["param_names"].append(name)
+    if not groups:
+        raise ValueError("the model has no trainable parameters; attach an adapter (deltatune.attach) before training")
+    return list(groups.values())
+
+
+def _fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether fused AdamW has a kernel for every parameter's device and dtype (torch checks lazily, at step 1)."""
+    try:
+        from torch.optim.optimizer import _device_dtype_check_for_fused
+    except ImportError:  # older torch checks in the constructor, which build_optimizer catches
+        return True
+    try:
+        for param in params:
+            _device_dtype_check_for_fused(param)
+    except RuntimeError:
+        return False
+    return True
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW (betas, eps, weight decay from `cfg`), fused where the device and dtype allow, else foreach."""
+    groups = param_groups(model, cfg)
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if _fused_supported([p for g in groups for p in g["params"]]):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except RuntimeError:  # e.g. torch < 2.4 has no fused kernel on CPU
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """optim.warmup_steps, or round(optim.warmup_ratio · total_steps) when warmup_steps is 0."""
+    if cfg.warmup_steps < 0:
+        raise ValueError(f"optim.warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise ValueError(f"optim.warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    warmup = cfg.warmup_steps or round(cfg.warmup_ratio * total_steps)
+    if warmup > total_steps:
+        raise ValueError(f"optim.warmup_steps ({warmup}) exceeds the {total_steps} training steps (max_steps); lower it")
+    return warmup
+
+
+def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """m(s), the factor on each group's lr at optimizer step s (0-based), as transformers' schedules define it.
+
+    Warmup (s < W): m = s / W. Then with progress p = (s − W) / (total_steps − W), clipped to [0, 1], and
+    floor f = optim.min_lr_ratio:
+        cosine:   m = f + (1 − f) · ½(1 + cos(π p))      (Loshchilov & Hutter 2017, arXiv:1608.03983, no restarts)
+        linear:   m = f + (1 − f) · (1 − p)
+        constant: m = 1
+    With f = 0 these equal transformers' get_{cosine,linear,constant}_schedule_with_warmup.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps (max_steps) must be positive, got {total_steps}")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {cfg.min_lr_ratio}")
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise ValueError(f"optim.schedule must be 'cosine', 'linear' or 'constant', got {cfg.schedule!r}")
+    warmup, floor, schedule = warmup_steps(cfg, total_steps), cfg.min_lr_ratio, cfg.schedule
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, max(0.0, (step - warmup) / max(1, total_steps - warmup)))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+        return floor + (1.0 - floor) * decay
+
+    return multiplier
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR applying `lr_multiplier` to every group's `initial_lr`; call .step() after each optimizer step."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
