@@ -27,10 +27,13 @@ from .core.model import (
 from .core.registry import register, registered_methods
 from .core.targets import TargetNotFoundError
 from .methods.lora import LoraConfig
+from .train.config import TrainConfig, load_config
+from .train.loop import TrainResult, train
 
 __all__ = [
     "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "AdapterLayer", "TargetNotFoundError",
     "LoraConfig", "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",
+    "TrainConfig", "TrainResult", "load_config", "train",
 ]
