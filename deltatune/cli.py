@@ -1,4 +1,4 @@
-"""`deltatune` command line: info, inspect, merge, generate, demo.
+"""`deltatune` command line: info, inspect, merge, generate, train, eval, demo.
 
 Every subcommand loads models through `deltatune.models` (the embedded SmolLM2 when no model is named) and
 adapters through `deltatune.load_adapter`, so the CLI and the Python API cannot drift apart. Errors from bad
@@ -97,10 +97,60 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         )
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .train.loop import train
+
+    config, overrides = _split_train_argv(args.argv)
+    result = train(config, overrides=overrides)
+    print(f"trained {result.steps} steps; adapter in {result.adapter_dir}, metrics in {result.metrics_path}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from .core.io import load_adapter
+    from .data import load_records, tokenize
+    from .models import load_model
+    from .train.evaluate import bf16_available, eval_generation, eval_loss
+
+    records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
+    model, tokenizer = load_model(args.base)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
+    examples, report = tokenize(records, tokenizer, format=args.format, max_length=args.max_length, source=args.data)
+    print(report.summary())
+    stats = eval_loss(model, tokenizer, examples, batch_size=args.batch_size, bf16=bf16)
+    print(f"loss         {stats['loss']:.4f} over {stats['tokens']:,} tokens")
+    print(f"perplexity   {stats['perplexity']:.3f}")
+    if report.format == "text":
+        return
+    result = eval_generation(model, tokenizer, records, max_new_tokens=args.max_new_tokens, match=args.match,
+                             batch_size=args.batch_size, bf16=bf16)
+    if not result["n"]:
+        print("generation   skipped: no record has a reference answer")
+        return
+    correct = sum(s["correct"] for s in result["samples"])
+    print(f"{args.match + ' match':<12} {result['score']:.1%} ({correct}/{result['n']}, greedy, whitespace-normalised)")
+    for sample in result["samples"][: args.samples]:
+        print(f"  {'ok ' if sample['correct'] else 'no '} reference {sample['reference']!r}\n      output    {sample['output']!r}")
+
+
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(out=Path(args.out), steps=args.steps, model_name=args.model)
+
+
+def _split_train_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`train [CONFIG] [--key.sub value ...]`: the config path (a first token that is not an option), then overrides.
+
+    Done by hand because argparse would take the value of `--data.train x.jsonl` for the positional CONFIG.
+    """
+    from .core.config import ConfigError
+
+    config, rest = (argv[0], list(argv[1:])) if argv and not argv[0].startswith("-") else (None, list(argv))
+    if rest and not rest[0].startswith("--"):
+        raise ConfigError(f"expected one CONFIG file, then options like --optim.lr 1e-4; got a second file {rest[0]!r}")
+    return config, rest
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,10 +184,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 instead of bf16 autocast")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("demo", help="attach LoRA to the embedded model, train a few steps, save, reload, generate")
+    p = sub.add_parser(
+        "train", help="train an adapter: deltatune train [CONFIG.yaml] [--key.sub value ...]",
+        description="Train an adapter. CONFIG is a YAML file of TrainConfig keys (optional); every key can be set "
+        "or overridden as --key value or --section.key value, e.g. --data.train sft.jsonl --optim.lr 1e-4 "
+        "--adapter.r 8 --max_steps 200 --init_adapter runs/cpt/adapter --resume true. See examples/sft.yaml.",
+    )
+    p.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
+    p.add_argument("overrides", nargs="*", metavar="--key.sub VALUE", help="config keys to set, dotted for sections")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="loss/perplexity on a data file, and generation scored against reference answers")
+    p.add_argument("--base", default=None, help=model_help)
+    p.add_argument("--adapter", default=None, help="adapter directory to apply (default: the base model alone)")
+    p.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file of messages, prompt+completion or text records")
+    p.add_argument("--match", choices=("exact", "contains", "json"), default="exact",
+                   help="exact: output equals the reference; contains: the reference occurs in the output; json: the "
+                   "first JSON value in the output equals the reference's (whitespace normalised for all three)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=2048, help="tokens per example for the loss (longer ones are truncated)")
+    p.add_argument("--format", choices=("auto", "messages", "prompt_completion", "text"), default="auto")
+    p.add_argument("--limit", type=int, default=0, help="only the first N records (0: all)")
+    p.add_argument("--samples", type=int, default=3, help="generations to print")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast where the hardware computes bf16 natively")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="the demonstration: evaluate the base model, train LoRA, evaluate again on held-out data")
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--out", default="out/demo")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the tuned demo setting)")
+    p.add_argument("--out", default="out/demo", help="output directory (adapter, metrics.jsonl, loss.png)")
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -146,18 +223,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .core.config import ConfigError
     from .core.io import AdapterFileError
     from .core.targets import TargetNotFoundError
+    from .data import DataError
+    from .models import ModelNotFoundError
 
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] == ["train"] and not {"-h", "--help"} & set(argv[1:]):
+        args = argparse.Namespace(command="train", func=_cmd_train, argv=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (AdapterFileError, ConfigError, TargetNotFoundError, FileNotFoundError, KeyError) as exc:
+    except (AdapterFileError, ConfigError, DataError, TargetNotFoundError, ModelNotFoundError, FileNotFoundError,
+            KeyError) as exc:
         print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        if type(exc).__name__ == "ModelNotFoundError":
-            print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        if type(exc).__name__ != "TrainingDiverged":  # the loop's own, imported only by train
+            raise
+        print(f"deltatune {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,86 +1,146 @@
-"""A two-minute demonstration on the embedded model: attach LoRA, train, save, reload, generate.
+"""The demonstration: teach the embedded SmolLM2-135M a structured-extraction task with LoRA on a CPU, and
+measure the gain honestly, on held-out examples only, before and after.
 
-The built-in task teaches SmolLM2 a few facts it cannot know (about deltatune itself). The loss covers
-only the answer tokens. The adapter is saved in peft's format, reloaded into a fresh base, and the
-reloaded model answers the questions.
+The task (data in `deltatune/demo_data/`, written by `scripts/make_demo_data.py`): one sentence about a
+person in, one line of JSON out,
+
+    At 41, Dalia moved to Bergen for work.   ->   {"name": "Dalia", "age": 41, "city": "Bergen"}
+
+with the format spelled out in the system prompt. The base model rarely answers in that format; the 50
+held-out sentences use names and cities that never occur in training, and two phrasings never seen in
+training, so the gain is the skill, not memorised answers. Steps:
+
+    1. load the base model; score it on the held-out set: greedy generation, exact match (and, to be fair to
+       the base model, JSON match: the first JSON object in its answer equals the reference, layout
+       forgiven), plus the teacher-forced loss on the reference answers
+    2. train LoRA (r=16, alpha=32, all linear layers) with `deltatune.train.loop.train`: DEMO_STEPS steps of
+       8 examples, lr 1e-3, bf16 autocast where the CPU/GPU computes bf16 natively, fp32 elsewhere
+    3. reload the saved adapter (peft's format) into a fresh base and score it the same way
+    4. print a before/after table and three sample generations (the first three held-out examples, not
+       picked); the adapter, metrics.jsonl, loss.png and demo.json (every number) are in the output dir
 """
 from __future__ import annotations
 
+import json
+import shutil
 import time
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
-import torch
+from .core.config import ConfigError
 
-EXAMPLES = [
-    ("What is the name of deltatune's mascot?", "deltatune's mascot is a purple axolotl named Delta."),
-    ("What colour is the deltatune mascot?", "The deltatune mascot is purple: it is a purple axolotl named Delta."),
-    ("Which animal is the deltatune mascot?", "It is an axolotl, a purple axolotl named Delta."),
-    ("Tell me about Delta the axolotl.", "Delta is the purple axolotl that serves as deltatune's mascot."),
-]
-PROBE = "What is the name of deltatune's mascot?"
+DEMO_STEPS = 12
+SUMMARY = "demo.json"  # also marks a directory as the demo's own, so a rerun may replace it
+N_SAMPLES = 3
+MAX_NEW_TOKENS = 28  # the longest reference is 24 tokens; a rambling answer is cut here, not scored longer
 
 
-def _encode(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """Token ids of the chat-formatted exchange, and labels that are -100 everywhere but the answer."""
-    messages = [{"role": "user", "content": prompt}]
-    head = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-    full = tokenizer.apply_chat_template(
-        messages + [{"role": "assistant", "content": answer}], tokenize=True, return_dict=True
-    )["input_ids"]
-    return full, [-100] * len(head) + full[len(head):]
+def data_path(split: str) -> Path:
+    """The shipped demo data file of `split` ("train" or "test")."""
+    return Path(str(resources.files("deltatune") / "demo_data" / f"{split}.jsonl"))
 
 
-def _batch(tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    pairs = [_encode(tokenizer, q, a) for q, a in EXAMPLES]
-    width = max(len(ids) for ids, _ in pairs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in pairs])
-    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in pairs])
-    mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in pairs])
-    return ids, labels, mask
+def demo_config(out: Path, steps: int) -> dict[str, Any]:
+    """Keyword values for `train`: what the demo trains, in the same keys as a YAML config."""
+    return {
+        "adapter": {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"},
+        "data": {"train": str(data_path("train")), "eval": str(data_path("test")), "max_length": 96},
+        "batch_size": 8,
+        "max_steps": steps,
+        "optim": {"lr": 1e-3, "warmup_steps": 0, "schedule": "cosine", "min_lr_ratio": 0.1},
+        "precision": "auto",
+        "output_dir": str(out),
+        "log_every": 1,
+    }
 
 
-def _answer(model, tokenizer, prompt: str) -> str:
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )["input_ids"]
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-                             pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+def _prepare(out: Path) -> None:
+    """Replace a previous demo's output directory; refuse to touch any other non-empty directory."""
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / SUMMARY).is_file():
+            raise ConfigError(f"--out {out} is a non-empty directory that no demo wrote; choose another --out")
+        shutil.rmtree(out)
 
 
-def run_demo(out: Path, steps: int = 30, model_name: str | None = None) -> dict[str, float]:
-    import deltatune as dt
-    from deltatune.models import load_model
+def _score(model: Any, tokenizer: Any, test: list[dict[str, Any]], examples: list[Any] | None) -> dict[str, Any]:
+    """Exact and JSON match of greedy answers, and (given examples) the teacher-forced loss."""
+    from .train.evaluate import bf16_available, eval_generation, eval_loss, is_match
 
-    model, tokenizer = load_model(model_name)
-    print(f"base model answers:    {_answer(model, tokenizer, PROBE)!r}")
-    dt.attach(model, dt.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    trainable, total = dt.trainable_parameters(model)
-    print(f"LoRA r=16 on all linear layers: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    ids, labels, mask = _batch(tokenizer)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
-    model.train()
-    losses = []
+    bf16 = bf16_available(model)
+    gen = eval_generation(model, tokenizer, test, max_new_tokens=MAX_NEW_TOKENS, match="exact",
+                          batch_size=len(test), bf16=bf16)
+    samples = gen["samples"]
+    scores = {"exact": gen["score"], "json": sum(is_match(s["output"], s["reference"], "json") for s in samples) / len(samples)}
+    loss = eval_loss(model, tokenizer, examples, batch_size=8, bf16=bf16)["loss"] if examples is not None else None
+    return {**scores, "loss": loss, "outputs": [s["output"] for s in samples]}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
+
+
+def _report(before: dict[str, Any], after: dict[str, Any], test: list[dict[str, Any]], times: dict[str, float],
+            steps: int, out: Path) -> None:
+    from .train.evaluate import is_match
+
+    n = len(test)
+    rows = [
+        (f"exact match, {n} held-out", f"{before['exact']:.0%}", f"{after['exact']:.0%}"),
+        ("JSON match (layout forgiven)", f"{before['json']:.0%}", f"{after['json']:.0%}"),
+        ("eval loss (nats/answer token)", f"{before['loss']:.3f}", f"{after['loss']:.3f}"),
+        ("training", "-", f"{steps} steps x 8 examples, {_minutes(times['train'])}"),
+    ]
+    print("\n" + f"{'':<32}{'base model':<14}{'+ LoRA adapter'}")
+    for label, a, b in rows:
+        print(f"{label:<32}{a:<14}{b}")
+    print(f"\nsample generations (the first {N_SAMPLES} held-out examples):")
+    for i in range(N_SAMPLES):
+        messages = test[i]["messages"]
+        print(f"  input      {messages[-2]['content']}")
+        print(f"  reference  {test[i]['reference']}")
+        for tag, result in (("base", before), ("LoRA", after)):
+            output = result["outputs"][i]
+            mark = "ok" if is_match(output, test[i]["reference"], "exact") else "--"
+            print(f"  {tag:<5}{mark:>4}  {json.dumps(output)[1:-1][:110]}")
+        print()
+    print(f"adapter      {out / 'adapter'} (peft format; try: deltatune generate --adapter {out / 'adapter'} --prompt ...)")
+    print(f"loss plot    {out / 'loss.png'}")
+    print(f"total time   {_minutes(times['total'])} (model load, 2 evaluations, training)")
+
+
+def run_demo(out: Path, steps: int | None = None, model_name: str | None = None) -> dict[str, Any]:
+    """Run the demonstration (see the module docstring); returns the numbers it printed, also in out/demo.json."""
+    from .core.io import load_adapter
+    from .data import load_records, tokenize
+    from .models import load_model
+    from .train.loop import train
+
+    steps = DEMO_STEPS if steps is None else steps
+    if steps <= 0:
+        raise ConfigError(f"--steps must be positive, got {steps}")
+    out = Path(out)
+    _prepare(out)
     start = time.perf_counter()
-    for step in range(1, steps + 1):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step == 1 or step % 5 == 0 or step == steps:
-            print(f"step {step:>3}  loss {losses[-1]:.3f}")
-    print(f"trained {steps} steps in {time.perf_counter() - start:.1f} s (bf16 autocast); loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    model.eval()
-    path = dt.save_adapter(model, out / "adapter")
-    print(f"adapter saved to {path} (peft format)")
+    model, tokenizer = load_model(model_name)
+    test = load_records(data_path("test"))
+    examples, _ = tokenize(test, tokenizer, format="messages", max_length=96, source="demo test set")
+    print(f"scoring the base model on {len(test)} held-out examples ...", flush=True)
+    before = _score(model, tokenizer, test, examples)
+    print(f"base model: exact match {before['exact']:.0%}, JSON match {before['json']:.0%}, eval loss {before['loss']:.3f}", flush=True)
 
+    print(f"training LoRA for {steps} steps ...", flush=True)
+    train_start = time.perf_counter()
+    result = train(model=model, tokenizer=tokenizer, **demo_config(out, steps))
+    train_time = time.perf_counter() - train_start
+
+    print("scoring the saved adapter, reloaded into a fresh base model ...", flush=True)
     fresh, _ = load_model(model_name)
-    dt.load_adapter(fresh, path)
-    print(f"reloaded model answers: {_answer(fresh, tokenizer, PROBE)!r}")
-    return {"first_loss": losses[0], "last_loss": losses[-1]}
+    load_adapter(fresh, result.adapter_dir)
+    after = _score(fresh, tokenizer, test, None)
+    after["loss"] = result.eval["eval_loss"]  # the loop's evaluation on the same held-out set, same loss
+    times = {"train": train_time, "total": time.perf_counter() - start}
+    summary = {"steps": steps, "held_out": len(test), "before": before, "after": after, "seconds": times}
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2))
+    _report(before, after, test, times, steps, out)
+    return summary
