@@ -137,7 +137,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
-    run_demo(out=Path(args.out), steps=args.steps, model_name=args.model)
+    run_demo(out=Path(args.out), steps=args.steps, model_name=args.model, threads=args.threads)
 
 
 def _split_train_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help=model_help)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the tuned demo setting)")
     p.add_argument("--out", default="out/demo", help="output directory (adapter, metrics.jsonl, loss.png)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: one per idle core)")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -36,13 +36,24 @@ Pavel Lucia Emeka Hana Mateo Aisha Felix Ravi Zara Bruno Leila Tomas Mei Hugo In
 Arjun Chloe Dmitri Olga Samuel Rosa Malik Anya Viktor Camila Rahul Freya Jamal Lena Marco Dalia Hiro Alma Nikolai
 Beatriz Emil Keiko Oscar Yara Anders Lina Rafael Mira Jin Tessa Hamza Clara Milan Sana Leon Vera Andre Noemi Karim
 Ada Stefan Lotte Yusuf Iris Marek Paula Ali Astrid Carlos Rina Tobias Eva Imran Selma Pedro Nora Farid Julia Kai
-Maja""".split()
+Maja Abebe Bianca Cosmin Dana Eitan Fiona Goran Helga Idris Jana Kwame Laila Mateus Nia Orla Pia Quentin Rania
+Soren Talia Ugo Vesna Wanjiru Xavier Yosef Zuzana Aino Bilal Carmen Darius Esra Florin Gita Hakan Ilse Jonah Kamala
+Lars Mona Nils Ola Pooja Rui Siobhan Teodor Ulla Vikram Wendy Yasmin Zoltan Agnes Boris Cecile Dario Elif Femi
+Gustav Hiba Ioana Jakob Kiran Luca Magda Nikhil Oksana Petra Ramon Sunita Tiago Uma Valeria Wiktor Ayumi Bongani
+Celia Dorian Emre Farah Gideon Halima Ignacio Jasmin Kasia Lorenzo Minh Naledi Otto Paloma Rashid Svetlana Thabo
+Ursula Vito Xiomara Yannick Zainab""".split()
 CITIES = """Lyon Porto Osaka Leeds Quito Lagos Hanoi Bergen Krakow Seville Dublin Tucson Accra Bremen Cusco Tampere
 Nagoya Gdansk Bilbao Malmo Turin Mombasa Graz Denver Perth Ghent Split Pune Izmir Cork Aarhus Basel Nantes Tartu
 Galway Leipzig Utrecht Bologna Fresno Halifax Brno Lille Kyoto Medan Rosario Durban Tbilisi Salta Hobart Davao
 Oaxaca Tromso Lublin Varna Sapporo Geneva Oulu Kochi Mysore Rennes Dundee Bruges Parma Cadiz Almaty Tulsa Omaha
-Boise Regina Luxor Fez Chennai Surat Cebu Lima Cali Recife Natal Belem Toledo Verona Bergamo Poznan Riga
-Kaunas""".split()
+Boise Regina Luxor Fez Chennai Surat Cebu Lima Cali Recife Natal Belem Toledo Verona Bergamo Poznan Riga Kaunas
+Antwerp Arequipa Aswan Asuncion Austin Bari Belfast Bern Bonn Brisbane Bristol Calgary Cardiff Catania Cluj
+Coimbra Cordoba Curitiba Daegu Dakar Darwin Debrecen Dresden Dhaka Edmonton Eindhoven Florence Fukuoka Genoa Gothenburg
+Granada Guayaquil Hamburg Hannover Harare Helsinki Hiroshima Houston Iasi Incheon Innsbruck Jaipur Kampala Kazan
+Kigali Kobe Kolkata Kumasi Linz Liverpool Lusaka Madurai Malaga Manaus Maputo Marseille Memphis Mendoza Milwaukee
+Minsk Montreal Munich Nairobi Nashville Nice Odessa Orlando Oslo Ottawa Palermo Pisa Plovdiv Portland Pretoria
+Puebla Quebec Reno Rotterdam Salvador Santander Seattle Sendai Sibiu Skopje Sucre Stuttgart Suva Tallinn Tampa
+Tirana Toulouse Trieste Turku Uppsala Valencia Valparaiso Vilnius Winnipeg Wroclaw Yerevan Zagreb Zurich""".split()
 TEMPLATES = [
     "{name}, {age}, lives in {city}.",
     "{name} is {age} years old and lives in {city}.",
@@ -80,8 +91,8 @@ def _record(rng: random.Random, names: list[str], cities: list[str], templates: 
 
 def build() -> dict[str, list[dict]]:
     rng = random.Random(SEED)
-    train_names, test_names = _split(NAMES, 30, rng)
-    train_cities, test_cities = _split(CITIES, 30, rng)
+    train_names, test_names = _split(NAMES, 40, rng)
+    train_cities, test_cities = _split(CITIES, 40, rng)
     train = [_record(rng, train_names, train_cities, TEMPLATES) for _ in range(N_TRAIN)]
     test = [_record(rng, test_names, test_cities, TEMPLATES + TEST_ONLY_TEMPLATES) for _ in range(N_TEST)]
     return {"train": train, "test": test}

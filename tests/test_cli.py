@@ -126,14 +126,14 @@ def test_train_two_steps_from_yaml_and_flags_then_eval(tmp_path, model_dir, chat
 
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path, model_dir, capsys):
     out_dir = tmp_path / "demo"
-    code, out, err = run(["demo", "--model", str(model_dir), "--steps", "2", "--out", str(out_dir)], capsys)
+    code, out, err = run(["demo", "--model", str(model_dir), "--steps", "2", "--out", str(out_dir), "--threads", "1"], capsys)
     assert code == 0, err
     summary = json.loads((out_dir / "demo.json").read_text())
     assert summary["steps"] == 2 and summary["held_out"] == 50
     assert set(summary["before"]) >= {"exact", "json", "loss"} and summary["after"]["loss"] > 0
     assert (out_dir / "adapter" / "adapter_config.json").is_file() and (out_dir / "loss.png").is_file()
     assert "exact match, 50 held-out" in out and "sample generations" in out
-    assert run(["demo", "--model", str(model_dir), "--steps", "1", "--out", str(out_dir)], capsys)[0] == 0  # rerun replaces
+    assert run(["demo", "--model", str(model_dir), "--steps", "1", "--out", str(out_dir), "--threads", "1"], capsys)[0] == 0  # rerun replaces
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     code, _, err = run(["demo", "--model", str(model_dir), "--out", str(tmp_path / "mine")], capsys)
