@@ -266,9 +266,18 @@ def test_errors_name_the_fix_and_resume_reports_changed_settings(tmp_path, token
 
 def test_bf16_autocast_trains(tmp_path, tokenizer, capsys):
     result = run(tmp_path, "bf16", prompt_completion(4), tokenizer, precision="bf16", max_steps=2, batch_size=4)
-    assert "precision: bf16 autocast" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "precision: bf16 autocast" in printed and "14 linear weights stored in bf16" in printed
     assert all(math.isfinite(v) for v in result.losses.values())
     assert all(t.dtype == torch.float32 for t in saved(result.adapter_dir).values())  # weights stay fp32
+
+
+def test_frozen_bf16_base_trains_exactly_as_the_fp32_base_under_autocast(tmp_path, tokenizer):
+    common = dict(precision="bf16", max_steps=3, batch_size=2)
+    fast = run(tmp_path, "fast", prompt_completion(4), tokenizer, **common)
+    kept = run(tmp_path, "kept", prompt_completion(4), tokenizer, frozen_bf16=False, **common)
+    assert fast.losses == kept.losses
+    assert_same_tensors(saved(fast.adapter_dir), saved(kept.adapter_dir), rtol=0, atol=0)
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------------

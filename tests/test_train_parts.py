@@ -12,7 +12,8 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.train.config import OptimConfig
-from deltatune.train.loss import causal_lm_loss
+from deltatune.train.loss import auto_chunk_size, causal_lm_loss
+from deltatune.train.memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
 from deltatune.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from deltatune.train.progress import Progress, plot_metrics
 
@@ -138,7 +139,36 @@ def test_chunked_loss_without_grad_for_evaluation():
 
 def test_chunked_loss_rejects_bad_chunk_size():
     with pytest.raises(ValueError, match="loss_chunk_size"):
-        causal_lm_loss(_lora_llama(), _batch(), chunk_size=0)
+        causal_lm_loss(_lora_llama(), _batch(), chunk_size=-1)
+
+
+def test_chunk_size_zero_is_chosen_from_the_vocabulary():
+    assert auto_chunk_size(49152, torch.device("cpu")) == 128  # 24 MiB of fp32 logits per chunk
+    assert auto_chunk_size(10**7, torch.device("cpu")) == 16 and auto_chunk_size(49152, torch.device("cuda")) == 1024
+    _assert_parity(_lora_llama(), _batch(), chunk_size=0)
+
+
+# ---- the frozen base in bf16 -----------------------------------------------------------------------------
+def test_frozen_linears_in_bf16_compute_what_autocast_computed():
+    model = _lora_llama()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight  # a tied head must keep its dtype
+    batch = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, _ = causal_lm_loss(model, batch, chunk_size=7)
+    ref_grads = _grads(model, ref_loss)
+    changed = store_frozen_linears_in_bf16(model)
+    copy_out_of_file_mappings(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert changed == 2 * 7 and layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # trainable: untouched
+    assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = causal_lm_loss(model, batch, chunk_size=7)
+    grads = _grads(model, loss)
+    assert torch.equal(loss, ref_loss)
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
 
 
 # ---- optimizer and schedule ------------------------------------------------------------------------------

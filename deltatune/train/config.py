@@ -60,8 +60,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 100  # optimizer steps
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
-    gradient_checkpointing: bool = False
-    loss_chunk_size: int = 1024  # tokens per chunk of the cross-entropy (never materialises all fp32 logits)
+    gradient_checkpointing: bool = False  # memory mode: recompute each layer in the backward instead of storing it
+    frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products)
+    loss_chunk_size: int = 0  # tokens per cross-entropy chunk (never all fp32 logits at once); 0 = by vocabulary size
     seed: int = 0
     output_dir: str = "runs/default"
     save_every: int = 0  # steps between checkpoints; 0 = only at the end
@@ -72,10 +73,10 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        for key in ("batch_size", "grad_accum", "max_steps", "loss_chunk_size", "keep_last", "log_every"):
+        for key in ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("save_every", "eval_every"):
+        for key in ("save_every", "eval_every", "loss_chunk_size"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be 0 (off) or a positive number of steps, got {getattr(self, key)}")
         if self.data.max_length <= 1:

@@ -1,6 +1,6 @@
 """Evaluation: teacher-forced loss/perplexity on a split, and generation scored against reference answers.
 
-    stats = eval_loss(model, tokenizer, examples, batch_size=8, chunk_size=1024)    # {loss, perplexity, tokens}
+    stats = eval_loss(model, tokenizer, examples, batch_size=8)                 # {loss, perplexity, tokens}
     score = eval_generation(model, tokenizer, records, max_new_tokens=32, match="exact")  # {score, n, samples}
 
 Loss is the mean next-token cross-entropy over the tokens that carry a label (the assistant turns of a chat,
@@ -104,7 +104,7 @@ def _eval_mode(model: nn.Module):
 
 
 def eval_loss(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, Any]], *, batch_size: int = 8,
-              chunk_size: int = 1024, bf16: bool = False) -> dict[str, float]:
+              chunk_size: int = 0, bf16: bool = False) -> dict[str, float]:
     """{"loss": mean cross-entropy per labelled token, "perplexity": exp(loss), "tokens": labelled tokens}.
 
     `examples` are tokenized rows (`deltatune.data.tokenize`); the loss is summed over every labelled token

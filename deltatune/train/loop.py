@@ -38,6 +38,7 @@ from .config import TrainConfig, config_to_dict, load_config
 from .distributed import World, all_reduce_sum, barrier, init_distributed, maybe_no_sync, shard, shutdown, wrap
 from .hooks import run_before_step, run_on_step, step_hooks
 from .loss import causal_lm_loss
+from .memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
@@ -81,8 +82,7 @@ def train(
         model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world)
         data = _load_data(cfg, tokenizer, world)
         _attach_adapter(model, cfg, world)
-        if cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
+        _prepare_base(model, cfg, autocast, world)
         optimizer = build_optimizer(model, cfg.optim)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
         hooks = step_hooks(model, hooks)
@@ -207,6 +207,16 @@ def _attach_adapter(model: nn.Module, cfg: TrainConfig, world: World) -> None:
         _main_print(world, f"continuing to train adapter {cfg.init_adapter}")
     else:
         attach(model, cfg.adapter_config(), ADAPTER_NAME)
+
+
+def _prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial, world: World) -> None:
+    """The frozen base in bf16 under bf16 autocast (frozen_bf16), and gradient checkpointing (memory mode)."""
+    if cfg.frozen_bf16 and autocast.keywords["enabled"] and autocast.keywords["dtype"] == torch.bfloat16:
+        count = store_frozen_linears_in_bf16(model)
+        copy_out_of_file_mappings(model)
+        _main_print(world, f"frozen base: {count} linear weights stored in bf16 (frozen_bf16: false keeps fp32)")
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
