@@ -79,17 +79,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     from .core.io import load_adapter
     from .models import load_model
+    from .train.evaluate import bf16_available
 
     model, tokenizer = load_model(args.base)
     if args.adapter:
         load_adapter(model, args.adapter)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
     if not tokenizer.chat_template or args.raw:
         ids = tokenizer(args.prompt, return_tensors="pt").input_ids
     else:
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+    with torch.inference_mode(), torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16):
         model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
             temperature=args.temperature or None, top_p=None, top_k=None, streamer=streamer,
@@ -181,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 instead of bf16 autocast")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast where the hardware computes bf16 natively, else fp32")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(

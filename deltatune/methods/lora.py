@@ -134,7 +134,9 @@ class LoraLinear(_LoraBase):
     def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         x = self.lora_dropout[name](x.to(lora_A.weight.dtype))
-        return result + (lora_B(lora_A(x)) * self.scaling[name]).to(result.dtype)
+        # s scales the (tokens, r) intermediate, not the (tokens, d_out) output: the same product, measured
+        # 5-25% faster per layer for a training step (bench/lora_layer_micro.py)
+        return result + lora_B(lora_A(x) * self.scaling[name]).to(result.dtype)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (d_out, d_in)
