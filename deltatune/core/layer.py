@@ -44,9 +44,11 @@ def _routing_batch(groups: Mapping[str | None, torch.Tensor]) -> int:
 
 
 def route_rows(groups, known, x: torch.Tensor, result: torch.Tensor, apply) -> torch.Tensor:
-    """result with the rows of each known adapter replaced by apply(name, x[rows], result[rows]), out of place.
+    """result with the rows of each known adapter replaced by apply(name, x[rows], result[rows]).
 
-    Rows of adapters this layer does not hold, and rows routed to None, keep the base output.
+    Rows of adapters this layer does not hold, and rows routed to None, keep the base output. Without
+    autograd (inference, serving) the rows are written into `result` in place: copying the whole output once
+    per adapter made a 4-adapter forward 1.2x slower than peft's. With autograd, out of place.
     """
     if x.shape[0] != _routing_batch(groups):
         raise ValueError(
@@ -54,12 +56,19 @@ def route_rows(groups, known, x: torch.Tensor, result: torch.Tensor, apply) -> t
             "give one adapter name per row of the batch (beam search and sampling several sequences per "
             "prompt multiply the rows)"
         )
+    in_place = not (torch.is_grad_enabled() and (result.requires_grad or x.requires_grad)) and not _shares_memory(result, x)
     for name, rows in groups.items():
         if name not in known:
             continue
         rows = rows.to(x.device)
-        result = result.index_copy(0, rows, apply(name, x.index_select(0, rows), result.index_select(0, rows)))
+        rows_out = apply(name, x.index_select(0, rows), result.index_select(0, rows))
+        result = result.index_copy_(0, rows, rows_out) if in_place else result.index_copy(0, rows, rows_out)
     return result
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether writing into a could change b (a base module that returns its input, e.g. nn.Identity)."""
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 class AdapterLayer(nn.Module):
