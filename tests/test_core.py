@@ -313,6 +313,22 @@ def test_route_equals_each_row_alone(names):
     assert not torch.allclose(_alone(model, ids, "a"), _alone(model, ids, "b"), atol=1e-3)
 
 
+def test_route_with_autograd_matches_inference_and_trains_only_the_routed_adapters():
+    model = _three_adapters(make_tiny_llama())
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    ids = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(5))
+    names = ["a", None, "b"]
+    with dt.route(model, names):
+        reference = _logits(model, ids)  # no autograd: rows written in place
+        logits = model(input_ids=ids).logits  # autograd: out of place
+    torch.testing.assert_close(logits, reference, atol=1e-6, rtol=1e-6)
+    logits.sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+    assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".a." in n or n.endswith("a.weight"))
+    assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".c." in n or n.endswith("c.weight"))
+
+
 def test_route_with_wrong_batch_size_is_a_clear_error(tiny_llama, input_ids):
     _attach(tiny_llama, "a", 1)
     with pytest.raises(ValueError, match="one adapter name per row"):
