@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -172,3 +173,14 @@ def fill_lora_B(model: torch.nn.Module, seed: int, std: float = 0.01) -> None:
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), for the tables' machine line."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

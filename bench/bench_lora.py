@@ -19,7 +19,6 @@ import argparse
 import fnmatch
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -269,16 +268,6 @@ def markdown(results: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def drive(args) -> None:
     import peft
     import transformers
@@ -295,7 +284,7 @@ def drive(args) -> None:
         if not configs:
             raise SystemExit(f"--only {args.only!r} matches no configuration; choose from: {', '.join(all_configs())}")
     meta = {
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads, "torch": torch.__version__,
+        "cpu": C.cpu_name(), "cores": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads, "torch": torch.__version__,
         "transformers": transformers.__version__, "peft": peft.__version__, "loader": prepared["loader"],
         "repeat": args.repeat, "warmup": args.warmup, "rounds": args.rounds,
         "budget_s": args.budget, "reference": REFERENCE_NOTE,

@@ -33,6 +33,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from _common import cpu_name  # bench/ is on sys.path when this script runs
+
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, SEQ = 4, 256
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
@@ -307,20 +309,13 @@ def meta_load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def drive(args) -> None:
     import peft
     import transformers
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     configs = args.only.split(",") if args.only else DEFAULT_CONFIGS
-    meta = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
+    meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "steps": args.steps,
             "warmup": args.warmup, "rounds": args.rounds, "reference": REFERENCE_NOTE,
             "load_start": meta_load()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import deltatune as dt
+
 torch.set_num_threads(1)
 
 
@@ -27,3 +29,26 @@ def tiny_llama():
 @pytest.fixture
 def input_ids():
     return torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))
+
+
+def capture_state(model):
+    """Everything a failed operation must leave as it was: modules, tensors, trainability, adapters."""
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+        dict(dt.adapter_configs(model)),
+        dt.active_adapters(model),
+    )
+
+
+def assert_unchanged(model, saved) -> None:
+    modules, state, grads, configs, active = saved
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for key, value in state.items():
+        assert torch.equal(now[key], value), key
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert dt.adapter_configs(model) == configs
+    assert dt.active_adapters(model) == active

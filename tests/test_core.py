@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, assert_unchanged, capture_state
 from deltatune.core.layer import ModulesToSave
 
 ALL_LINEAR = [f"model.layers.{i}.{m}" for i in range(2) for m in (
@@ -28,28 +28,6 @@ def _attach(model, name: str, seed: int, **kwargs):
     config = _lora(**kwargs)
     torch.manual_seed(seed)
     return dt.attach(model, config, name)
-
-
-def _snapshot(model: nn.Module):
-    return (
-        [(n, type(m)) for n, m in model.named_modules()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        dict(dt.adapter_configs(model)),
-        dt.active_adapters(model),
-    )
-
-
-def _assert_same(model: nn.Module, snapshot) -> None:
-    modules, state, grads, configs, active = snapshot
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    now = model.state_dict()
-    assert list(now) == list(state)
-    for key, value in state.items():
-        assert torch.equal(now[key], value), key
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert dt.adapter_configs(model) == configs
-    assert dt.active_adapters(model) == active
 
 
 def _logits(model, ids):
@@ -249,10 +227,10 @@ def test_delete_adapter_with_modules_to_save_restores_the_original():
 def test_deleting_a_merged_adapter_is_refused_and_changes_nothing(tiny_llama):
     _attach(tiny_llama, "a", 1, modules_to_save=["embed_tokens"])  # embed_tokens comes first in module order
     dt.merge(tiny_llama)
-    snapshot = _snapshot(tiny_llama)
+    snapshot = capture_state(tiny_llama)
     with pytest.raises(RuntimeError, match="unmerge"):
         dt.delete_adapter(tiny_llama, "a")
-    _assert_same(tiny_llama, snapshot)
+    assert_unchanged(tiny_llama, snapshot)
     dt.unmerge(tiny_llama)
     dt.delete_adapter(tiny_llama, "a")
     assert type(tiny_llama.model.embed_tokens) is nn.Embedding and not _targets(tiny_llama)
@@ -476,11 +454,11 @@ def test_modules_to_save_are_never_targets():
 
 def test_modules_to_save_cannot_hold_another_adapters_layer(tiny_llama):
     _attach(tiny_llama, "a", 1, target_modules=["q_proj"])
-    snapshot = _snapshot(tiny_llama)
+    snapshot = capture_state(tiny_llama)
     for saved in (["q_proj"], ["layers.0.self_attn"]):
         with pytest.raises(dt.ConfigError, match="modules_to_save"):
             dt.attach(tiny_llama, _lora(target_modules=["v_proj"], modules_to_save=saved), "b")
-        _assert_same(tiny_llama, snapshot)
+        assert_unchanged(tiny_llama, snapshot)
 
 
 # ---- bias -------------------------------------------------------------------------------------------
@@ -527,10 +505,10 @@ def test_failed_attach_leaves_the_model_unchanged(kwargs, with_existing):
     model = make_tiny_llama()
     if with_existing:
         _attach(model, "first", 1, target_modules="all-linear", modules_to_save=["lm_head"])
-    snapshot = _snapshot(model)
+    snapshot = capture_state(model)
     with pytest.raises((dt.TargetNotFoundError, dt.ConfigError, ValueError)):
         dt.attach(model, dt.LoraConfig(r=4, **kwargs), "second")
-    _assert_same(model, snapshot)
+    assert_unchanged(model, snapshot)
 
 
 @pytest.mark.parametrize("name", ["a.b", "", "with space", "1abc"])
@@ -542,10 +520,10 @@ def test_bad_adapter_names_are_rejected(tiny_llama, name):
 
 def test_duplicate_adapter_name_is_rejected(tiny_llama):
     _attach(tiny_llama, "a", 1)
-    snapshot = _snapshot(tiny_llama)
+    snapshot = capture_state(tiny_llama)
     with pytest.raises(ValueError, match="already attached"):
         dt.attach(tiny_llama, _lora(target_modules="all-linear"), "a")
-    _assert_same(tiny_llama, snapshot)
+    assert_unchanged(tiny_llama, snapshot)
 
 
 def test_attach_rejects_a_non_config(tiny_llama):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import deltatune as dt
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, assert_unchanged, capture_state
 
 peft = pytest.importorskip("peft")
 
@@ -78,28 +78,6 @@ def _perturb_full_copies(model) -> None:
         for name, param in model.named_parameters():
             if ".modules_to_save." in name or (param.requires_grad and name.endswith("bias")):
                 param.add_(torch.randn_like(param) * 0.1)
-
-
-def _snapshot(model):
-    return (
-        [(n, type(m)) for n, m in model.named_modules()],
-        {k: v.clone() for k, v in model.state_dict().items()},
-        {n: p.requires_grad for n, p in model.named_parameters()},
-        dict(dt.adapter_configs(model)),
-        dt.active_adapters(model),
-    )
-
-
-def _assert_unchanged(model, snapshot) -> None:
-    modules, state, grads, configs, active = snapshot
-    assert [(n, type(m)) for n, m in model.named_modules()] == modules
-    now = model.state_dict()
-    assert list(now) == list(state)
-    for key, value in state.items():
-        assert torch.equal(now[key], value), key
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    assert dt.adapter_configs(model) == configs
-    assert dt.active_adapters(model) == active
 
 
 def _dt_adapter(make_model, kwargs, directory: Path):
@@ -287,10 +265,10 @@ def test_bad_adapter_is_refused_and_changes_nothing(tmp_path, case, with_existin
     if with_existing:
         torch.manual_seed(3)
         dt.attach(model, dt.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False), "first")
-    snapshot = _snapshot(model)
+    snapshot = capture_state(model)
     with pytest.raises(dt.AdapterFileError, match=message):
         dt.load_adapter(model, tmp_path / subdir, "second")
-    _assert_unchanged(model, snapshot)
+    assert_unchanged(model, snapshot)
 
 
 def test_bad_adapter_with_modules_to_save_changes_nothing(tmp_path):
@@ -298,10 +276,10 @@ def test_bad_adapter_with_modules_to_save_changes_nothing(tmp_path):
     _dt_adapter(_seq_cls, kwargs, tmp_path)
     _edit_tensors(tmp_path, lambda t: t.__setitem__("base_model.model.score.weight", torch.zeros(2, 64)))
     model = _seq_cls()
-    snapshot = _snapshot(model)
+    snapshot = capture_state(model)
     with pytest.raises(dt.AdapterFileError, match=r"score\.weight.*\(2, 64\).*\(3, 64\)"):
         dt.load_adapter(model, tmp_path)
-    _assert_unchanged(model, snapshot)
+    assert_unchanged(model, snapshot)
 
 
 def _narrow_llama():
@@ -316,11 +294,11 @@ def _narrow_llama():
 def test_adapter_for_another_base_is_refused(tmp_path):
     _dt_adapter(make_tiny_llama, {"r": 4, "target_modules": ["q_proj", "v_proj"]}, tmp_path)  # hidden 64
     model = _narrow_llama()  # hidden 32
-    snapshot = _snapshot(model)
+    snapshot = capture_state(model)
     with pytest.raises(dt.AdapterFileError, match="trained for base model 'tiny-llama'.*'other-llama'") as info:
         dt.load_adapter(model, tmp_path)
     assert "shape" in str(info.value)
-    _assert_unchanged(model, snapshot)
+    assert_unchanged(model, snapshot)
 
 
 def test_pickle_weights_need_allow_pickle(tmp_path):
@@ -329,10 +307,10 @@ def test_pickle_weights_need_allow_pickle(tmp_path):
     torch.save(load_file(str(weights)), tmp_path / "adapter_model.bin")
     weights.unlink()
     model = make_tiny_llama()
-    snapshot = _snapshot(model)
+    snapshot = capture_state(model)
     with pytest.raises(dt.AdapterFileError, match="allow_pickle=True"):
         dt.load_adapter(model, tmp_path)
-    _assert_unchanged(model, snapshot)
+    assert_unchanged(model, snapshot)
     dt.load_adapter(model, tmp_path, allow_pickle=True)
     ids = _ids(model)
     torch.testing.assert_close(_logits(model, ids), _logits(original, ids), atol=1e-6, rtol=1e-6)
