@@ -83,6 +83,8 @@ def test_inspect_an_adapter_dir(tmp_path, capsys):
 @pytest.mark.parametrize("argv, named", [
     (["--optim.lrr", "1e-4"], "optim.lrr"),
     (["--batch_size", "0"], "batch_size"),
+    (["--loss_chunk_size", "-1"], "loss_chunk_size"),
+    (["--frozen_bf16", "maybe"], "frozen_bf16"),
     (["--optim.lr", "fast"], "optim.lr"),
     (["--adapter.r", "-2"], "r"),
     (["--max_steps"], "--max_steps"),

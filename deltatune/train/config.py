@@ -61,7 +61,8 @@ class TrainConfig:
     max_steps: int = 100  # optimizer steps
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
     gradient_checkpointing: bool = False  # memory mode: recompute each layer in the backward instead of storing it
-    frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products)
+    frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products; also
+    # in a model passed to train(model=...))
     loss_chunk_size: int = 0  # tokens per cross-entropy chunk (never all fp32 logits at once); 0 = by vocabulary size
     seed: int = 0
     output_dir: str = "runs/default"
@@ -76,9 +77,11 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        for key in ("save_every", "eval_every", "loss_chunk_size"):
+        for key in ("save_every", "eval_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be 0 (off) or a positive number of steps, got {getattr(self, key)}")
+        if self.loss_chunk_size < 0:
+            raise ConfigError(f"loss_chunk_size must be 0 (automatic) or a number of tokens, got {self.loss_chunk_size}")
         if self.data.max_length <= 1:
             raise ConfigError(f"data.max_length must be at least 2 tokens, got {self.data.max_length}")
         if not 0.0 <= self.data.eval_fraction < 1.0:
