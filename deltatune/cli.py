@@ -7,6 +7,7 @@ input are printed as one line naming the flag or file, with exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -104,7 +105,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     config, overrides = _split_train_argv(args.argv)
     result = train(config, overrides=overrides)
-    print(f"trained {result.steps} steps; adapter in {result.adapter_dir}, metrics in {result.metrics_path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+        print(f"trained {result.steps} steps; adapter in {result.adapter_dir}, metrics in {result.metrics_path}")
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
