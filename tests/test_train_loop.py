@@ -252,16 +252,17 @@ def test_step_hooks_skips_frozen_adapters_and_checks_extra_hooks(tmp_path, monke
         step_hooks(model, [object()])
 
 
-def test_errors_name_the_fix_and_resume_reports_changed_settings(tmp_path, tokenizer, capsys):
+def test_errors_name_the_fix_and_resume_refuses_changed_settings(tmp_path, tokenizer, capsys):
     with pytest.raises(ConfigError, match="tokenizer"):
         train(model=make_tiny_llama(), data={"train": "x.jsonl"}, output_dir=str(tmp_path))
     run(tmp_path, "again", prompt_completion(2), tokenizer, max_steps=1, batch_size=2)
     with pytest.raises(ConfigError, match="resume: true"):
         run(tmp_path, "again", prompt_completion(2), tokenizer, max_steps=1, batch_size=2)
-    capsys.readouterr()
+    with pytest.raises(ConfigError, match=r"settings differ .*: optim.lr 0.0002 -> 0.001\. .*--init_adapter .*step-000001"):
+        run(tmp_path, "again", prompt_completion(2), tokenizer, max_steps=2, batch_size=2, resume=True, optim={"lr": 1e-3})
     result = run(tmp_path, "again", prompt_completion(2), tokenizer, max_steps=2, batch_size=2, resume=True,
-                 optim={"lr": 1e-3})
-    assert "changed settings max_steps, optim.lr;" in capsys.readouterr().out and list(result.losses) == [2]
+                 save_every=1, log_every=2)  # the length of the run and bookkeeping may change
+    assert list(result.losses) == [2]
 
 
 def test_bf16_autocast_trains(tmp_path, tokenizer, capsys):

@@ -10,7 +10,9 @@ A checkpoint appears atomically: it is written into `checkpoints/.tmp-step-00005
 fsynced, `complete` goes in last, and only then is the directory renamed to `step-000050` (a rename within
 one directory is atomic). Older checkpoints beyond `keep_last` are deleted only after the new one is in place.
 A process killed at any moment therefore leaves either the previous checkpoints alone or the new one
-complete; `latest_checkpoint` skips anything else with a warning, and `load_checkpoint` refuses it.
+complete; `latest_checkpoint` skips anything else with a warning, and `load_checkpoint` refuses it (a file
+of the written size whose content does not read, say a flipped bit, is refused as corrupted too, so that the
+caller can fall back to an older checkpoint). A checkpoint holding NaN/Inf is never written.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..core.io import AdapterFileError, adapter_tensors, read_adapter, save_adapter
+from ..core.io import adapter_tensors, read_adapter, save_adapter
 from .hooks import hook_states, load_hook_states
 
 CHECKPOINTS = "checkpoints"
@@ -42,6 +44,10 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is incomplete, corrupted or does not fit this run; nothing was restored from it."""
+
+
+class CheckpointCorrupted(CheckpointError):
+    """A checkpoint whose files are incomplete or unreadable (an older one may still be intact)."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,19 @@ class Checkpoint:
     step: int
     position: DataPosition
     config: dict[str, Any]
+
+
+def nonfinite_tensor(model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                     adapter_name: str = "default") -> str | None:
+    """The name of the first adapter weight or optimizer-state tensor holding NaN/Inf, or None if all are finite."""
+    for key, tensor in adapter_tensors(model, adapter_name).items():
+        if not torch.isfinite(tensor.detach()).all():
+            return f"adapter tensor {key}"
+    for group_state in (optimizer.state.values() if optimizer is not None else ()):
+        for key, value in group_state.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                return f"optimizer state {key}"
+    return None
 
 
 def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
@@ -180,23 +199,23 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     """Raise CheckpointError unless `path` is a complete checkpoint whose files all have their written sizes."""
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"{root} is not a checkpoint directory")
+        raise CheckpointCorrupted(f"{root} is not a checkpoint directory")
     marker = root / MARKER
     if not marker.is_file():
-        raise CheckpointError(
+        raise CheckpointCorrupted(
             f"{root} has no '{MARKER}' marker: its writer stopped before finishing, so it may be partial; "
             "delete it, or resume from an earlier checkpoint"
         )
     try:
         files = json.loads(marker.read_text())["files"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-        raise CheckpointError(f"{marker} is unreadable; the checkpoint is corrupted") from None
+        raise CheckpointCorrupted(f"{marker} is unreadable; the checkpoint is corrupted") from None
     for name, size in files.items():
         file = root / name
         if not file.is_file():
-            raise CheckpointError(f"{root} is corrupted: {name} is missing")
+            raise CheckpointCorrupted(f"{root} is corrupted: {name} is missing")
         if file.stat().st_size != size:
-            raise CheckpointError(f"{root} is corrupted: {name} has {file.stat().st_size} bytes, {size} were written")
+            raise CheckpointCorrupted(f"{root} is corrupted: {name} has {file.stat().st_size} bytes, {size} were written")
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -222,9 +241,31 @@ def read_checkpoint_state(path: str | os.PathLike) -> Checkpoint:
     verify_checkpoint(root)
     try:
         state = json.loads((root / STATE).read_text())
+        if not isinstance(state.get("config"), dict):
+            raise TypeError("no config mapping")
         return Checkpoint(root, int(state["step"]), DataPosition(int(state["epoch"]), int(state["batch"])), state["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{root / STATE} is unreadable ({exc}); the checkpoint is corrupted") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointCorrupted(f"{root / STATE} is unreadable ({exc}); the checkpoint is corrupted") from None
+
+
+def _read_states(root: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(adapter tensors, trainer state) of a checkpoint; any failure to read or parse them is a CheckpointError."""
+    try:
+        _, tensors, _ = read_adapter(root / ADAPTER)
+    except Exception as exc:  # AdapterFileError, or safetensors' own error on a damaged file
+        raise CheckpointCorrupted(f"{root / ADAPTER} cannot be read ({_one_line(exc)}); the checkpoint is corrupted") from None
+    try:
+        trainer = torch.load(root / TRAINER_STATE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # UnpicklingError, zip errors, EOFError, ...: damaged bytes can raise almost anything
+        raise CheckpointCorrupted(f"{root / TRAINER_STATE} cannot be read ({_one_line(exc)}); the checkpoint is corrupted") from None
+    expected = {"optimizer": dict, "scheduler": dict, "rng": dict, "hooks": list}
+    if not isinstance(trainer, dict) or any(not isinstance(trainer.get(k), t) for k, t in expected.items()):
+        raise CheckpointCorrupted(f"{root / TRAINER_STATE} does not hold a trainer state; the checkpoint is corrupted")
+    return tensors, trainer
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def load_checkpoint(
@@ -241,11 +282,7 @@ def load_checkpoint(
     hook and RNG states from checkpoint `path`. Everything is read and checked before anything is changed."""
     info = read_checkpoint_state(path)
     root = info.path
-    try:
-        _, tensors, _ = read_adapter(root / ADAPTER)
-        trainer = torch.load(root / TRAINER_STATE, map_location="cpu", weights_only=True)
-    except (AdapterFileError, OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{root} cannot be read ({exc}); the checkpoint is corrupted") from None
+    tensors, trainer = _read_states(root)
     live = adapter_tensors(model, adapter_name)
     if set(live) != set(tensors) or any(live[k].shape != tensors[k].shape for k in live):
         raise CheckpointError(
@@ -262,12 +299,15 @@ def load_checkpoint(
             optimizer.load_state_dict(trainer["optimizer"])
         if scheduler is not None:
             scheduler.load_state_dict(trainer["scheduler"])
-    except (ValueError, KeyError) as exc:
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise CheckpointError(f"{root / TRAINER_STATE}: optimizer/scheduler state does not fit this run ({exc})") from None
     with torch.no_grad():
         for key, param in live.items():
             param.copy_(tensors[key])
     load_hook_states(list(hooks), trainer["hooks"])
     if restore_rng:
-        _set_rng_state(trainer["rng"])
+        try:
+            _set_rng_state(trainer["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointCorrupted(f"{root / TRAINER_STATE}: RNG state unreadable ({_one_line(exc)}); the checkpoint is corrupted") from None
     return info

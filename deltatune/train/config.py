@@ -2,27 +2,49 @@
 
     deltatune train run.yaml --optim.lr 1e-4 --data.max_length 256
 
-Unknown keys and values of the wrong type are errors that name the key (`optim.lrr`, `batch_size`).
+Unknown keys, values of the wrong type and values out of range are ConfigErrors that name the key
+(`optim.lrr`, `batch_size`), raised when the config is built, before anything runs. Text from YAML and the
+command line is converted to the field's type at that boundary (PyYAML reads `lr: 1e-3` as a string);
+Python callers get no conversion: `TrainConfig(batch_size="4")` is an error naming `batch_size`.
 The `adapter` section is the method's own config (peft's adapter_config.json keys plus `peft_type`), so
-every method's validation applies unchanged.
+every method's validation applies unchanged; its values are type-checked against that config's fields.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from ..core.config import AdapterConfig, ConfigError
 from ..core.registry import config_from_dict
 
 
+class _Section:
+    """Shared by the config dataclasses: every field type-checked (strictly) and range-checked on construction."""
+
+    _prefix: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = _coerce(self._prefix + f.name, getattr(self, f.name), hints[f.name])
+            object.__setattr__(self, f.name, value)
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Raise ConfigError naming the first value out of its range."""
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """train/eval: JSONL, JSON or Parquet files with `messages`, `prompt`+`completion`, or `text` rows."""
 
+    _prefix: ClassVar[str] = "data."
     train: str | None = None
     eval: str | None = None
     format: Literal["auto", "messages", "prompt_completion", "text"] = "auto"
@@ -32,9 +54,19 @@ class DataConfig:
     group_by_length: bool = True  # batch examples of similar length together (less padding)
     eval_fraction: float = 0.0  # hold out this share of train when no eval file is given
 
+    def _check_ranges(self) -> None:
+        _not_empty("data.train", self.train)
+        _not_empty("data.eval", self.eval)
+        _at_least("data.max_length", self.max_length, 2, "tokens")
+        _in_range("data.eval_fraction", self.eval_fraction, 0.0, 1.0)
+        if self.eval and self.eval_fraction:
+            raise ConfigError("data.eval and data.eval_fraction are both set; choose one (an eval file, or a share "
+                              "of data.train held out)")
+
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
+    _prefix: ClassVar[str] = "optim."
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -46,9 +78,24 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B matrices = ratio x lr (Hayou et al. 2024 suggest 16)
 
+    def _check_ranges(self) -> None:
+        _positive("optim.lr", self.lr)
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        for i, beta in enumerate(self.betas):
+            _in_range(f"optim.betas[{i}]", beta, 0.0, 1.0)
+        _positive("optim.eps", self.eps)
+        _at_least("optim.max_grad_norm", self.max_grad_norm, 0.0, "(0 turns clipping off)")
+        _at_least("optim.warmup_steps", self.warmup_steps, 0, "steps")
+        _in_range("optim.warmup_ratio", self.warmup_ratio, 0.0, 1.0)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("optim.warmup_steps and optim.warmup_ratio are both set; choose one")
+        _in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0, high_open=False)
+        if self.loraplus_lr_ratio is not None:
+            _at_least("optim.loraplus_lr_ratio", self.loraplus_lr_ratio, 1.0, "(the paper suggests 16)")
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     model: str | None = None  # local transformers dir or hub id; None = the embedded SmolLM2
     adapter: Mapping[str, Any] = field(
         default_factory=lambda: {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": "all-linear"}
@@ -73,116 +120,258 @@ class TrainConfig:
     resume: bool = False  # continue from the newest checkpoint in output_dir
     tensorboard: bool = False
 
-    def __post_init__(self) -> None:
+    def _check_ranges(self) -> None:
         for key in ("batch_size", "grad_accum", "max_steps", "keep_last", "log_every"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+            _at_least(key, getattr(self, key), 1)
         for key in ("save_every", "eval_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be 0 (off) or a positive number of steps, got {getattr(self, key)}")
-        if self.loss_chunk_size < 0:
-            raise ConfigError(f"loss_chunk_size must be 0 (automatic) or a number of tokens, got {self.loss_chunk_size}")
-        if self.data.max_length <= 1:
-            raise ConfigError(f"data.max_length must be at least 2 tokens, got {self.data.max_length}")
-        if not 0.0 <= self.data.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.data.eval_fraction}")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
-        if self.optim.loraplus_lr_ratio is not None and self.optim.loraplus_lr_ratio < 1:
-            raise ConfigError(f"optim.loraplus_lr_ratio should be >= 1 (the paper suggests 16), got {self.optim.loraplus_lr_ratio}")
+            _at_least(key, getattr(self, key), 0, "(0 = off, else a number of steps)")
+        _at_least("loss_chunk_size", self.loss_chunk_size, 0, "(0 = automatic, else a number of tokens)")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
+        _not_empty("model", self.model)
+        _not_empty("init_adapter", self.init_adapter)
+        _not_empty("output_dir", self.output_dir)
+        if self.optim.warmup_steps > self.max_steps or round(self.optim.warmup_ratio * self.max_steps) > self.max_steps:
+            raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds max_steps ({self.max_steps}); "
+                              "lower it so the warmup fits the run")
+        self.adapter_config()  # the method's own checks, naming its keys
 
     def adapter_config(self) -> AdapterConfig:
         data = dict(self.adapter)
         data.setdefault("peft_type", "LORA")
+        data = _adapter_types(data, text=False)
         try:
             return config_from_dict(data)
-        except (ConfigError, TypeError) as exc:
+        except (ConfigError, TypeError, ValueError) as exc:
             raise ConfigError(f"adapter: {exc}") from None
 
 
+# ---- checks ---------------------------------------------------------------------------------------------
+def _at_least(key: str, value: float, low: float, unit: str = "") -> None:
+    if not (math.isfinite(value) and value >= low):
+        raise ConfigError(f"{key} must be {'positive' if low == 1 and isinstance(value, int) else f'>= {low}'}"
+                          f"{' ' + unit if unit else ''}, got {value}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a finite number > 0, got {value}")
+
+
+def _in_range(key: str, value: float, low: float, high: float, *, high_open: bool = True) -> None:
+    if not (low <= value < high if high_open else low <= value <= high):  # False for NaN
+        raise ConfigError(f"{key} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+
+
+def _not_empty(key: str, value: str | None) -> None:
+    if value is not None and not value.strip():
+        raise ConfigError(f"{key} is an empty string; give a path{' or null' if key != 'output_dir' else ''}")
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words, for error messages: `str | None` -> "a string or null"."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+        return f"a list of {len(args)} numbers" if all(a in (int, float) for a in args) else f"a list of {len(args)} values"
+    if dataclasses.is_dataclass(hint):
+        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}"
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if hint in names:
+        return names[hint]
+    return "a mapping" if origin in (Mapping, dict) or hint in (dict, Mapping) else getattr(hint, "__name__", str(hint))
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """value checked (and, for CLI strings, converted) against a type hint; errors name the key."""
-    origin = typing.get_origin(hint)
+    """`value` checked against a type hint (no conversion of text: see `_from_text`); ints become floats for float
+    fields, lists tuples, mappings the section dataclass. Errors name the key and say what is allowed."""
+    try:
+        return _checked(key, value, hint)
+    except _WrongType:
+        raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}") from None
+
+
+class _WrongType(Exception):
+    pass
+
+
+def _checked(key: str, value: Any, hint: Any) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        for option in args:
             try:
-                return _coerce(key, value, option)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+                return _checked(key, value, option)
+            except _WrongType:
+                continue
+        raise _WrongType
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _WrongType
     if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-        return value
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise _WrongType
     if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}")
-        return _build(hint, value, prefix=f"{key}.")
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, Mapping):
+            return _build(hint, value, prefix=f"{key}.")
+        raise _WrongType
     if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
-            raise ConfigError(f"{key} must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
-        return tuple(_coerce(key, v, t) for v, t in zip(value, typing.get_args(hint)))
+        if not isinstance(value, (list, tuple)):
+            raise _WrongType
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_checked(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise _WrongType
+        return tuple(_checked(key, v, t) for v, t in zip(value, args))
     if origin in (Mapping, dict) or hint in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return dict(value)
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise _WrongType
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
+        raise _WrongType
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise _WrongType
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        raise _WrongType
     if hint is str:
         if isinstance(value, (str, Path)):
             return str(value)
-        raise ConfigError(f"{key} must be a string, got {value!r}")
-    return value
+        raise _WrongType
+    return value  # a hint this checker does not model: the config class's own validation decides
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         raise ConfigError(
             f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + k for k in unknown)}; "
             f"known keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(names))}"
         )
-    return cls(**{k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()})
+    try:
+        return cls(**data)
+    except TypeError as exc:  # a class without _Section's checks (the adapter's own config is checked elsewhere)
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
 
 
-def _parse_scalar(text: str) -> Any:
+# ---- text from YAML and the command line ----------------------------------------------------------------
+class _Text(str):
+    """A command-line value, not yet parsed: converted by the type of the field it sets (`_from_text`)."""
+
+
+_NULL = {"null", "none", "~"}
+_BOOL = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+
+
+def _accepts(hint: Any, kind: type) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(a, kind) for a in typing.get_args(hint))
+    return hint is kind
+
+
+def _yaml_scalar(text: str) -> Any:
     import yaml
 
     try:
-        value = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+
+
+def _from_text(value: Any, hint: Any, plain: bool = True) -> Any:
+    """Text as the field's type: a CLI `_Text`, and with `plain` any string (PyYAML leaves `1e-3` one); other
+    values are returned unchanged, for `_coerce` to check."""
+    if isinstance(value, _Text):
+        plain = True
+        if value.strip().lower() in _NULL and _accepts(hint, type(None)):
+            return None
+        if _accepts(hint, str):
+            return str(value)
+        value = _yaml_scalar(value)  # numbers, true/false, null, [lists], {mappings}
+    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(hint)
+        types_ = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(types_) == len(value):
+            return [_from_text(v, t, plain) for v, t in zip(value, types_)]
+        return value
+    if not plain or not isinstance(value, str) or _accepts(hint, str):
+        return value
+    text = value.strip()
+    if _accepts(hint, bool) and text.lower() in _BOOL:
+        return _BOOL[text.lower()]
+    if _accepts(hint, int) and re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    if _accepts(hint, float):
         try:
-            return float(value)
+            return float(text)
         except ValueError:
             pass
     return value
 
 
+def _section_from_text(cls: type, data: Any, plain: bool) -> Any:
+    """`_from_text` over every known key of a (nested) config mapping; unknown keys are left for `_build` to name.
+    `plain`: convert every string (a YAML file), else only command-line text (Python values stay as given)."""
+    if not isinstance(data, Mapping):
+        return data
+    hints = typing.get_type_hints(cls)
+    out = dict(data)
+    for key, value in data.items():
+        if key not in hints or key.startswith("_"):
+            continue
+        hint = hints[key]
+        if key == "adapter" and cls is TrainConfig:
+            out[key] = _adapter_types(value, text=True, plain=plain) if isinstance(value, Mapping) else _from_text(value, hint)
+        elif dataclasses.is_dataclass(hint):
+            value = _yaml_scalar(value) if isinstance(value, _Text) else value
+            out[key] = _section_from_text(hint, value, plain)
+        else:
+            out[key] = _from_text(value, hint, plain)
+    return out
+
+
+def _adapter_types(data: Mapping[str, Any], *, text: bool, plain: bool = False) -> dict[str, Any]:
+    """The adapter section checked against its method's config fields (text converted first when `text`)."""
+    data = dict(data)
+    peft_type = data.get("peft_type", "LORA")
+    if isinstance(peft_type, _Text):
+        data["peft_type"] = peft_type = str(peft_type)
+    try:
+        from ..core.registry import registered_methods
+
+        cls = registered_methods()[str(peft_type)].config_cls
+        hints = typing.get_type_hints(cls)
+    except Exception:  # unknown method: config_from_dict names it
+        return {k: str(v) if isinstance(v, _Text) else v for k, v in data.items()}
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        if key in fields:
+            value = _from_text(value, hints[key], plain) if text else value
+            data[key] = _coerce(f"adapter.{key}", value, hints[key])
+        elif isinstance(value, _Text):
+            data[key] = _yaml_scalar(value)
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `--a.b value` / `--a.b=value` pairs (values parsed as YAML scalars) to a nested dict."""
+    """Apply `--a.b value` / `--a.b=value` pairs to a nested dict; the values stay text until `load_config`
+    converts each to the type of its field."""
     items = list(overrides)
     i = 0
     while i < len(items):
@@ -200,37 +389,56 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--{key}: {part} is not a section")
-        node[leaf] = _parse_scalar(value)
+        node[leaf] = _Text(value)
         i += 1
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **values: Any) -> TrainConfig:
-    """TrainConfig from a YAML file (optional), then keyword values, then dotted CLI overrides."""
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (UTF-8, a BOM allowed); every failure is a ConfigError naming the file."""
     import yaml
 
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):  # e.g. a list or a bare string
-            raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
-        data = loaded or {}
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    if loaded is not None and not isinstance(loaded, dict):  # e.g. a list or a bare string
+        raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
+    return loaded or {}
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **values: Any) -> TrainConfig:
+    """TrainConfig from a YAML file (optional), then keyword values, then dotted CLI overrides.
+
+    Strings in the file and the overrides are converted to each field's type; keyword values are not."""
+    data: dict[str, Any] = _section_from_text(TrainConfig, _read_yaml(path), plain=True) if path is not None else {}
     for key, value in values.items():
-        if dataclasses.is_dataclass(value):
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
         if isinstance(value, Mapping) and isinstance(data.get(key), dict) and key != "adapter":
             data[key] = {**data[key], **value}
         else:
             data[key] = value
     data.setdefault("adapter", dict(TrainConfig().adapter))  # `--adapter.r 8` edits the default adapter
-    config = _build(TrainConfig, apply_overrides(data, overrides))
-    config.adapter_config()  # validate the adapter section now, naming its keys
-    return config
+    if overrides:
+        data = _section_from_text(TrainConfig, apply_overrides(data, overrides), plain=False)
+    return _build(TrainConfig, data)
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:

@@ -9,17 +9,25 @@ the summed token losses); divide the gradients by the number of target tokens of
 micro-batches and processes, so that batch 4 equals 4 accumulated batches of 1 and N processes equal one
 process with N times the batch (torchtune's normalisation); clip; `before_step` hooks; optimizer step;
 `on_step` hooks; scheduler step; zero the gradients; log; evaluate; checkpoint. A NaN/Inf loss or gradient
-norm stops the run before anything of that step is saved.
+norm stops the run before anything of that step is saved, and so does a NaN/Inf weight or optimizer state at
+a checkpoint (an optimizer step with a huge lr): `TrainingDiverged`, naming the last good checkpoint.
 
-Resuming (`resume: true`) restores adapter, optimizer, scheduler, hook and RNG states and the data position
-from the newest complete checkpoint, so the losses that follow equal those of a run never interrupted.
+One run per output_dir at a time (`lock.py`). Resuming (`resume: true`) restores adapter, optimizer,
+scheduler, hook and RNG states and the data position from the newest intact checkpoint (a corrupted newest
+one is skipped, and said so), so the losses that follow equal those of a run never interrupted. Only the
+settings in `RESUMABLE` may differ from the checkpoint's; any other change is refused, naming it, because
+the saved optimizer and schedule would silently keep the old values. Without `resume`, an output_dir that
+holds checkpoints or a finished adapter is refused rather than overwritten. Ctrl-C raises
+`TrainingInterrupted` (a KeyboardInterrupt) naming the last checkpoint; nothing extra is saved.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +38,16 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError
-from ..core.io import load_adapter, save_adapter
+from ..core.io import WEIGHTS_NAME, load_adapter, save_adapter
 from ..core.model import attach
 from ..data import batch_order, collate, load_records, pack, split_eval, tokenize
-from .checkpoint import DataPosition, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointCorrupted, CheckpointError, DataPosition, latest_checkpoint, list_checkpoints, load_checkpoint,
+    nonfinite_tensor, read_checkpoint_state, save_checkpoint,
+)
 from .config import TrainConfig, config_to_dict, load_config
 from .distributed import World, all_reduce_sum, barrier, init_distributed, maybe_no_sync, shard, shutdown, wrap
+from .lock import output_dir_lock
 from .hooks import run_before_step, run_on_step, step_hooks
 from .loss import causal_lm_loss
 from .memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
@@ -43,12 +55,20 @@ from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
 ADAPTER_NAME = "default"
-# Keys that may change between a run and its resumption without changing what is computed.
-_BOOKKEEPING = {"resume", "save_every", "keep_last", "eval_every", "log_every", "tensorboard", "output_dir"}
+# Settings a resumed run may change: the length of the run and bookkeeping that does not change what is computed.
+RESUMABLE = {"max_steps", "save_every", "eval_every", "log_every", "keep_last", "resume", "output_dir", "tensorboard"}
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm became NaN/Inf; nothing of that step was saved."""
+    """The loss, the gradient norm, or a weight or optimizer state became NaN/Inf; nothing of that step was saved."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; `checkpoint` is the last checkpoint written (None if none), `step` the step reached."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -65,32 +85,51 @@ def train(
     config: TrainConfig | str | Path | None = None,
     *,
     overrides: Sequence[str] = (),
-    model: nn.Module | None = None,
+    model: nn.Module | str | os.PathLike | None = None,
     tokenizer: Any = None,
     hooks: Iterable[Any] = (),
     **values: Any,
 ) -> TrainResult:
     """Train an adapter as `config` says (a TrainConfig, a YAML path, or None for the defaults), with keyword
-    `values` and CLI-style `overrides` applied on top. `model`/`tokenizer` replace loading `config.model`;
-    `hooks` (StepHook objects) run after the adapter methods' own hooks."""
+    `values` and CLI-style `overrides` applied on top. `model`/`tokenizer` replace loading `config.model`
+    (a path or hub id as `model` is the same as `config.model`); `hooks` (StepHook objects) run after the
+    adapter methods' own hooks."""
+    if isinstance(model, (str, os.PathLike)):
+        values, model = {**values, "model": str(model)}, None
+    elif model is not None and not isinstance(model, nn.Module):
+        raise ConfigError(f"model= must be a torch module, a model directory or a hub id, got {type(model).__name__}")
     cfg = _resolve_config(config, overrides, values)
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard: true needs the tensorboard package: pip install tensorboard (or set "
+                          "tensorboard: false; metrics.jsonl and loss.png are written either way)")
     with contextlib.ExitStack() as cleanup:
         world = init_distributed()
         cleanup.callback(shutdown, world)
-        _seed(cfg.seed)
-        autocast = _autocast(cfg.precision, world)
-        model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world)
-        data = _load_data(cfg, tokenizer, world)
-        _attach_adapter(model, cfg, world)
-        _prepare_base(model, cfg, autocast, world)
-        optimizer = build_optimizer(model, cfg.optim)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
-        hooks = step_hooks(model, hooks)
-        step, position = _resume(cfg, model, optimizer, scheduler, hooks, world)
-        stream = _BatchStream(data.train, cfg, world, position)
-        loss_module = wrap(_LossModule(model, cfg.loss_chunk_size), world)
-        progress = cleanup.enter_context(contextlib.closing(
-            Progress(cfg.max_steps, cfg.output_dir, tensorboard=cfg.tensorboard, enabled=world.is_main, start_step=step)))
+        if world.is_main:  # before anything is loaded or written: a second run into output_dir stops here
+            cleanup.enter_context(output_dir_lock(cfg.output_dir))
+        try:
+            return _train(cfg, model, tokenizer, hooks, world)
+        except KeyboardInterrupt as exc:
+            if isinstance(exc, TrainingInterrupted):
+                raise
+            raise _interrupted(cfg) from None
+
+
+def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Iterable[Any], world: World) -> TrainResult:
+    _seed(cfg.seed)
+    autocast = _autocast(cfg.precision, world)
+    model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world)
+    data = _load_data(cfg, tokenizer, world)
+    _attach_adapter(model, cfg, world)
+    _prepare_base(model, cfg, autocast, world)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    hooks = step_hooks(model, hooks)
+    step, position = _resume(cfg, model, optimizer, scheduler, hooks, world)
+    stream = _BatchStream(data.train, cfg, world, position)
+    loss_module = wrap(_LossModule(model, cfg.loss_chunk_size), world)
+    progress = Progress(cfg.max_steps, cfg.output_dir, tensorboard=cfg.tensorboard, enabled=world.is_main, start_step=step)
+    try:
         params = [p for p in model.parameters() if p.requires_grad]
         losses: dict[int, float] = {}
         evals: dict[str, float] = {}
@@ -116,9 +155,23 @@ def train(
                 progress.log(step, evals)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 _save_checkpoint(cfg, step, model, optimizer, scheduler, stream.position, hooks, world)
-        model.eval()  # as given: no dropout when the caller generates with it next
-        adapter_dir = _save_final_adapter(model, cfg, world)
-        return TrainResult(adapter_dir, step, losses.get(step), progress.jsonl, evals, losses)
+        progress.close()
+    except TrainingDiverged:
+        progress.close()  # the loss plot shows the divergence
+        raise
+    finally:
+        progress.close(plot=False)  # after any other error no plot: nothing may hide the original error
+    model.eval()  # as given: no dropout when the caller generates with it next
+    adapter_dir = _save_final_adapter(model, cfg, world)
+    return TrainResult(adapter_dir, step, losses.get(step), progress.jsonl, evals, losses)
+
+
+def _interrupted(cfg: TrainConfig) -> TrainingInterrupted:
+    latest = latest_checkpoint(cfg.output_dir)
+    step = read_checkpoint_state(latest).step if latest else 0
+    where = f"the last checkpoint is {latest} (step {step})" if latest else "no checkpoint was written yet"
+    advice = "continue with resume: true (--resume true)" if latest else "start it again to train"
+    return TrainingInterrupted(f"training interrupted; {where}; nothing else was saved; {advice}", step, latest)
 
 
 # ---- setup ----------------------------------------------------------------------------------------------
@@ -231,31 +284,75 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def _resume(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, hooks: list[Any], world: World) -> tuple[int, DataPosition]:
-    """(step, data position) to start from: the newest complete checkpoint's with resume, else (0, start)."""
-    latest = latest_checkpoint(cfg.output_dir)
+    """(step, data position) to start from: the newest intact checkpoint's with resume, else (0, start).
+
+    Refused: without resume, an output_dir holding checkpoints or a finished adapter; with resume, settings
+    other than RESUMABLE that differ from the checkpoint's. A corrupted checkpoint is skipped for an older one."""
+    checkpoints = list_checkpoints(cfg.output_dir)
+    finished = Path(cfg.output_dir) / "adapter" / WEIGHTS_NAME
     if not cfg.resume:
-        if latest is not None:
+        if checkpoints:
             raise ConfigError(
-                f"output_dir {cfg.output_dir} already holds checkpoints (newest: {latest.name}); set resume: true "
-                "(--resume true) to continue that run, or choose another output_dir"
+                f"output_dir {cfg.output_dir} already holds checkpoints (newest: {checkpoints[-1].name}); set resume: "
+                "true (--resume true) to continue that run, or choose another output_dir"
+            )
+        if finished.is_file():
+            raise ConfigError(
+                f"output_dir {cfg.output_dir} already holds a finished adapter ({finished.parent}); choose another "
+                "output_dir, or delete that adapter to train again there"
             )
         return 0, DataPosition()
-    if latest is None:
-        _main_print(world, f"resume: no complete checkpoint in {cfg.output_dir}, starting at step 0")
+    if not checkpoints:
+        if finished.is_file():
+            raise ConfigError(
+                f"resume: output_dir {cfg.output_dir} has no checkpoint to resume from, only a finished adapter "
+                f"({finished.parent}); to train it further, set init_adapter: {finished.parent} and another output_dir"
+            )
+        _main_print(world, f"resume: no checkpoint in {cfg.output_dir}, starting at step 0")
         return 0, DataPosition()
-    checkpoint = load_checkpoint(latest, model=model, optimizer=optimizer, scheduler=scheduler, hooks=hooks,
-                                 adapter_name=ADAPTER_NAME)
-    changed = _changed_keys(checkpoint.config, _run_record(cfg, world))
-    if changed:
-        _main_print(world, f"warning: resuming with changed settings {', '.join(changed)}; the run will differ from "
-                           "an uninterrupted one")
-    _main_print(world, f"resumed from {latest} at step {checkpoint.step}")
-    return checkpoint.step, checkpoint.position
+    for path in reversed(checkpoints):
+        try:
+            info = read_checkpoint_state(path)
+            _refuse_changed_settings(info.config, _run_record(cfg, world), info.path, info.step, cfg.max_steps)
+            checkpoint = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, hooks=hooks,
+                                         adapter_name=ADAPTER_NAME)
+        except CheckpointCorrupted as exc:
+            _main_print(world, f"warning: skipping a damaged checkpoint: {exc}")
+            continue
+        _main_print(world, f"resumed from {path} at step {checkpoint.step}")
+        return checkpoint.step, checkpoint.position
+    raise CheckpointError(
+        f"resume: none of the {len(checkpoints)} checkpoints in {Path(cfg.output_dir) / 'checkpoints'} is intact (see the "
+        "warnings above); delete that directory to start again, or set resume: false with another output_dir"
+    )
 
 
 def _run_record(cfg: TrainConfig, world: World) -> dict[str, Any]:
     """What a checkpoint records of the run: the config, and the process count (it sets the global batch)."""
     return {**config_to_dict(cfg), "world_size": world.size}
+
+
+def _refuse_changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path, step: int,
+                             max_steps: int) -> None:
+    changed = _changed_keys(saved, current)
+    if changed:
+        shown = "; ".join(f"{key} {_get(saved, key)!r} -> {_get(current, key)!r}" for key in changed)
+        raise ConfigError(
+            f"resume: these settings differ from the run in {path.parent.parent}: {shown}. A resumed run continues "
+            f"the saved optimizer, schedule and data order, so only {', '.join(sorted(RESUMABLE - {'resume'}))} may "
+            "change. Set them back, or start a new run from this checkpoint's adapter: "
+            f"--init_adapter {path / 'adapter'} --output_dir <a new directory> (resume: false)"
+        )
+    if step > max_steps:
+        raise ConfigError(f"resume: max_steps {max_steps} is below the step of the newest checkpoint ({step}) in "
+                          f"{path.parent.parent}; set max_steps to at least {step}")
+
+
+def _get(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
 
 
 def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -266,7 +363,7 @@ def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: 
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict) and key != "adapter":
             changed += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b and (prefix or key not in _BOOKKEEPING):
+        elif a != b and (prefix or key not in RESUMABLE):
             changed.append(prefix + key)
     return changed
 
@@ -286,7 +383,7 @@ class _BatchStream:
                                 group_by_length=self.cfg.data.group_by_length, seed=self.cfg.seed, epoch=epoch)
             order = [b for b in order if len(b) >= self.world.size]  # every process needs an example
             if not order:
-                raise ValueError(f"data.train has {len(self.lengths)} examples, fewer than the {self.world.size} processes")
+                raise ConfigError(f"data.train has {len(self.lengths)} examples, fewer than the {self.world.size} processes")
             self._order = (epoch, order)
         return self._order[1]
 
@@ -343,12 +440,20 @@ def _check_finite(step: int, loss: float, grad_norm: float, cfg: TrainConfig) ->
     if math.isfinite(loss) and math.isfinite(grad_norm):
         return
     what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm} (loss {loss:.4f})"
+    raise TrainingDiverged(_diverged_message(step, what, cfg))
+
+
+def _diverged_message(step: int, what: str, cfg: TrainConfig) -> str:
+    """What diverged, the last good checkpoint, and advice that works: a new run, since resume keeps the settings."""
     latest = latest_checkpoint(cfg.output_dir)
-    raise TrainingDiverged(
-        f"step {step}: {what}; training stopped and nothing from this step was saved. The last good checkpoint is "
-        f"{latest if latest else 'none (none was written yet)'}. Try a lower optim.lr, optim.max_grad_norm > 0, "
-        "or precision: fp32, then resume: true"
-    )
+    fixes = "a lower optim.lr" + ("" if cfg.optim.max_grad_norm else ", optim.max_grad_norm: 1.0") + \
+        (", precision: fp32" if cfg.precision != "fp32" else "")
+    if latest is None:
+        return (f"step {step}: {what}; training stopped, no checkpoint was written yet. Train again with {fixes} "
+                f"(remove {cfg.output_dir} or choose a new output_dir)")
+    return (f"step {step}: {what}; training stopped and nothing from this step was saved. The last good checkpoint is "
+            f"{latest}. Start a new run from it with {fixes}: --init_adapter {latest / 'adapter'} --output_dir "
+            "<a new directory> (resume: true would repeat the same settings)")
 
 
 def _evaluate(model: nn.Module, data: _Data, cfg: TrainConfig, world: World, autocast) -> dict[str, float]:
@@ -372,6 +477,9 @@ def _evaluate(model: nn.Module, data: _Data, cfg: TrainConfig, world: World, aut
 # ---- saving ---------------------------------------------------------------------------------------------
 def _save_checkpoint(cfg: TrainConfig, step: int, model: nn.Module, optimizer, scheduler, position: DataPosition,
                      hooks: list[Any], world: World) -> None:
+    bad = nonfinite_tensor(model, optimizer, ADAPTER_NAME)  # the same on every process (DDP keeps them equal)
+    if bad is not None:
+        raise TrainingDiverged(_diverged_message(step, f"{bad} holds NaN/Inf after the optimizer step", cfg))
     if world.is_main:
         save_checkpoint(cfg.output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, position=position,
                         config=_run_record(cfg, world), hooks=hooks, keep_last=cfg.keep_last, adapter_name=ADAPTER_NAME)

@@ -101,8 +101,9 @@ class Progress:
         else:
             self._bar.refresh()  # an eval line at the current step
 
-    def close(self) -> None:
-        """Close the bar and the files, then draw output_dir/loss.png from metrics.jsonl. Safe to call twice."""
+    def close(self, plot: bool = True) -> None:
+        """Close the bar and the files, then (with `plot`) draw output_dir/loss.png from metrics.jsonl. Only the
+        first call acts. The loop passes plot=False after an error, so that no second error hides the first."""
         if not self.enabled or self._closed:
             return
         self._closed = True
@@ -110,13 +111,14 @@ class Progress:
         self._file.close()
         if self._writer is not None:
             self._writer.close()
-        plot_metrics(self.jsonl, self.output_dir / PLOT_FILE)
+        if plot:
+            plot_metrics(self.jsonl, self.output_dir / PLOT_FILE)
 
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(plot=exc_type is None)
 
 
 def _read(jsonl: Path) -> list[dict[str, Any]]:
