@@ -9,10 +9,12 @@
 from ._version import __version__
 from .core.config import AdapterConfig, ConfigError
 from .core.io import AdapterFileError, adapter_tensors, load_adapter, read_adapter, save_adapter
-from .core.layer import AdapterLayer
+from .core.delta import Delta, NotMergeableError
+from .core.sites import BlockSite, Site, WeightSite
 from .core.model import (
     active_adapters,
     adapter_configs,
+    adapters,
     attach,
     delete_adapter,
     disable_adapters,
@@ -24,14 +26,17 @@ from .core.model import (
     unload,
     unmerge,
 )
-from .core.registry import register, registered_methods
+from .core.registry import register, register_variant, registered_methods
 from .core.targets import TargetNotFoundError
 from .methods.lora import LoraConfig
+
+AdapterLayer = Site  # the name of the host layer before the sites redesign
 from .train.config import TrainConfig, load_config
 from .train.loop import TrainResult, train
 
 __all__ = [
-    "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "AdapterLayer", "TargetNotFoundError",
+    "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "Site", "WeightSite", "BlockSite", "AdapterLayer",
+    "Delta", "NotMergeableError", "adapters", "register_variant", "TargetNotFoundError",
     "LoraConfig", "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",

@@ -47,7 +47,7 @@ def test_two_active_adapters_add_up(tiny_llama):
     layer = tiny_llama.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 3, 64)
     with torch.no_grad():
-        delta = sum(layer.scaling[n] * (x @ layer.lora_A[n].weight.T @ layer.lora_B[n].weight.T) for n in "ab")
+        delta = sum(layer.deltas[n].scaling * (x @ layer.deltas[n].lora_A.weight.T @ layer.deltas[n].lora_B.weight.T) for n in "ab")
         torch.testing.assert_close(layer(x), layer.base_layer(x) + delta, atol=1e-5, rtol=1e-5)
 
 
@@ -114,12 +114,16 @@ def test_disable_adapters_gives_base_logits(tiny_llama, input_ids, merged):
         tiny_llama.lm_head.modules_to_save["a"].weight.add_(0.1)
     adapted = no_grad_logits(tiny_llama, input_ids)
     assert not torch.allclose(adapted, base_logits, atol=1e-3)
-    if merged:
+    if merged:  # merged weights are explicit state: the base alone is refused until unmerged, never rewritten twice
         dt.merge(tiny_llama)
+        weights = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+        with pytest.raises(RuntimeError, match="unmerge"):
+            with dt.disable_adapters(tiny_llama):
+                pass
+        assert all(torch.equal(v, weights[k]) for k, v in tiny_llama.state_dict().items())
+        dt.unmerge(tiny_llama)
     with dt.disable_adapters(tiny_llama):
         torch.testing.assert_close(no_grad_logits(tiny_llama, input_ids), base_logits, atol=1e-5, rtol=1e-5)
-    layers = [m for m in tiny_llama.modules() if isinstance(m, dt.AdapterLayer)]
-    assert all(layer.merged_adapters == (["a"] if merged else []) for layer in layers)
     torch.testing.assert_close(no_grad_logits(tiny_llama, input_ids), adapted, atol=1e-5, rtol=1e-5)
 
 
@@ -244,7 +248,7 @@ def test_unload_without_merge_gives_the_base_back(tiny_llama, input_ids):
 def test_safe_merge_with_nan_changes_nothing(tiny_llama):
     attach_random(tiny_llama, "a", 1, target_modules="all-linear")
     with torch.no_grad():
-        tiny_llama.model.layers[1].mlp.down_proj.lora_B["a"].weight[0, 0] = float("nan")
+        tiny_llama.model.layers[1].mlp.down_proj.deltas["a"].lora_B.weight[0, 0] = float("nan")
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     with pytest.raises(ValueError, match="NaN"):
         dt.merge(tiny_llama, safe=True)

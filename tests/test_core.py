@@ -10,7 +10,7 @@ from conftest import (
     ALL_LINEAR, adapted_names, assert_unchanged, attach_random, capture_state,
     logits_alone, make_seq_cls, make_tiny_llama, no_grad_logits, random_lora,
 )
-from deltatune.core.layer import ModulesToSave
+from deltatune.core.sites import ModulesToSave
 
 
 def _tiny_gpt2(seed: int = 0):

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
+from transformers.pytorch_utils import Conv1D
 from deltatune.methods.lora import LoraEmbedding, LoraLinear
+
+
+def _has(module, delta_cls, name: str = "default") -> bool:
+    """Whether `module` is a site holding a delta of `delta_cls` for adapter `name`."""
+    return isinstance(module, dt.Site) and name in module.deltas and isinstance(module.deltas[name], delta_cls)
 
 
 def _q_proj(model, layer: int = 0):
@@ -18,11 +24,11 @@ def _q_proj(model, layer: int = 0):
 
 def _lora_formula(layer: LoraLinear, name: str, x: torch.Tensor) -> torch.Tensor:
     """W0·x + b + s·B·A·x computed from the raw tensors (no dropout)."""
-    A, B = layer.lora_A[name].weight, layer.lora_B[name].weight  # (r, d_in), (d_out, r)
+    A, B = layer.deltas[name].lora_A.weight, layer.deltas[name].lora_B.weight  # (r, d_in), (d_out, r)
     base = layer.base_layer
-    W0 = base.weight.T if layer.fan_in_fan_out else base.weight  # (d_out, d_in)
+    W0 = base.weight.T if isinstance(base, Conv1D) else base.weight  # (d_out, d_in)
     out = x @ W0.T + (base.bias if base.bias is not None else 0)
-    return out + layer.scaling[name] * (x @ A.T @ B.T)
+    return out + layer.deltas[name].scaling * (x @ A.T @ B.T)
 
 
 def _tiny_gpt2(seed: int = 0):
@@ -52,10 +58,10 @@ def test_forward_matches_formula(tiny_llama, use_rslora):
                                         init_lora_weights=False))
     layer = _q_proj(tiny_llama)
     expected_s = alpha / math.sqrt(r) if use_rslora else alpha / r
-    assert layer.scaling["default"] == pytest.approx(expected_s)
-    assert layer.r["default"] == r
-    assert layer.lora_A["default"].weight.shape == (r, 64)
-    assert layer.lora_B["default"].weight.shape == (64, r)
+    assert layer.deltas["default"].scaling == pytest.approx(expected_s)
+    assert layer.deltas["default"].lora_A.out_features == r
+    assert layer.deltas["default"].lora_A.weight.shape == (r, 64)
+    assert layer.deltas["default"].lora_B.weight.shape == (64, r)
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _lora_formula(layer, "default", x), atol=1e-5, rtol=1e-5)
@@ -66,9 +72,9 @@ def test_default_init_is_kaiming_uniform_and_identity(tiny_llama, input_ids):
         before = tiny_llama(input_ids).logits
     dt.attach(tiny_llama, dt.LoraConfig(r=8, target_modules="all-linear"))
     for module in tiny_llama.modules():
-        if isinstance(module, LoraLinear):
-            A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
-            bound = 1 / math.sqrt(module.in_features)
+        if _has(module, LoraLinear):
+            A, B = module.deltas["default"].lora_A.weight, module.deltas["default"].lora_B.weight
+            bound = 1 / math.sqrt(module.base_layer.in_features)
             assert A.abs().max() <= bound + 1e-7
             assert A.abs().max() > 0.5 * bound  # really drawn from U(±bound), not tiny
             assert torch.count_nonzero(B) == 0
@@ -81,11 +87,11 @@ def test_gaussian_init_std_is_one_over_r():
     model = nn.Sequential(nn.Linear(512, 512))
     r = 16
     dt.attach(model, dt.LoraConfig(r=r, target_modules=["0"], init_lora_weights="gaussian"))
-    A = model[0].lora_A["default"].weight
+    A = model[0].deltas["default"].lora_A.weight
     assert A.shape == (r, 512)
     assert A.std().item() == pytest.approx(1 / r, rel=0.05)
     assert A.mean().abs().item() < 0.01
-    assert torch.count_nonzero(model[0].lora_B["default"].weight) == 0
+    assert torch.count_nonzero(model[0].deltas["default"].lora_B.weight) == 0
 
 
 # ---- rank_pattern / alpha_pattern -----------------------------------------------------------------
@@ -99,24 +105,24 @@ def test_rank_and_alpha_pattern_apply_to_the_right_modules(tiny_llama):
     dt.attach(tiny_llama, config)
     expected_r = {"q_proj": 2, "k_proj": 3, "o_proj": 3}
     for name, module in tiny_llama.named_modules():
-        if not isinstance(module, LoraLinear):
+        if not _has(module, LoraLinear):
             continue
         leaf = name.split(".")[-1]
         r = 6 if name == "model.layers.1.mlp.down_proj" else expected_r.get(leaf, 4)
         alpha = 32 if leaf == "v_proj" else 8
-        assert module.r["default"] == r, name
-        assert module.lora_A["default"].weight.shape[0] == r, name
-        assert module.lora_B["default"].weight.shape[1] == r, name
-        assert module.scaling["default"] == pytest.approx(alpha / r), name
-    assert tiny_llama.model.layers[0].mlp.down_proj.r["default"] == 4  # the full-name key is not a suffix of layer 0
+        assert module.deltas["default"].lora_A.out_features == r, name
+        assert module.deltas["default"].lora_A.weight.shape[0] == r, name
+        assert module.deltas["default"].lora_B.weight.shape[1] == r, name
+        assert module.deltas["default"].scaling == pytest.approx(alpha / r), name
+    assert tiny_llama.model.layers[0].mlp.down_proj.deltas["default"].lora_A.out_features == 4  # the full-name key is not a suffix of layer 0
 
 
 def test_rank_pattern_with_rslora_scales_by_sqrt_of_the_pattern_rank(tiny_llama):
     dt.attach(tiny_llama, dt.LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"],
                                         rank_pattern={"v_proj": 16}))
     v_proj = tiny_llama.model.layers[0].self_attn.v_proj
-    assert v_proj.scaling["default"] == pytest.approx(8 / math.sqrt(16))
-    assert _q_proj(tiny_llama).scaling["default"] == pytest.approx(8 / 2)
+    assert v_proj.deltas["default"].scaling == pytest.approx(8 / math.sqrt(16))
+    assert _q_proj(tiny_llama).deltas["default"].scaling == pytest.approx(8 / 2)
 
 
 # ---- dropout only on the LoRA branch ----------------------------------------------------------------
@@ -132,8 +138,8 @@ def test_dropout_applies_to_the_lora_branch_only(tiny_llama):
         out = layer(x)
         torch.manual_seed(123)
         dropped = F.dropout(x, 0.5, training=True)  # the same mask the layer drew
-        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        expected = layer.base_layer(x) + layer.scaling["default"] * (dropped @ A.T @ B.T)
+        A, B = layer.deltas["default"].lora_A.weight, layer.deltas["default"].lora_B.weight
+        expected = layer.base_layer(x) + layer.deltas["default"].scaling * (dropped @ A.T @ B.T)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(out, _lora_formula(layer, "default", x), atol=1e-3)  # dropout did something
         layer.eval()
@@ -150,15 +156,15 @@ def test_embedding_lora_init_forward_and_merge():
         before = model(ids)
     dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["embed"]))
     layer = model.embed
-    assert isinstance(layer, LoraEmbedding)
-    A, B = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"]
+    assert _has(layer, LoraEmbedding)
+    A, B = layer.deltas["default"].lora_embedding_A, layer.deltas["default"].lora_embedding_B
     assert A.shape == (4, 50) and B.shape == (16, 4)
     assert torch.count_nonzero(A) == 0  # the reverse of Linear: A = 0, B ~ N(0, 1)
     assert B.std().item() == pytest.approx(1.0, rel=0.35)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), before, atol=0, rtol=0)
         A.normal_()
-        s = layer.scaling["default"]
+        s = layer.deltas["default"].scaling
         expected = layer.base_layer.weight[ids] + s * (A.T[ids] @ B.T)  # E[x] + s·(B·A)ᵀ[x]
         torch.testing.assert_close(layer(ids), expected, atol=1e-5, rtol=1e-5)
         unmerged = model(ids)
@@ -177,11 +183,11 @@ def test_gpt2_conv1d_target_transposes_the_delta():
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
     layer = model.transformer.h[0].attn.c_attn
-    assert isinstance(layer, LoraLinear) and layer.fan_in_fan_out
+    assert _has(layer, LoraLinear) and isinstance(layer.base_layer, Conv1D)
     assert layer.base_layer.weight.shape == (32, 96)  # Conv1D stores W as (d_in, d_out)
-    assert layer.lora_A["default"].weight.shape == (4, 32)
-    assert layer.lora_B["default"].weight.shape == (96, 4)
-    assert layer.delta_weight("default").shape == (32, 96)
+    assert layer.deltas["default"].lora_A.weight.shape == (4, 32)
+    assert layer.deltas["default"].lora_B.weight.shape == (96, 4)
+    assert layer.deltas["default"].delta_weight().shape == (96, 32)  # (d_out, d_in): the site transposes for Conv1D
     x = torch.randn(2, 3, 32)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _lora_formula(layer, "default", x), atol=1e-5, rtol=1e-5)
@@ -193,7 +199,7 @@ def test_gpt2_conv1d_target_transposes_the_delta():
 def test_fan_in_fan_out_flag_on_a_plain_linear_is_ignored(tiny_llama, input_ids):
     # peft ignores fan_in_fan_out=True on nn.Linear; transposing the square q_proj delta would merge a wrong weight.
     dt.attach(tiny_llama, dt.LoraConfig(r=4, target_modules=["q_proj"], fan_in_fan_out=True, init_lora_weights=False))
-    assert not _q_proj(tiny_llama).fan_in_fan_out
+    assert not isinstance(_q_proj(tiny_llama).base_layer, Conv1D)
     with torch.no_grad():
         unmerged = tiny_llama(input_ids).logits
         dt.merge(tiny_llama)
@@ -209,7 +215,7 @@ def test_plain_sequential_of_linears():
     with torch.no_grad():
         before = model(x)
     dt.attach(model, dt.LoraConfig(r=2, lora_alpha=4, target_modules="all-linear"))
-    assert isinstance(model[0], LoraLinear) and isinstance(model[2], LoraLinear)
+    assert _has(model[0], LoraLinear) and _has(model[2], LoraLinear)
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, atol=0, rtol=0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -261,8 +267,8 @@ def test_from_dict_unknown_keys_are_named():
 
 
 def test_from_dict_rejects_unsupported_peft_features_and_other_methods():
-    with pytest.raises(dt.ConfigError, match="use_dora"):
-        dt.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "use_dora": True})
+    with pytest.raises(dt.ConfigError, match="use_qalora"):
+        dt.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "use_qalora": True})
     with pytest.raises(dt.ConfigError, match="IA3"):
         dt.LoraConfig.from_dict({"peft_type": "IA3"})
     # peft-only keys at their "off" values are accepted

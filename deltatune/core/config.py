@@ -41,6 +41,8 @@ class AdapterConfig:
     peft_type: ClassVar[str] = ""
     # Keys peft writes for this method that deltatune does not model: accepted on load only at these values.
     peft_only_defaults: ClassVar[Mapping[str, Any]] = {}
+    # model_type -> the targets used when target_modules is None (peft's per-architecture tables)
+    default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None

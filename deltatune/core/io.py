@@ -22,9 +22,9 @@ from torch import nn
 
 from .._version import __version__
 from .config import ConfigError
-from .layer import AdapterLayer, ModulesToSave
-from .model import adapter_configs, attach, active_adapters, delete_adapter, set_active, wrappers
+from .model import adapter_configs, adapters, attach, active_adapters, delete_adapter, set_active
 from .registry import config_from_dict
+from .sites import weight_kind
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -37,33 +37,10 @@ class AdapterFileError(ValueError):
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """On-disk key -> live parameter of adapter `name` (the tensors `save_adapter` writes)."""
-    out: dict[str, torch.Tensor] = {}
-    for path, wrapper in wrappers(model):
-        if isinstance(wrapper, ModulesToSave):
-            if name in wrapper.modules_to_save:
-                for key, tensor in wrapper.modules_to_save[name].state_dict(keep_vars=True).items():
-                    out[f"{PREFIX}{path}.{key}"] = tensor
-        else:
-            for key, param in wrapper.adapter_parameters(name):
-                out[f"{PREFIX}{path}.{key}"] = param
-    out.update(_learnable_biases(model, name))
-    return out
-
-
-def _learnable_biases(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    bias = getattr(adapter_configs(model).get(name), "bias", "none")
-    if bias == "all":
-        return {
-            f"{PREFIX}{k}": p for k, p in model.named_parameters(remove_duplicate=False)
-            if k.split(".")[-1] == "bias" and ".modules_to_save." not in k and ".original_module." not in k
-        }
-    if bias.endswith("_only"):
-        return {
-            f"{PREFIX}{path}.base_layer.bias": w.base_layer.bias for path, w in wrappers(model)
-            if isinstance(w, AdapterLayer) and name in w.adapter_names and getattr(w.base_layer, "bias", None) is not None
-        }
-    return {}
+    """On-disk key -> live tensor of adapter `name`: exactly the tensors `save_adapter` writes and loading fills."""
+    if name not in adapters(model):
+        raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(adapters(model)) or 'none'}")
+    return adapters(model)[name].tensors(model, PREFIX)
 
 
 def _default_name(model: nn.Module) -> str:
@@ -167,14 +144,23 @@ def load_adapter(
     activate: bool = True,
     allow_pickle: bool = False,
     trainable: bool = False,
+    allow_nonfinite: bool = False,
 ) -> nn.Module:
     """Attach the adapter stored in `path` (peft's format, written by deltatune or peft) as `name`.
 
     Any error (unreadable files, unknown keys, a tensor whose shape does not fit, an adapter made for
     another base) is raised before or instead of changing the model: on failure the model is unchanged.
-    The adapter's parameters are frozen unless `trainable=True` (to continue training it).
+    The adapter's parameters are frozen unless `trainable=True` (to continue training it). Tensors holding
+    NaN/Inf are refused unless `allow_nonfinite=True` (to inspect a diverged run).
     """
     config, tensors, _ = read_adapter(path, allow_pickle=allow_pickle)
+    if not allow_nonfinite:
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise AdapterFileError(
+                f"{Path(path) / WEIGHTS_NAME}: {len(bad)} tensors hold NaN/Inf (first: {bad[0]}); the run that wrote it "
+                "diverged. Refused; pass allow_nonfinite=True (CLI: --allow-nonfinite) to load it anyway"
+            )
     base_hint = _other_base_hint(model, config.base_model_name_or_path)
     previous_active = active_adapters(model)
     requires_grad = [(param, param.requires_grad) for param in model.parameters()]
@@ -195,18 +181,27 @@ def load_adapter(
 
 
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path, base_hint: str) -> None:
+    """Fill adapter `name` from the file's tensors: the keys must be exactly those its method and config declare.
+
+    One addition, for peft's files: peft also saves a targeted embedding's base weight (save_embedding_layers);
+    it loads as part of the adapter (trained in place, restored by delete and disable), never as a base change.
+    """
+    adapter = adapters(model)[name]
     live = adapter_tensors(model, name)
-    # peft also saves a targeted embedding's base weight (save_embedding_layers="auto"); load it as peft does
     base = {PREFIX + key: param for key, param in model.named_parameters()}
-    live.update({key: base[key] for key in tensors if key not in live and key in base})
+    extra = sorted(set(tensors) - set(live))
+    embeddings = {f"{PREFIX}{p}.base_layer.weight" for p in adapter.sites
+                  if weight_kind(model.get_submodule(p).base_layer) == "embedding"}
     missing = sorted(set(live) - set(tensors))
-    unexpected = sorted(set(tensors) - set(live))
+    unexpected = [k for k in extra if k not in embeddings]
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"missing {len(missing)} tensors the config implies (first: {missing[0]})")
         if unexpected:
-            parts.append(f"{len(unexpected)} tensors that fit no module of this model (first: {unexpected[0]})")
+            kind = "base-model tensors this adapter's config does not train" if any(k in base for k in unexpected) \
+                else "tensors that fit no module of this model"
+            parts.append(f"{len(unexpected)} {kind} ({', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''})")
         raise AdapterFileError(f"{path / WEIGHTS_NAME}: {'; '.join(parts)}{base_hint}")
     for key, param in live.items():
         if tensors[key].shape != param.shape:
@@ -214,9 +209,14 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                 f"{path / WEIGHTS_NAME}: tensor {key} has shape {tuple(tensors[key].shape)} but the model needs "
                 f"{tuple(param.shape)}{base_hint}"
             )
+    for key in extra:  # a targeted embedding's base weight, as peft saves it: owned by the adapter, restored on delete
+        if key in embeddings and tensors[key].shape == base[key].shape:
+            adapter.selected[key[len(PREFIX):]] = (base[key], base[key].detach().clone())
+            live[key] = base[key]
+    stash = adapter.stash or {}  # an in-place adapter loaded inactive keeps its values aside
     with torch.no_grad():
         for key, param in live.items():
-            param.copy_(tensors[key])
+            stash.get(key[len(PREFIX):], param).copy_(tensors[key])
 
 
 def _other_base_hint(model: nn.Module, adapter_base: str | None) -> str:

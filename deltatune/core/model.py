@@ -1,8 +1,14 @@
 """Model-level operations: attach, activate, disable, route, merge, unload. Generic over methods.
 
-deltatune changes the user's model in place (a targeted `nn.Linear` becomes an adapter layer wrapping it), so
-the model keeps its class, its `generate`, and its state-dict keys for every base weight. The adapters'
-configs live on the root module in `model.deltatune_adapters` (name -> config).
+deltatune changes the user's model in place (a targeted `nn.Linear` becomes a `WeightSite` wrapping it), so
+the model keeps its class, its `generate`, and its state-dict keys for every base weight. The attached
+adapters live on the root module in `model.deltatune_adapters` (name -> `Adapter`).
+
+Decisions that hold for every method:
+- deltas on one site apply in attach order, and merging gives exactly the forward of the stack;
+- every operation over many modules (attach, merge, load) checks all of them before changing the first;
+- merged weights are explicit state: changing the active set unmerges first (as peft does), and the base
+  alone (`disable_adapters`) is refused while anything is merged, rather than unmerged and merged back.
 """
 from __future__ import annotations
 
@@ -12,49 +18,46 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from .adapter import Adapter, add_part, is_host, logical_name, replace_module
 from .config import AdapterConfig, ConfigError
-from .layer import AdapterLayer, ModulesToSave, routing
+from .delta import NotMergeableError
 from .registry import method_of
+from .routing import RoutingPlan, using
+from .sites import BlockSite, ModulesToSave, Site, Target, WeightSite, hosts, weight_kind
 from .targets import find_modules_to_save, find_targets
 
 STATE_ATTR = "deltatune_adapters"
 ACTIVE_ATTR = "deltatune_active"
 
 
-def _is_wrapper(module: nn.Module) -> bool:
-    return isinstance(module, (AdapterLayer, ModulesToSave))
+def adapters(model: nn.Module) -> dict[str, Adapter]:
+    """name -> attached Adapter (empty if none)."""
+    return getattr(model, STATE_ATTR, {})
 
 
 def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
     """name -> config of every adapter attached to `model` (empty if none)."""
-    return getattr(model, STATE_ATTR, {})
+    return {name: adapter.config for name, adapter in adapters(model).items()}
 
 
 def active_adapters(model: nn.Module) -> list[str]:
     return list(getattr(model, ACTIVE_ATTR, []))
 
 
-def wrappers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer | ModulesToSave]]:
-    """(module name, wrapper) for every adapter layer and modules_to_save wrapper."""
-    for name, module in model.named_modules():
-        if _is_wrapper(module):
-            yield name, module  # type: ignore[misc]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+def wrappers(model: nn.Module) -> Iterator[tuple[str, Site | ModulesToSave]]:
+    """(module name, host) for every site and modules_to_save wrapper."""
+    return hosts(model)
 
 
 def _check_name(model: nn.Module, name: str) -> None:
-    if not name or "." in name or not name.isidentifier():
+    if not isinstance(name, str) or not name or "." in name or not name.isidentifier():
         raise ValueError(f"adapter name {name!r} must be a non-empty Python identifier without dots, e.g. 'default'")
-    if name in adapter_configs(model):
+    if name in adapters(model):
         raise ValueError(f"an adapter named {name!r} is already attached; delete it first or pick another name")
 
 
 def _require(model: nn.Module, names: Sequence[str]) -> None:
-    known = adapter_configs(model)
+    known = adapters(model)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise KeyError(f"no adapter named {', '.join(map(repr, unknown))}; attached adapters: {sorted(known) or 'none'}")
@@ -70,60 +73,121 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         raise TypeError(f"config must be an AdapterConfig such as deltatune.LoraConfig, got {type(config).__name__}")
     _check_name(model, name)
     method = method_of(config)
+    adapter = Adapter(name, config, method)
     try:
-        if method.inject is not None:
-            method.inject(model, config, name)
-        else:
-            _inject_layers(model, config, name, method)
+        targets = _place_deltas(model, adapter) if method.delta_classes(config) else []
         for target in find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []:
-            module = model.get_submodule(target)
-            if not isinstance(module, ModulesToSave):
-                if any(_is_wrapper(m) for m in module.modules()):
-                    raise ConfigError(
-                        f"modules_to_save names {target!r}, which holds another adapter's layers; "
-                        "a module is either adapted or trained in full, not both"
-                    )
-                module = ModulesToSave(module)
-                _replace(model, target, module)
-            module.add_adapter(name)
+            _save_module(model, adapter, target)
+        if method.select is not None:
+            _select(model, adapter, method.select(model, config, adapter.sites))
+        if method.inject is not None:
+            add_part(model, name, method.inject(model, config, name))
     except BaseException:
-        _remove_adapter_modules(model, name)
+        adapter.remove(model)
         raise
-    setattr(model, STATE_ATTR, {**adapter_configs(model), name: config})
-    if activate or not active_adapters(model):
-        set_active(model, name)
-    else:
-        set_active(model, active_adapters(model))
+    setattr(model, STATE_ATTR, {**adapters(model), name: adapter})
+    set_active(model, [*active_adapters(model)] if not activate and active_adapters(model) else name)
     return model
 
 
-def _inject_layers(model: nn.Module, config: AdapterConfig, name: str, method) -> None:
-    def supports(module: nn.Module) -> bool:
-        if isinstance(module, AdapterLayer):
-            return module.peft_type == method.peft_type
-        return method.layer_for(module) is not None
+def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(logical name, module) of every module an adapter could target; a site stands for its base module.
 
-    inside = [n + "." for n, _ in wrappers(model)]
-    targets = find_targets(model, config, supports, skip_prefixes=tuple(inside))
-    for target in targets:
-        module = model.get_submodule(target)
+    The insides of a site (its deltas, a weight site's base) and of a modules_to_save wrapper are never
+    targets; a block site's children are, under their logical names.
+    """
+    skip: list[str] = []
+    out = []
+    for path, module in model.named_modules():
+        if not path or any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, Site):
+            skip += [f"{path}.deltas", f"{path}.base_layer"] if isinstance(module, WeightSite) else [f"{path}.deltas"]
+        elif isinstance(module, ModulesToSave):
+            skip += [f"{path}.original_module", f"{path}.modules_to_save"]
+        parent = path.rpartition(".")[0]
+        if path.endswith(".base_layer") and isinstance(model.get_submodule(parent), BlockSite):
+            continue
+        out.append((logical_name(path), module))
+    return out
+
+
+def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
+    config, method = adapter.config, adapter.method
+    actual = {logical_name(p): p for p, _ in model.named_modules()}
+
+    def supports(module: nn.Module) -> bool:
         if isinstance(module, ModulesToSave):
-            raise ConfigError(f"{target!r} is in modules_to_save of another adapter and cannot also be a target")
-        if not isinstance(module, AdapterLayer):
-            module = method.layer_for(module)(module)
-            _replace(model, target, module)
-        module.add_adapter(name, config, target)
-        device = next(module.base_layer.parameters()).device
-        for _, param in module.adapter_parameters(name):
-            param.data = param.data.to(device)
+            return False
+        base = module.base_layer if isinstance(module, Site) else module
+        cls = method.delta_for(base, config)
+        return cls is not None and not (isinstance(module, BlockSite) and cls.site == "weight")
+
+    targets = find_targets(model, config, supports, _candidates(model))
+    for target in targets:
+        path = actual[target]
+        module = model.get_submodule(path)
+        site = module if isinstance(module, Site) else None
+        base = site.base_layer if site is not None else module
+        cls = method.delta_for(base, config)
+        if site is None:
+            site = WeightSite(base) if weight_kind(base) is not None else BlockSite(base)
+            replace_module(model, path, site)
+        delta = cls(Target(model, target, base, getattr(site, "base_weight", None)), config)
+        delta.to(_device_of(base))
+        site.add(adapter.name, delta)
+        adapter.sites.append(path)
+    return targets
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next((t.device for t in module.state_dict().values()), torch.device("cpu"))
+
+
+def _select(model: nn.Module, adapter: Adapter, names: list[str]) -> None:
+    params = dict(model.named_parameters())
+    taken = {id(p): a.name for a in adapters(model).values() for p, _ in a.selected.values()}
+    clash = [n for n in names if id(params[n]) in taken]
+    if clash:
+        raise ConfigError(
+            f"adapter {adapter.name!r} would train {clash[0]} in place, which adapter {taken[id(params[clash[0]])]!r} "
+            "already trains; a base parameter belongs to one adapter at a time"
+        )
+    adapter.selected = {n: (params[n], params[n].detach().clone()) for n in names}
+
+
+def _save_module(model: nn.Module, adapter: Adapter, target: str) -> None:
+    module = model.get_submodule(target)
+    if not isinstance(module, ModulesToSave):
+        if any(is_host(m) for m in module.modules()):
+            raise ConfigError(
+                f"modules_to_save names {target!r}, which holds another adapter's layers; "
+                "a module is either adapted or trained in full, not both"
+            )
+        module = ModulesToSave(module)
+        replace_module(model, target, module)
+    module.add(adapter.name)
+    adapter.saved.append(target)
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make `names` the active adapters (their outputs add up) and the only trainable ones."""
+    """Make `names` the active adapters (stacked in attach order) and the only trainable ones.
+
+    Adapters merged into the base weights are unmerged first, as peft does, so the weights never keep the
+    delta of an adapter that is no longer active.
+    """
     names = [names] if isinstance(names, str) else list(names)
     _require(model, names)
-    for _, wrapper in wrappers(model):
-        wrapper.active_adapters = [n for n in names if n in wrapper.adapter_names]
+    if any(host.merged_adapters for _, host in hosts(model)) and names != active_adapters(model):
+        unmerge(model)
+    for adapter in adapters(model).values():
+        if adapter.name not in names:
+            adapter.swap_out(model)
+    for adapter in adapters(model).values():
+        if adapter.name in names:
+            adapter.swap_in(model)
+    for _, host in hosts(model):
+        host.active_adapters = [n for n in names if n in host.adapter_names]
     setattr(model, ACTIVE_ATTR, names)
     _mark_trainable(model, names)
 
@@ -131,146 +195,163 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 def _mark_trainable(model: nn.Module, names: list[str]) -> None:
     """Freeze everything but the named adapters; adapters loaded for inference (inference_mode) stay frozen."""
     model.requires_grad_(False)
-    configs = adapter_configs(model)
-    names = [n for n in names if not configs[n].inference_mode]
-    for _, wrapper in wrappers(model):
-        for name in names:
-            if isinstance(wrapper, ModulesToSave):
-                if name in wrapper.modules_to_save:
-                    wrapper.modules_to_save[name].requires_grad_(True)
-            else:
-                for _, param in wrapper.adapter_parameters(name):
-                    param.requires_grad_(True)
     for name in names:
-        bias = getattr(configs.get(name), "bias", "none")
-        if bias == "all":
-            for pname, param in model.named_parameters():
-                if pname.endswith("bias") and ".modules_to_save." not in pname and ".original_module." not in pname:
-                    param.requires_grad_(True)
-        elif bias.endswith("_only"):  # peft's "lora_only": biases of the adapted layers
-            for _, wrapper in wrappers(model):
-                if isinstance(wrapper, AdapterLayer) and name in wrapper.adapter_names:
-                    base_bias = getattr(wrapper.base_layer, "bias", None)
-                    if isinstance(base_bias, nn.Parameter):
-                        base_bias.requires_grad_(True)
+        adapter = adapters(model)[name]
+        if not adapter.config.inference_mode:
+            for param in adapter.parameters(model):
+                param.requires_grad_(True)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; layers left with no adapter are restored to their original modules."""
     _require(model, [name])
-    merged = [path for path, w in wrappers(model) if isinstance(w, AdapterLayer) and name in w.merged_adapters]
+    merged = [path for path, host in hosts(model) if name in host.merged_adapters]
     if merged:  # checked up front: failing half-way would leave some modules deleted and others not
         raise RuntimeError(f"adapter {name!r} is merged into {merged[0]}; call deltatune.unmerge(model) first")
-    _remove_adapter_modules(model, name)
-    configs = {k: v for k, v in adapter_configs(model).items() if k != name}
-    setattr(model, STATE_ATTR, configs)
+    adapters(model)[name].remove(model)
+    remaining_adapters = {k: v for k, v in adapters(model).items() if k != name}
+    setattr(model, STATE_ATTR, remaining_adapters)
     remaining = [n for n in active_adapters(model) if n != name]
-    if remaining or not configs:
+    if remaining or not remaining_adapters:
         setattr(model, ACTIVE_ATTR, remaining)
         _mark_trainable(model, remaining)
     else:
-        set_active(model, next(iter(configs)))
-
-
-def _remove_adapter_modules(model: nn.Module, name: str) -> None:
-    for path, wrapper in list(wrappers(model)):
-        if name in wrapper.adapter_names:
-            wrapper.delete_adapter(name)
-        if not wrapper.adapter_names:
-            base = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
-            if isinstance(wrapper, AdapterLayer) and wrapper.merged_adapters:
-                raise RuntimeError(f"{path} still has merged adapters; unmerge first")
-            _replace(model, path, base)
+        set_active(model, next(iter(remaining_adapters)))
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block; merged adapters are unmerged and merged back afterwards."""
-    merged = {path: list(w.merged_adapters) for path, w in wrappers(model) if isinstance(w, AdapterLayer)}
-    layers = [w for _, w in wrappers(model)]
-    for w in layers:
-        if isinstance(w, AdapterLayer):
-            w.unmerge()
-        w.adapters_disabled = True
+    """Run the base model alone inside the block. Refused while adapters are merged (unmerge first)."""
+    merged = [path for path, host in hosts(model) if host.merged_adapters]
+    if merged:
+        raise RuntimeError(
+            f"adapters are merged into the base weights (first: {merged[0]}); call deltatune.unmerge(model) before "
+            "disable_adapters, so the base weights are not rewritten twice"
+        )
+    active = [adapters(model)[n] for n in active_adapters(model)]
+    for adapter in active:
+        adapter.swap_out(model)
+    for _, host in hosts(model):
+        host.adapters_disabled = True
+    parts = [a.part(model) for a in adapters(model).values()]
+    for part in parts:
+        if part is not None:
+            part.disabled = True
     try:
         yield model
     finally:
-        for path, w in wrappers(model):
-            w.adapters_disabled = False
-            if isinstance(w, AdapterLayer) and merged.get(path):
-                w.merge(merged[path])
+        for _, host in hosts(model):
+            host.adapters_disabled = False
+        for part in parts:
+            if part is not None:
+                part.disabled = False
+        for adapter in active:
+            adapter.swap_in(model)
 
 
 @contextlib.contextmanager
-def route(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
+def route(model: nn.Module, adapter_names: Sequence[str | None], *, per_token: bool = False) -> Iterator[nn.Module]:
     """Mixed batch: inside the block, row i of every forward uses adapter `adapter_names[i]` (None: the base).
 
-    The result for each row equals running that row alone with only its adapter active.
+    With `per_token=True` the names are per token of a flattened batch (continuous batching). The result for
+    each row equals running that row alone with only its adapter active.
     """
-    _require(model, [n for n in adapter_names if n is not None])
-    rows: dict[str | None, list[int]] = {}
-    for i, name in enumerate(adapter_names):
-        rows.setdefault(name, []).append(i)
-    groups = {name: torch.tensor(idx, dtype=torch.long) for name, idx in rows.items()}
-    with routing(groups):
+    named = [n for n in dict.fromkeys(adapter_names) if n is not None]
+    _require(model, named)
+    in_place = [n for n in named if adapters(model)[n].in_place()]
+    if in_place:
+        raise ValueError(
+            f"adapter {in_place[0]!r} trains base parameters in place ({adapters(model)[in_place[0]].config.peft_type}), "
+            "which cannot differ per row; merge it into its own model copy, or serve it alone"
+        )
+    with using(RoutingPlan(adapter_names, per_token=per_token)):
         yield model
 
 
-def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False) -> nn.Module:
-    """Fold adapters (default: the active ones) into the base weights. Idempotent.
+def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = True) -> nn.Module:
+    """Fold adapters (default: the active ones) into the base weights. Idempotent; all sites or none.
 
-    With `safe=True` every merged weight is computed and checked for NaN/Inf before any is written.
+    Every site is checked first (each delta mergeable, the stack order kept, the base not quantized); with
+    `safe=True` (the default) every merged weight is also computed and checked for NaN/Inf before any is written.
+    Adapters without deltas (prompt tuning) or trained in place (BitFit) have nothing to fold and are skipped.
     """
     names = active_adapters(model) if names is None else list(names)
     _require(model, names)
-    layers = [w for _, w in wrappers(model) if isinstance(w, AdapterLayer)]
-    if safe:
-        with torch.no_grad():
-            for layer in layers:
-                for name in names:
-                    if name in layer.adapter_names and name not in layer.merged_adapters:
-                        weight = layer.merge_weight(name, layer.get_base_weight().clone())
-                        if not torch.isfinite(weight).all():
-                            raise ValueError(
-                                f"merging adapter {name!r} would write NaN/Inf into {type(layer.base_layer).__name__} "
-                                "weights; nothing was changed"
-                            )
-    for layer in layers:
-        layer.merge(names)
+    for _, site in _check_all(model, names, safe=safe, in_place=True):
+        site.merge(names)
     return model
+
+
+def _check_all(model: nn.Module, names: list[str], *, safe: bool, in_place: bool) -> list[tuple[str, Site]]:
+    """The sites holding any of `names`, each checked for a merge; raises before anything is written."""
+    sites = [(p, h) for p, h in hosts(model) if isinstance(h, Site) and set(names) & set(h.adapter_names)]
+    for path, site in sites:
+        try:
+            new = site.check_merge(names, in_place=in_place)
+            if safe and new:
+                with torch.no_grad():
+                    if not all(torch.isfinite(t).all() for t in site.merged_value(new) if t is not None):
+                        raise ValueError(f"merging would write NaN/Inf into {path}; nothing was changed")
+        except NotMergeableError as exc:
+            raise NotMergeableError(f"cannot merge at {path}: {exc}; nothing was changed") from None
+    return sites
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo every merge, restoring the base weights."""
-    for _, wrapper in wrappers(model):
-        if isinstance(wrapper, AdapterLayer):
-            wrapper.unmerge()
+    for _, host in hosts(model):
+        if isinstance(host, WeightSite):
+            host.unmerge()
     return model
 
 
-def unload(model: nn.Module, *, merge_active: bool = False, safe: bool = False) -> nn.Module:
-    """Remove every adapter and return the plain base model (merging the active adapters first if asked)."""
-    if merge_active:
-        merge(model, safe=safe)
+def unload(model: nn.Module, *, merge_active: bool = False, safe: bool = True) -> nn.Module:
+    """Remove every adapter and return the plain base model (merging the active adapters first if asked).
+
+    A quantized base comes back, when merged, as dequantized Linear layers holding the merged weights.
+    """
     active = active_adapters(model)
-    for path, wrapper in list(wrappers(model)):
-        if isinstance(wrapper, AdapterLayer):
-            if not merge_active:
-                wrapper.unmerge()
-            _replace(model, path, wrapper.base_layer)
+    if merge_active:
+        _check_all(model, active, safe=safe, in_place=False)
+    else:
+        unmerge(model)
+    for path, host in sorted(hosts(model), key=lambda item: -item[0].count(".")):  # innermost first
+        if isinstance(host, ModulesToSave):
+            keep = next((n for n in active if n in host.modules_to_save), None) if merge_active else None
+            replace_module(model, path, host.modules_to_save[keep] if keep else host.original_module)
+        elif isinstance(host, WeightSite) and merge_active:
+            replace_module(model, path, host.unwrapped([n for n in active if n in host.adapter_names]))
         else:
-            keep = next((n for n in active if n in wrapper.modules_to_save), None) if merge_active else None
-            _replace(model, path, wrapper.modules_to_save[keep] if keep else wrapper.original_module)
-    for attr in (STATE_ATTR, ACTIVE_ATTR):
+            replace_module(model, path, host.base_layer)
+    for adapter in adapters(model).values():
+        if not (merge_active and adapter.name in active):
+            adapter.swap_out(model)
+        part = adapter.part(model)
+        if part is not None:
+            part.remove(model)
+    for attr in (STATE_ATTR, ACTIVE_ATTR, "deltatune_parts"):
         if hasattr(model, attr):
             delattr(model, attr)
     model.requires_grad_(True)
     return model
 
 
-def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
+def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
     """Merge the active adapters and return the base model with no adapter modules: zero added latency."""
     return unload(model, merge_active=True, safe=safe)
+
+
+def parameter_roles(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> optimizer role declared by its delta (`Delta.lr_roles`), e.g. LoRA's "lora_B"."""
+    roles: dict[int, str] = {}
+    for _, host in hosts(model):
+        if isinstance(host, Site):
+            for delta in host.deltas.values():
+                for key, tensor in delta.tensors().items():
+                    role = next((r for prefix, r in delta.lr_roles.items() if key.startswith(prefix)), None)
+                    if role is not None:
+                        roles[id(tensor)] = role
+    return roles
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:

@@ -1,26 +1,45 @@
 """The method registry: a method is named by its peft_type string and found from its config class.
 
-A method registers its config class and the layer classes that wrap supported modules; `attach` then needs
-nothing method-specific. A method that does not wrap layers (prompt tuning, say) registers an `inject`
-function instead, and the generic layer replacement is skipped. A method that acts during training
-(AdaLoRA's rank budget, ReLoRA's resets, DyLoRA's rank sampling, Child-tuning's gradient masks) registers a
-`step_hook` factory; the training loop calls it once per trainable adapter (see `deltatune.train.hooks`).
+A method is one file that calls `register` with what it is made of, any of:
+
+    deltas     Delta classes placed on target modules (LoRA, IA3, a bottleneck adapter, added biases)
+    inject     a model-level part the adapter owns (prompt tuning's virtual tokens): (model, config, name) ->
+               `Injected` module, kept at `model.deltatune_parts[name]` and removed with the adapter
+    select     existing parameters trained in place (BitFit's biases, full fine-tuning, LoRA's bias="all"):
+               (model, config, target names) -> parameter names
+    step_hook  a per-step training hook factory (see deltatune.train.hooks)
+    readers    which tools read its adapter files (peft's own methods: "peft", "vLLM" for plain LoRA)
+
+A *variant* of a method is chosen from its config (peft writes DoRA as a LoRA config with use_dora=true):
+`register_variant("LORA", "use_dora", DoraLinear)` makes LoRA configs with that flag set use those deltas.
+Registration never writes anything onto the classes it is given.
+
+Later training-side contributions (an extra loss term, a learning-rate factor, a pass over data before
+training, extra checkpoint state) become further optional fields here, read by the loop per adapter; methods
+that do not set them are untouched.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
 
+import torch
 from torch import nn
 
 from .config import AdapterConfig, ConfigError
-from .layer import AdapterLayer
+from .delta import Delta
 
 
-class Injector(Protocol):
-    def __call__(self, model: nn.Module, config: AdapterConfig, name: str) -> None: ...
+class Injected(Protocol):
+    """A model-level part of one adapter (an nn.Module): its file tensors, and how to take it out again."""
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...  # on-disk key (without peft's prefix) -> live tensor
+
+    def remove(self, model: nn.Module) -> None: ...  # undo whatever the injector hooked into the model
 
 
+Injector = Callable[[nn.Module, AdapterConfig, str], nn.Module]
+Selector = Callable[[nn.Module, AdapterConfig, Sequence[str]], list[str]]
 # (model, config, adapter name) -> an object with before_step/on_step (deltatune.train.hooks.StepHook), or None.
 StepHookFactory = Callable[[nn.Module, AdapterConfig, str], Any]
 
@@ -29,12 +48,25 @@ StepHookFactory = Callable[[nn.Module, AdapterConfig, str], Any]
 class Method:
     peft_type: str
     config_cls: type[AdapterConfig]
-    layer_classes: tuple[type[AdapterLayer], ...] = ()
+    deltas: tuple[type[Delta], ...] = ()
     inject: Injector | None = None
-    step_hook: StepHookFactory | None = None  # per-step training hook; None for methods that need none
+    select: Selector | None = None
+    step_hook: StepHookFactory | None = None
+    readers: tuple[str, ...] = ("deltatune",)
+    variants: dict[str, tuple[type[Delta], ...]] = field(default_factory=dict)  # config flag -> deltas
 
-    def layer_for(self, module: nn.Module) -> type[AdapterLayer] | None:
-        return next((cls for cls in self.layer_classes if cls.supports(module)), None)
+    def delta_classes(self, config: AdapterConfig) -> tuple[type[Delta], ...]:
+        flags = getattr(type(config), "variant_flags", ())
+        missing = [flag for flag in flags if getattr(config, flag, False) and flag not in self.variants]
+        if missing:
+            raise ConfigError(f"{self.peft_type} with {missing[0]}=True needs that variant, and none is registered")
+        chosen = [flag for flag in self.variants if getattr(config, flag, False)]
+        if len(chosen) > 1:
+            raise ConfigError(f"{self.peft_type}: {' and '.join(chosen)} cannot be combined")
+        return self.variants[chosen[0]] if chosen else self.deltas
+
+    def delta_for(self, module: nn.Module, config: AdapterConfig) -> type[Delta] | None:
+        return next((cls for cls in self.delta_classes(config) if cls.supports(module)), None)
 
 
 _METHODS: dict[str, Method] = {}
@@ -42,15 +74,23 @@ _METHODS: dict[str, Method] = {}
 
 def register(
     config_cls: type[AdapterConfig],
-    *layer_classes: type[AdapterLayer],
+    *deltas: type[Delta],
     inject: Injector | None = None,
+    select: Selector | None = None,
     step_hook: StepHookFactory | None = None,
+    readers: Sequence[str] = ("deltatune",),
 ) -> Method:
-    method = Method(config_cls.peft_type, config_cls, tuple(layer_classes), inject, step_hook)
+    method = Method(config_cls.peft_type, config_cls, tuple(deltas), inject, select, step_hook, tuple(readers))
     _METHODS[config_cls.peft_type] = method
-    for cls in layer_classes:
-        cls.peft_type = config_cls.peft_type
     return method
+
+
+def register_variant(peft_type: str, flag: str, *deltas: type[Delta]) -> None:
+    """Configs of method `peft_type` with `flag` set use `deltas` instead of the method's own."""
+    method = method_of(peft_type)
+    if flag not in {f for f in method.config_cls.__dataclass_fields__}:
+        raise ConfigError(f"{method.config_cls.__name__} has no field {flag!r} to choose a variant by")
+    method.variants[flag] = tuple(deltas)
 
 
 def method_of(config: AdapterConfig | str) -> Method:
@@ -69,4 +109,3 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     if "peft_type" not in data:
         raise ConfigError("adapter_config.json has no 'peft_type' key; is this a peft/deltatune adapter?")
     return method_of(str(data["peft_type"])).config_cls.from_dict(data)
-

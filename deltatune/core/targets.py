@@ -25,16 +25,6 @@ LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D,
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 PEFT_CLASSIFIER_HEADS = ("classifier", "score")  # what peft adds to modules_to_save for SEQ_CLS / TOKEN_CLS
 
-# peft's per-architecture defaults for LoRA when target_modules is None (model.config.model_type).
-DEFAULT_TARGETS = {
-    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
-    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
-    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "gptj": ("q_proj", "v_proj"),
-    "gpt_neox": ("query_key_value",), "bert": ("query", "value"), "roberta": ("query", "value"),
-    "t5": ("q", "v"), "bart": ("q_proj", "v_proj"),
-}
-
-
 class TargetNotFoundError(ValueError):
     """No module matched the config's targets; the message lists the closest names."""
 
@@ -64,37 +54,40 @@ def output_head_names(model: nn.Module) -> set[str]:
     return names
 
 
-def default_targets(model: nn.Module) -> tuple[str, ...]:
+def default_targets(model: nn.Module, config: AdapterConfig) -> tuple[str, ...]:
+    """The method's usual targets for this architecture (`default_target_modules` of its config class)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
+    table = type(config).default_target_modules
+    if model_type not in table:
         raise ConfigError(
-            f"target_modules is not set and there is no default for model type {model_type!r}; "
+            f"target_modules is not set and {config.peft_type} has no default for model type {model_type!r}; "
             "set target_modules, e.g. target_modules='all-linear' or ['q_proj', 'v_proj']"
         )
-    return DEFAULT_TARGETS[model_type]
+    return table[model_type]
 
 
 def find_targets(
     model: nn.Module,
     config: AdapterConfig,
     supports: Callable[[nn.Module], bool],
-    skip_prefixes: tuple[str, ...] = (),
+    candidates: Iterable[tuple[str, nn.Module]] | None = None,
 ) -> list[str]:
     """Module names the config selects, in model order. Raises TargetNotFoundError when there are none.
 
-    Names starting with one of `skip_prefixes` (the insides of existing adapter layers) are never selected.
+    `candidates` are (name, module) pairs to choose from (default: every named module); the core passes the
+    modules' logical names, so an existing adapter site is matched by the name of the module it wraps.
     """
-    spec = config.target_modules if config.target_modules is not None else default_targets(model)
+    spec = config.target_modules if config.target_modules is not None else default_targets(model, config)
     heads = output_head_names(model) if spec == "all-linear" else set()
     layers = config.layers_to_transform
     layers = (layers,) if isinstance(layers, int) else layers
     found: list[str] = []
-    for name, module in model.named_modules():
-        if not name or name.startswith(skip_prefixes):
+    for name, module in model.named_modules() if candidates is None else candidates:
+        if not name:
             continue
         if spec == "all-linear":
             base = getattr(module, "base_layer", module)  # an existing adapter layer counts as its base
-            if not isinstance(base, LINEAR_TYPES) or name in heads or name.split(".")[-1] in heads:
+            if not (isinstance(base, LINEAR_TYPES) or getattr(base, "quantized", False)) or name in heads or name.split(".")[-1] in heads:
                 continue
         elif not _matches(name, spec):
             continue
@@ -119,7 +112,7 @@ def find_targets(
 
 def _nothing_matched(model: nn.Module, spec: object, config: AdapterConfig) -> str:
     names = [n for n, _ in model.named_modules() if n]
-    leaves = sorted({n.split(".")[-1] for n in names})
+    leaves = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()})
     wanted: Iterable[str] = [spec] if isinstance(spec, str) else spec  # type: ignore[assignment]
     close: list[str] = []
     for w in wanted:

@@ -9,32 +9,43 @@
 
 A starts kaiming-uniform (a=√5, i.e. U(±1/√d_in), as loralib and peft do; `init_lora_weights="gaussian"`
 draws N(0, 1/r) instead), B starts at zero, so the adapted model equals the base at step 0. Embeddings are
-the reverse (A = 0, B ~ N(0, 1)), as in peft. GPT-2's Conv1D stores W transposed (fan_in_fan_out), so its
-ΔW is transposed before merging. Parameter names and the file layout are peft's (`lora_A`, `lora_B`,
-`lora_embedding_A`, `lora_embedding_B`).
+the reverse (A = 0, B ~ N(0, 1)), as in peft. The site presents every base weight as (d_out, d_in), GPT-2's
+Conv1D included, so ΔW = s·BA needs no transposing here. Parameter names and the file layout are peft's
+(`lora_A`, `lora_B`, `lora_embedding_A`, `lora_embedding_B`). `bias` ("all", "lora_only") trains existing
+biases in place, saved under their own names, as peft does. Variants (DoRA: `use_dora`) live in their own
+files and are chosen by the core from the config.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import AdapterConfig, ConfigError, check_positive_int, check_range, pattern_value
-from ..core.layer import AdapterLayer
+from ..core.delta import Delta
 from ..core.registry import register
-from ..core.targets import Conv1D, LINEAR_TYPES
+from ..core.sites import Stage, Target, weight_kind
 
 # peft LoraConfig keys for features deltatune does not implement, with the values that mean "off".
 _PEFT_ONLY = {
     "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None, "use_dora": False,
+    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+}
+
+# peft's per-architecture defaults when target_modules is None (model.config.model_type).
+DEFAULT_TARGETS = {
+    "llama": ("q_proj", "v_proj"), "mistral": ("q_proj", "v_proj"), "qwen2": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"), "gemma": ("q_proj", "v_proj"), "gemma2": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",), "gpt2": ("c_attn",), "opt": ("q_proj", "v_proj"), "gptj": ("q_proj", "v_proj"),
+    "gpt_neox": ("query_key_value",), "bert": ("query", "value"), "roberta": ("query", "value"),
+    "t5": ("q", "v"), "bart": ("q_proj", "v_proj"),
 }
 
 
@@ -46,7 +57,8 @@ class LoraConfig(AdapterConfig):
     lora_dropout: dropout on the LoRA branch's input only, in [0, 1).
     bias: "none", "all" (train every bias of the model) or "lora_only" (biases of adapted layers).
     use_rslora: s = α/√r, which keeps the update's scale stable as r grows (rsLoRA).
-    fan_in_fan_out: the target stores W as [d_in, d_out] (GPT-2 Conv1D; detected automatically).
+    use_dora: the DoRA variant (weight-decomposed LoRA, deltatune.methods.dora), as peft spells it.
+    fan_in_fan_out: the target stores W as [d_in, d_out] (GPT-2 Conv1D; detected from the layer, so ignored).
     init_lora_weights: True (kaiming-uniform A), "gaussian" (A ~ N(0, 1/r)) or False (A and B random:
         the adapter is not a no-op at start; for tests).
     rank_pattern / alpha_pattern: per-module r and α, keyed by a regex matched against the module name's end.
@@ -54,12 +66,15 @@ class LoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "LORA"
     peft_only_defaults: ClassVar[Mapping[str, Any]] = _PEFT_ONLY
+    default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
+    variant_flags: ClassVar[tuple[str, ...]] = ("use_dora",)
 
     r: int = 8
     lora_alpha: float = 8
     lora_dropout: float = 0.0
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
+    use_dora: bool = False
     fan_in_fan_out: bool = False
     init_lora_weights: bool | Literal["gaussian"] = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -81,101 +96,96 @@ class LoraConfig(AdapterConfig):
         return r, alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
-class _LoraBase(AdapterLayer):
-    """What LoRA layers share: per-adapter rank, scale and dropout."""
+class LoraLinear(Delta):
+    """ΔW = s·B·A on nn.Linear, GPT-2 Conv1D or a quantized linear (read through the site's BaseWeight)."""
 
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.r: dict[str, int] = {}
-        self.scaling: dict[str, float] = {}
-        self.lora_dropout = nn.ModuleDict()
-
-    def per_adapter_state(self) -> list[Any]:
-        return [self.r, self.scaling, self.lora_dropout]
-
-    def _add_common(self, name: str, config: LoraConfig, module_name: str) -> int:
-        r, self.scaling[name] = config.rank_and_scale(module_name)
-        self.r[name] = r
-        self.lora_dropout[name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
-        return r
-
-
-class LoraLinear(_LoraBase):
-    """LoRA on nn.Linear or GPT-2 Conv1D."""
-
-    adapter_param_names = ("lora_A", "lora_B")
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.fan_in_fan_out = isinstance(Conv1D, type) and isinstance(base_layer, Conv1D)
-        d_in, d_out = base_layer.weight.shape if self.fan_in_fan_out else base_layer.weight.shape[::-1]
-        self.in_features, self.out_features = d_in, d_out
+    lr_roles = {"lora_B": "lora_B"}  # LoRA+ trains B at a larger learning rate
+    additive = True  # two additive deltas commute, so either may be merged alone
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        return isinstance(module, LINEAR_TYPES)
+        return weight_kind(module) in ("linear", "conv1d")
 
-    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
-        r = self._add_common(name, config, module_name)
-        # fan_in_fan_out follows the layer type (Conv1D: yes, Linear: no) as in peft, whatever the config says:
-        # a transposed delta on a square nn.Linear would merge a wrong weight without any shape error.
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+    def __init__(self, target: Target, config: LoraConfig) -> None:
+        super().__init__(target, config)
+        r, self.scaling = config.rank_and_scale(target.name)
+        d_out, d_in = target.weight.shape
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(d_in, r, bias=False)
+        self.lora_B = nn.Linear(r, d_out, bias=False)
         if config.init_lora_weights is False:
             return
         if config.init_lora_weights == "gaussian":
-            nn.init.normal_(self.lora_A[name].weight, std=1 / r)
+            nn.init.normal_(self.lora_A.weight, std=1 / r)
         else:
-            nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B[name].weight)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
 
-    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-        x = self.lora_dropout[name](x.to(lora_A.weight.dtype))
+    def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B·A·dropout(x) in the adapter's dtype."""
+        x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         # s scales the (tokens, r) intermediate, not the (tokens, d_out) output: the same product, measured
         # 5-25% faster per layer for a training step (bench/lora_layer_micro.py)
-        return result + lora_B(lora_A(x) * self.scaling[name]).to(result.dtype)
+        return self.lora_B(self.lora_A(x) * self.scaling)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (d_out, d_in)
-        return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> torch.Tensor:
+        return y + self.lora_output(x).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d_out, d_in)
+
+    def merge(self, weight, bias):
+        return weight + self.delta_weight().to(weight.dtype), bias
+
+    def unmerge(self, weight, bias):
+        return weight - self.delta_weight().to(weight.dtype), bias
 
 
-class LoraEmbedding(_LoraBase):
+class LoraEmbedding(Delta):
     """LoRA on nn.Embedding: ΔE = s·(B A)ᵀ, looked up row-wise, with A = 0 and B ~ N(0, 1) at start."""
 
-    adapter_param_names = ("lora_embedding_A", "lora_embedding_B")
-
-    def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
+    lr_roles = {"lora_embedding_": "lora_embedding"}
+    additive = True
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.Embedding)
+        return weight_kind(module) == "embedding"
 
-    def add_adapter(self, name: str, config: LoraConfig, module_name: str) -> None:
-        r = self._add_common(name, config, module_name)
-        num, dim = self.base_layer.weight.shape
+    def __init__(self, target: Target, config: LoraConfig) -> None:
+        super().__init__(target, config)
+        r, self.scaling = config.rank_and_scale(target.name)
+        num, dim = target.weight.shape
+        base = target.module
+        self.lookup = dict(padding_idx=base.padding_idx, max_norm=base.max_norm, norm_type=base.norm_type,
+                           scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
         A = torch.zeros(r, num)  # (r, num_embeddings)
-        B = torch.randn(dim, r)  # (embedding_dim, r)
         if config.init_lora_weights is False:
             nn.init.normal_(A)
-        self.lora_embedding_A[name] = nn.Parameter(A)
-        self.lora_embedding_B[name] = nn.Parameter(B)
+        self.lora_embedding_A = nn.Parameter(A)
+        self.lora_embedding_B = nn.Parameter(torch.randn(dim, r))  # (embedding_dim, r)
 
-    def adapter_forward(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        base = self.base_layer
-        A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-        after_A = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
-        return result + ((after_A @ B.T) * self.scaling[name]).to(result.dtype)
+    def forward(self, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> torch.Tensor:
+        after_A = F.embedding(x, self.lora_embedding_A.T, **self.lookup)
+        return y + ((after_A @ self.lora_embedding_B.T) * self.scaling).to(y.dtype)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (num, dim)
-        return delta.to(self.base_layer.weight.dtype)
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling  # (num, dim)
+
+    def merge(self, weight, bias):
+        return weight + self.delta_weight().to(weight.dtype), bias
+
+    def unmerge(self, weight, bias):
+        return weight - self.delta_weight().to(weight.dtype), bias
 
 
-register(LoraConfig, LoraLinear, LoraEmbedding)
+def trained_biases(model: nn.Module, config: LoraConfig, sites: Sequence[str]) -> list[str]:
+    """LoRA's `bias` option: the existing biases it trains in place ("all": every one; "lora_only": the adapted layers')."""
+    if config.bias == "all":
+        return [n for n, _ in model.named_parameters() if n.split(".")[-1] == "bias"
+                and ".modules_to_save." not in n and ".original_module." not in n]
+    if config.bias == "lora_only":
+        return [f"{p}.base_layer.bias" for p in sites if getattr(model.get_submodule(p).base_layer, "bias", None) is not None]
+    return []
+
+
+register(LoraConfig, LoraLinear, LoraEmbedding, select=trained_biases, readers=("peft", "vLLM", "deltatune"))

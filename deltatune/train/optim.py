@@ -3,8 +3,8 @@
 Parameter groups (Loshchilov & Hutter 2019, arXiv:1711.05101, for decoupled weight decay):
 
     group            which parameters                                       lr                 weight decay
-    lora_B           names with "lora_B"                                    lr · ratio (LoRA+)  cfg.weight_decay
-    lora_embedding   "lora_embedding_A/B" (LoRA on an nn.Embedding)         1e-6 (LoRA+)        cfg.weight_decay
+    lora_B           role "lora_B" (LoRA's B, declared by its delta)        lr · ratio (LoRA+)  cfg.weight_decay
+    lora_embedding   role "lora_embedding" (LoRA on an nn.Embedding)        1e-6 (LoRA+)        cfg.weight_decay
     default          everything else that is trainable                      lr                  cfg.weight_decay
     ..._no_decay     any of the above that is 1-D (biases, norm weights)    as its group        0
 
@@ -26,17 +26,16 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..core.model import parameter_roles
 from .config import OptimConfig
 
 LORAPLUS_EMBEDDING_LR = 1e-6  # peft's loraplus_lr_embedding default
 
 
-def _kind(name: str, loraplus: bool) -> str:
-    if loraplus and "lora_embedding_" in name:
-        return "lora_embedding"
-    if loraplus and "lora_B" in name:
-        return "lora_B"
-    return "default"
+def _kind(param: nn.Parameter, roles: dict[int, str], loraplus: bool) -> str:
+    """The parameter's group: the role its adapter method declares (`Delta.lr_roles`) under LoRA+, else default."""
+    role = roles.get(id(param), "default") if loraplus else "default"
+    return role if role in ("lora_B", "lora_embedding") else "default"
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -44,10 +43,11 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     loraplus = cfg.loraplus_lr_ratio is not None
     lrs = {"default": cfg.lr, "lora_B": cfg.lr * (cfg.loraplus_lr_ratio or 1.0), "lora_embedding": LORAPLUS_EMBEDDING_LR}
     groups: dict[str, dict] = {}
+    roles = parameter_roles(model)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        kind = _kind(name, loraplus)
+        kind = _kind(param, roles, loraplus)
         decay = param.ndim >= 2
         key = kind if decay else f"{kind}_no_decay"
         group = groups.setdefault(key, {
