@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .registry import Method
-from .sites import ModulesToSave, Site
+from .sites import BlockSite, ModulesToSave, Site
 
 PARTS_ATTR = "deltatune_parts"  # root-level nn.ModuleDict: adapter name -> injected part
 
@@ -29,8 +29,10 @@ class Adapter:
     name: str
     config: AdapterConfig
     method: Method
-    sites: list[str] = field(default_factory=list)  # paths of Sites holding this adapter's deltas
-    saved: list[str] = field(default_factory=list)  # paths of ModulesToSave wrappers
+    # logical paths (as if no block site wrapped anything; see `resolve`) of the Sites holding this adapter's
+    # deltas and of its ModulesToSave wrappers: another adapter wrapping an enclosing block does not move them
+    sites: list[str] = field(default_factory=list)
+    saved: list[str] = field(default_factory=list)
     # file key (the parameter's name when selected) -> (parameter, its original value)
     selected: dict[str, tuple[nn.Parameter, torch.Tensor]] = field(default_factory=dict)
     stash: dict[str, torch.Tensor] | None = None  # trained values of `selected` while the adapter is swapped out
@@ -42,16 +44,16 @@ class Adapter:
 
     def deltas(self, model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         for path in self.sites:
-            yield path, model.get_submodule(path).deltas[self.name]
+            yield path, model.get_submodule(resolve(model, path)).deltas[self.name]
 
     def tensors(self, model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
         """On-disk key -> live tensor: everything the adapter file holds, and nothing else."""
         out: dict[str, torch.Tensor] = {}
         for path, delta in self.deltas(model):
-            out.update({f"{prefix}{logical_name(path)}.{key}": t for key, t in delta.tensors().items()})
+            out.update({f"{prefix}{path}.{key}": t for key, t in delta.tensors().items()})
         for path in self.saved:
-            copy = model.get_submodule(path).modules_to_save[self.name]
-            out.update({f"{prefix}{logical_name(path)}.{key}": t for key, t in copy.state_dict(keep_vars=True).items()})
+            copy = model.get_submodule(resolve(model, path)).modules_to_save[self.name]
+            out.update({f"{prefix}{path}.{key}": t for key, t in copy.state_dict(keep_vars=True).items()})
         out.update({f"{prefix}{name}": param for name, (param, _) in self.selected.items()})
         part = self.part(model)
         if part is not None:
@@ -95,6 +97,7 @@ class Adapter:
         self.swap_out(model)
         self.stash, self.selected = None, {}
         for path in self.sites + self.saved:
+            path = resolve(model, path)
             host = model.get_submodule(path)
             host.remove(self.name)
             if not host.adapter_names:
@@ -111,6 +114,17 @@ class Adapter:
 def logical_name(path: str) -> str:
     """A module's name as if no block site had wrapped it (`a.base_layer.b` -> `a.b`); file keys use it."""
     return path.replace(".base_layer.", ".")
+
+
+def resolve(model: nn.Module, logical: str) -> str:
+    """The current module path of a logical name: each block site on the way adds its `.base_layer`."""
+    module, parts = model, []
+    for atom in logical.split("."):
+        if isinstance(module, BlockSite) and atom not in ("base_layer", "deltas"):
+            module, parts = module.base_layer, parts + ["base_layer"]
+        module = getattr(module, atom)
+        parts.append(atom)
+    return ".".join(parts)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from .._version import __version__
 from .config import ConfigError
+from .adapter import resolve
 from .model import adapter_configs, adapters, attach, active_adapters, delete_adapter, set_active
 from .registry import config_from_dict
 from .sites import weight_kind
@@ -190,8 +191,8 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     live = adapter_tensors(model, name)
     base = {PREFIX + key: param for key, param in model.named_parameters()}
     extra = sorted(set(tensors) - set(live))
-    embeddings = {f"{PREFIX}{p}.base_layer.weight" for p in adapter.sites
-                  if weight_kind(model.get_submodule(p).base_layer) == "embedding"}
+    embeddings = {f"{PREFIX}{resolve(model, p)}.base_layer.weight" for p in adapter.sites
+                  if weight_kind(model.get_submodule(resolve(model, p)).base_layer) == "embedding"}
     missing = sorted(set(live) - set(tensors))
     unexpected = [k for k in extra if k not in embeddings]
     if missing or unexpected:

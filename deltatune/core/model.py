@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter import Adapter, add_part, is_host, logical_name, replace_module
+from .adapter import Adapter, add_part, is_host, logical_name, replace_module, resolve
 from .config import AdapterConfig, ConfigError
 from .delta import NotMergeableError
 from .registry import method_of
@@ -79,7 +79,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         for target in find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []:
             _save_module(model, adapter, target)
         if method.select is not None:
-            _select(model, adapter, method.select(model, config, adapter.sites))
+            _select(model, adapter, method.select(model, config, [resolve(model, p) for p in adapter.sites]))
         if method.inject is not None:
             add_part(model, name, method.inject(model, config, name))
     except BaseException:
@@ -136,7 +136,7 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
         delta = cls(Target(model, target, base, getattr(site, "base_weight", None)), config)
         delta.to(_device_of(base))
         site.add(adapter.name, delta)
-        adapter.sites.append(path)
+        adapter.sites.append(target)
     return targets
 
 
@@ -167,7 +167,7 @@ def _save_module(model: nn.Module, adapter: Adapter, target: str) -> None:
         module = ModulesToSave(module)
         replace_module(model, target, module)
     module.add(adapter.name)
-    adapter.saved.append(target)
+    adapter.saved.append(logical_name(target))
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -293,7 +293,7 @@ def _check_all(model: nn.Module, names: list[str], *, safe: bool, in_place: bool
                     if not all(torch.isfinite(t).all() for t in site.merged_value(new) if t is not None):
                         raise ValueError(f"merging would write NaN/Inf into {path}; nothing was changed")
         except NotMergeableError as exc:
-            raise NotMergeableError(f"cannot merge at {path}: {exc}; nothing was changed") from None
+            raise type(exc)(f"cannot merge at {path}: {exc}; nothing was changed") from None
     return sites
 
 
