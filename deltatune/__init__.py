@@ -32,7 +32,7 @@ from .methods.lora import LoraConfig
 
 AdapterLayer = Site  # the name of the host layer before the sites redesign
 from .train.config import TrainConfig, load_config
-from .train.loop import TrainResult, train
+from .train.loop import TrainResult  # `train`: the package deltatune.train, callable as train.loop.train
 
 __all__ = [
     "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "Site", "WeightSite", "BlockSite", "AdapterLayer",

@@ -22,7 +22,7 @@ training, so the gain is the skill, not memorised answers. Steps:
 from __future__ import annotations
 
 import json
-import os
+import shlex
 import shutil
 import time
 from importlib import resources
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.config import ConfigError
+from .threads import apply_threads, choose_threads  # noqa: F401 (choose_threads: public here before)
 
 DEMO_STEPS = 12
 SUMMARY = "demo.json"  # also marks a directory as the demo's own, so a rerun may replace it
@@ -54,43 +55,6 @@ def demo_config(out: Path, steps: int) -> dict[str, Any]:
         "output_dir": str(out),
         "log_every": 1,
     }
-
-
-def choose_threads(requested: int) -> tuple[int, str]:
-    """(CPU threads for torch, why): `requested` if positive, else one thread per core the machine has idle.
-
-    PyTorch's OpenMP threads busy-wait for each other at every operation. On a machine whose cores are
-    already taken, a second thread mostly waits for a core to come back while the first spins: measured on
-    2 cores at load average 6, a LoRA training step took 2-3x longer with 2 threads than with 1, and a
-    decoding step 9x longer. On an idle machine every core helps.
-    """
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if requested > 0:
-        return requested, "--threads"
-    if "OMP_NUM_THREADS" in os.environ:
-        return torch.get_num_threads(), "OMP_NUM_THREADS"
-    busy = _busy_cores()
-    threads = max(1, min(cores, int(cores - busy + 0.5)))
-    return threads, f"{busy:.1f} of {cores} cores busy with other work; --threads N to choose"
-
-
-def _busy_cores(samples: int = 5, interval: float = 0.05) -> float:
-    """Other runnable tasks right now, averaged over a quarter of a second (Linux; 0 elsewhere).
-
-    Not the load average: it trails by minutes, so a machine that has just gone idle still looks busy.
-    """
-    counts = []
-    for _ in range(samples):
-        try:
-            with open("/proc/loadavg") as f:
-                running = int(f.read().split()[3].split("/")[0])  # includes this process
-        except (OSError, ValueError, IndexError):
-            return 0.0
-        counts.append(max(0, running - 1))
-        time.sleep(interval)
-    return sum(counts) / len(counts)
 
 
 def _prepare(out: Path) -> None:
@@ -118,8 +82,18 @@ def _minutes(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:02.0f} s"
 
 
+def try_command(adapter: Path, messages: list[dict[str, Any]], model_name: str | None) -> str:
+    """A `deltatune generate` command line that asks the adapter as it was trained: with the task's system prompt
+    and a held-out input, shell-quoted so that it works as printed."""
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    argv = ["deltatune", "generate", *(["--base", model_name] if model_name else []), "--adapter", str(adapter)]
+    argv += [*(["--system", system] if system else []), "--prompt", user]
+    return shlex.join(argv)
+
+
 def _report(before: dict[str, Any], after: dict[str, Any], test: list[dict[str, Any]], times: dict[str, float],
-            steps: int, out: Path) -> None:
+            steps: int, out: Path, model_name: str | None) -> None:
     from .train.evaluate import is_match
 
     n = len(test)
@@ -143,7 +117,8 @@ def _report(before: dict[str, Any], after: dict[str, Any], test: list[dict[str, 
             one_line = output.replace("\\", "\\\\").replace("\n", "\\n")  # newlines shown, quotes left alone
             print(f"  {tag:<5}{mark:>4}  {one_line[:110]}")
         print()
-    print(f"adapter      {out / 'adapter'} (peft format; try: deltatune generate --adapter {out / 'adapter'} --prompt ...)")
+    print(f"adapter      {out / 'adapter'} (peft format)")
+    print(f"try it       {try_command(out / 'adapter', test[0]['messages'], model_name)}")
     print(f"loss plot    {out / 'loss.png'}")
     print(f"total time   {_minutes(times['total'])} (model load, 2 evaluations, training)")
 
@@ -161,10 +136,9 @@ def run_demo(out: Path, steps: int | None = None, model_name: str | None = None,
     out = Path(out)
     _prepare(out)
     previous_threads = torch.get_num_threads()
-    if not torch.cuda.is_available():
-        count, why = choose_threads(threads)
-        torch.set_num_threads(count)
-        print(f"using {count} CPU thread{'s' if count > 1 else ''} ({why})", flush=True)
+    line = apply_threads(threads) if not torch.cuda.is_available() else None
+    if line:
+        print(line, flush=True)
     try:
         return _run(out, steps, model_name)
     finally:
@@ -198,5 +172,5 @@ def _run(out: Path, steps: int, model_name: str | None) -> dict[str, Any]:
     times = {"train": train_time, "total": time.perf_counter() - start}
     summary = {"steps": steps, "held_out": len(test), "before": before, "after": after, "seconds": times}
     (out / SUMMARY).write_text(json.dumps(summary, indent=2))
-    _report(before, after, test, times, steps, out)
+    _report(before, after, test, times, steps, out, model_name)
     return summary

@@ -110,8 +110,9 @@ def _convert_gguf(source: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
-        model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+            model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
     except ImportError as err:
         raise ImportError(f"converting {source.name} needs the `gguf` package: pip install 'gguf>=0.10'") from err
     # The weights are already dequantized; without this save_pretrained refuses a "gguf-quantized" model.
@@ -172,6 +173,10 @@ def resolve_model_path(name_or_path: str | None) -> str:
     return name_or_path
 
 
+def _first_line(err: BaseException) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -179,11 +184,34 @@ def _offline() -> bool:
     return constants.HF_HUB_OFFLINE or any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags)
 
 
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' weight-loading progress bar, info/warning logs and deprecation warnings off for the block
+    (a clean console shows deltatune's own progress only); the previous settings are restored after it."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning, UserWarning):
+                warnings.simplefilter("ignore", category)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _load_from(source: str, task: str, dtype: torch.dtype, kwargs: dict[str, Any]) -> tuple[Any, Any]:
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    model = getattr(transformers, _TASKS[task]).from_pretrained(source, dtype=dtype, **kwargs)
+    with quiet_transformers():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+        model = getattr(transformers, _TASKS[task]).from_pretrained(source, dtype=dtype, **kwargs)
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id  # batched classification needs it to find the last token
     return model, tokenizer
@@ -204,9 +232,9 @@ def load_model(
     if Path(path).is_dir():
         try:
             return _load_from(path, task, dtype, kwargs)
-        except (OSError, ValueError) as err:
+        except Exception as err:  # OSError, ValueError, KeyError (unknown model_type), safetensors' errors, ...
             raise ModelNotFoundError(
-                f"local directory {path!r} exists but is not a loadable transformers model: {err}\n"
+                f"local directory {path!r} exists but is not a loadable transformers model ({_first_line(err)}). "
                 "Fix: point at a directory with config.json, tokenizer files and weights (as written by "
                 "save_pretrained), or omit the model name to use the embedded SmolLM2-135M-Instruct."
             ) from err
@@ -238,7 +266,7 @@ def load_model(
                 tried.append(f"Hugging Face Hub unreachable or model not found ({str(hub_err).splitlines()[0]})")
                 last = hub_err
     raise ModelNotFoundError(
-        f"could not load model {path!r}:\n  - " + "\n  - ".join(tried) + "\n"
+        f"could not load model {path!r}: " + "; ".join(tried) + ". "
         "Fix: pass a local transformers directory (config.json + tokenizer + weights), or omit the model name to "
         f"use the embedded {DEFAULT_MODEL}, or {fix}."
     ) from last

@@ -11,9 +11,10 @@ Labels follow the transformers convention: aligned with input_ids (the loss shif
                        nothing to truncation)
 
 An example longer than max_length is cut to its first max_length tokens (`overlong: truncate`) or dropped
-(`overlong: skip`); an example left with no loss token (a conversation with no assistant turn, or one whose
-answer was truncated away) is dropped, since it would add nothing but padding. `TokenizeReport` counts all
-three so a run can say what it did to the data.
+(`overlong: skip`); a record far longer than that is cut by characters before it is tokenized at all
+(`_encode_bounded`), so one huge record costs no more than a long one. An example left with no loss token
+(a conversation with no assistant turn, or one whose answer was truncated away) is dropped, since it would
+add nothing but padding. `TokenizeReport` counts all three so a run can say what it did to the data.
 """
 from __future__ import annotations
 
@@ -89,19 +90,14 @@ def tokenize(
     examples: list[Example] = []
     specials = special_ids(tokenizer)
     use_chat = has_chat_template(tokenizer)
+    budget = _char_budget(tokenizer, max_length)
     for index, record in enumerate(records):
         location = where(records, index, source)
         if format == "text":
             pieces = _text_chunks(record["text"], tokenizer, max_length)
             report.chunked += len(pieces) > 1
         else:
-            if format == "messages":
-                ids, labels = chat_example(record["messages"], tokenizer, location, specials)
-            elif use_chat:
-                turns = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
-                ids, labels = chat_example(turns, tokenizer, location, specials)
-            else:
-                ids, labels = _raw_prompt_completion(record["prompt"], record["completion"], tokenizer)
+            ids, labels = _encode_bounded(record, format, tokenizer, location, specials, use_chat, budget, max_length)
             if len(ids) > max_length:
                 if overlong == "skip":
                     report.skipped += 1
@@ -123,13 +119,91 @@ def tokenize(
     return examples, report
 
 
+def _encode(record: dict[str, Any], format: str, tokenizer: Any, location: str, specials: frozenset[int],
+            use_chat: bool) -> tuple[list[int], list[int]]:
+    if format == "messages":
+        return chat_example(record["messages"], tokenizer, location, specials)
+    if use_chat:
+        turns = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+        return chat_example(turns, tokenizer, location, specials)
+    return _raw_prompt_completion(record["prompt"], record["completion"], tokenizer)
+
+
+def _encode_bounded(record: dict[str, Any], format: str, tokenizer: Any, location: str, specials: frozenset[int],
+                    use_chat: bool, budget: int | None, max_length: int) -> tuple[list[int], list[int]]:
+    """`_encode`, but a record of more than `budget` characters is first cut to `budget` characters.
+
+    A token covers at most `longest` characters, so the cut text still yields more than max_length + margin
+    tokens, and everything after the cut would be truncated (or the record skipped) anyway: a 50 MB record
+    costs a few thousand tokens, not minutes and gigabytes. Whether the cut text really yields that many is
+    checked (a tokenizer whose unknown-word token spans a whole word can break the bound); if not, the whole
+    record is encoded.
+    """
+    if budget is not None:
+        cut = _cut_record(record, format, budget)
+        if cut is not None:
+            ids, labels = _encode(cut, format, tokenizer, location, specials, use_chat)
+            if len(ids) > max_length + _MARGIN:
+                return ids, labels
+    return _encode(record, format, tokenizer, location, specials, use_chat)
+
+
+_MARGIN = 64  # tokens past max_length that a cut record must still yield (the cut can change tokens near it)
+
+
+def _char_budget(tokenizer: Any, max_length: int) -> int | None:
+    """Characters that surely tokenize to more than max_length + _MARGIN tokens: that many tokens of the longest."""
+    try:
+        longest = max(len(token) for token in tokenizer.get_vocab())
+    except (AttributeError, TypeError, ValueError):  # no vocabulary to read: no shortcut
+        return None
+    return (max_length + _MARGIN) * max(longest, 1)
+
+
+def _cut_record(record: dict[str, Any], format: str, budget: int) -> dict[str, Any] | None:
+    """The record with its text cut after `budget` characters in reading order (later turns dropped), or None
+    if it is not that long."""
+    if format == "messages":
+        turns, used = [], 0
+        for message in record["messages"]:
+            content = message["content"]
+            if used + len(content) > budget:
+                turns.append({**message, "content": content[: budget - used]})
+                return {**record, "messages": turns}
+            turns.append(message)
+            used += len(content)
+        return None
+    prompt, completion = record["prompt"], record["completion"]
+    if len(prompt) + len(completion) <= budget:
+        return None
+    if len(prompt) > budget:
+        return {**record, "prompt": prompt[:budget], "completion": ""}
+    return {**record, "completion": completion[: budget - len(prompt)]}
+
+
 def _eos(tokenizer: Any) -> list[int]:
     eos = getattr(tokenizer, "eos_token_id", None)
     return [eos] if isinstance(eos, int) else []  # no eos token: documents simply run on
 
 
+_TEXT_SLICE = 1_000_000  # characters tokenized at a time: a tokenizer's per-token bookkeeping of a 50 MB text is gigabytes
+
+
+def _text_ids(text: str, tokenizer: Any) -> list[int]:
+    """Token ids of `text` with the tokenizer's special tokens; a long text in slices cut before whitespace."""
+    ids, start = [], 0
+    while start < len(text):
+        end = len(text) if len(text) - start <= _TEXT_SLICE else start + _TEXT_SLICE
+        if end < len(text):
+            space = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            end = space if space > start else end  # the space opens the next slice, as BPE attaches it to the next word
+        ids += tokenizer(text[start:end], add_special_tokens=start == 0)["input_ids"]
+        start = end
+    return ids
+
+
 def _text_chunks(text: str, tokenizer: Any, max_length: int) -> list[tuple[list[int], list[int]]]:
-    ids = list(tokenizer(text)["input_ids"]) + _eos(tokenizer)
+    ids = _text_ids(text, tokenizer) + _eos(tokenizer)
     return [(ids[i : i + max_length], ids[i : i + max_length]) for i in range(0, len(ids), max_length)]
 
 

@@ -79,32 +79,59 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
     return Records(items, str(path), locations)
 
 
+def _decode(raw: bytes, path: Path, line: int, offset: int = 0) -> str:
+    """UTF-8 text of `raw` (a leading BOM dropped); anything else is a DataError naming the file and line."""
+    try:
+        return raw.decode("utf-8-sig" if offset == 0 else "utf-8")
+    except UnicodeDecodeError as exc:
+        line += raw[: exc.start].count(b"\n")
+        column = exc.start - raw.rfind(b"\n", 0, exc.start)
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+                        "save the file as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> tuple[list[Any], list[str]]:
     items, locations = [], []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with _open(path) as handle:
+        offset = 0
+        for number, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, number, offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 items.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{number}: invalid JSON: nested too deeply") from None
             locations.append(f"{path}:{number}")
     return items, locations
 
 
-def _read_json(path: Path) -> list[Any]:
+def _open(path: Path):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return path.open("rb")
+    except OSError as exc:
+        raise DataError(f"data file {path} cannot be read: {exc.strerror or exc}") from None
+
+
+def _read_json(path: Path) -> list[Any]:
+    with _open(path) as handle:
+        text = _decode(handle.read(), path, 1)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         hint = "; if it holds one object per line, rename it to .jsonl" if exc.msg == "Extra data" else ""
         raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg} (column {exc.colno}){hint}") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid JSON: nested too deeply") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         return data["data"]
     if isinstance(data, list):
         return data
     raise DataError(f"{path}: expected a list of records or {{\"data\": [...]}}, found {type(data).__name__}"
-                    + (f" with keys {sorted(data)[:8]}" if isinstance(data, dict) else ""))
+                    + (f" with keys {sorted(map(str, data))[:8]}" if isinstance(data, dict) else ""))
 
 
 def _read_parquet(path: Path) -> list[Any]:

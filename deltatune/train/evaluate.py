@@ -63,14 +63,14 @@ def is_match(output: str, reference: str, match: Match) -> bool:
     if match == "json":
         expected = first_json(reference)
         if expected is None:
-            raise ValueError(f"match 'json' needs references that hold JSON; got {reference!r}")
+            raise DataError(f"match 'json' needs references that hold JSON; got {reference!r}")
         return first_json(output) == expected
     out, ref = normalize(output), normalize(reference)
     if match == "exact":
         return out == ref
     if match == "contains":
         return ref in out
-    raise ValueError(f"match must be one of {', '.join(map(repr, MATCHES))}, got {match!r}")
+    raise DataError(f"match must be one of {', '.join(map(repr, MATCHES))}, got {match!r}")
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -104,7 +104,7 @@ def _eval_mode(model: nn.Module):
 
 
 def eval_loss(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, Any]], *, batch_size: int = 8,
-              chunk_size: int = 0, bf16: bool = False) -> dict[str, float]:
+              chunk_size: int = 0, bf16: bool = False, progress: bool = False) -> dict[str, float]:
     """{"loss": mean cross-entropy per labelled token, "perplexity": exp(loss), "tokens": labelled tokens}.
 
     `examples` are tokenized rows (`deltatune.data.tokenize`); the loss is summed over every labelled token
@@ -115,12 +115,13 @@ def eval_loss(model: nn.Module, tokenizer: Any, examples: Sequence[dict[str, Any
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     device = _device(model)
     total, count = 0.0, 0
-    with _eval_mode(model), torch.no_grad():
+    with _eval_mode(model), torch.no_grad(), _bar(len(examples), "eval loss", progress) as bar:
         for start in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collate(list(examples[start:start + batch_size]), pad_id).items()}
             with _autocast(model, bf16):
                 loss_sum, n = causal_lm_loss(model, batch, chunk_size)
             total, count = total + float(loss_sum), count + n
+            bar.update(len(batch["input_ids"]))
     loss = total / count if count else math.nan
     return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf, "tokens": count}
 
@@ -160,23 +161,46 @@ def _prompt_ids(tokenizer: Any, prompt: list[dict[str, Any]] | str) -> list[int]
     return list(tokenizer(prompt)["input_ids"])
 
 
+def prompt_ids(tokenizer: Any, prompt: list[dict[str, Any]] | str, *, system: str | None = None, raw: bool = False) -> list[int]:
+    """Token ids of a prompt as training renders it: the chat template with its generation prompt (a `system`
+    turn first, if given), or with `raw` (or a tokenizer without a template) the text itself."""
+    if system is not None:
+        if raw or not getattr(tokenizer, "chat_template", None) or not isinstance(prompt, str):
+            raise DataError("a system prompt needs a chat template and a text prompt (not --raw)")
+        prompt = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    if raw and isinstance(prompt, str):
+        return list(tokenizer(prompt)["input_ids"])
+    return _prompt_ids(tokenizer, prompt)
+
+
 def generate_batch(model: nn.Module, tokenizer: Any, prompts: Sequence[list[int]], *, max_new_tokens: int,
-                   bf16: bool = False) -> list[str]:
-    """Greedy continuations of token-id prompts, decoded without special tokens; rows left-padded to one length."""
+                   bf16: bool = False, temperature: float = 0.0, streamer: Any = None) -> list[str]:
+    """Continuations of token-id prompts (greedy, or sampled at `temperature` > 0), decoded without special
+    tokens; rows left-padded to one length. The one generation path of evaluation and `deltatune generate`
+    (a transformers streamer, for a single prompt, prints the tokens as they come)."""
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=_device(model))
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=ids.device)
     with torch.inference_mode(), _autocast(model, bf16):
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-            temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
+            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            use_cache=True, temperature=temperature or None, top_p=None, top_k=None, pad_token_id=pad_id,
+            streamer=streamer,
         )
     return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
 
 
+def _bar(total: int, desc: str, enabled: bool):
+    """A progress bar on stderr (tqdm) over `total` items, or one that draws nothing."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
 def eval_generation(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], *, max_new_tokens: int = 64,
-                    match: Match = "exact", batch_size: int = 16, bf16: bool = False) -> dict[str, Any]:
+                    match: Match = "exact", batch_size: int = 16, bf16: bool = False,
+                    progress: bool = False) -> dict[str, Any]:
     """Greedy generation for every record that has a reference answer, scored by `match` after `normalize`.
 
     Returns {"score": share matched (0..1; NaN when no record has a reference), "n": records scored,
@@ -195,12 +219,13 @@ def eval_generation(model: nn.Module, tokenizer: Any, records: Sequence[dict[str
             items.append((prompt, reference, _prompt_ids(tokenizer, prompt)))
     outputs: list[str] = [""] * len(items)
     order = sorted(range(len(items)), key=lambda i: len(items[i][2]))
-    with _eval_mode(model):
+    with _eval_mode(model), _bar(len(order), "generating", progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             texts = generate_batch(model, tokenizer, [items[i][2] for i in chunk], max_new_tokens=max_new_tokens, bf16=bf16)
             for i, text in zip(chunk, texts):
                 outputs[i] = text.strip()
+            bar.update(len(chunk))
     samples = [
         {"prompt": prompt, "reference": reference, "output": output, "correct": is_match(output, reference, match)}
         for (prompt, reference, _), output in zip(items, outputs)
