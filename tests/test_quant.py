@@ -328,3 +328,19 @@ def test_model_level_errors():
     quantize_model(model)
     with pytest.raises(QuantizationError, match="dequantize_model"):
         check_full_precision(model, "save_pretrained")
+
+
+def test_load_quantized_equals_quantize_model(tmp_path, input_ids):
+    from deltatune.quant import load_quantized
+
+    make_tiny_llama().save_pretrained(tmp_path)
+    expected = make_tiny_llama()
+    quantize_model(expected, compute_dtype=torch.float32)
+    model = load_quantized(tmp_path, compute_dtype=torch.float32)
+    ours, theirs = model.state_dict(), expected.state_dict()
+    assert sorted(ours) == sorted(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(model(input_ids).logits, expected(input_ids).logits)
+    with pytest.raises(QuantizationError, match="safetensors"):
+        load_quantized(tmp_path / "missing")

@@ -7,6 +7,7 @@ layer that plugs into the core's base-weight protocol, whole-model quantization 
     print(footprint(model).table())
 """
 from .linear4bit import Linear4bit, QuantizedWeightError
+from .load import load_quantized
 from .model import (
     Footprint, QuantizationError, check_full_precision, dequantize_model, footprint, is_quantized_model,
     quantizable_linears, quantize_model, quantized_layers,
@@ -21,6 +22,6 @@ __all__ = [
     "NF4_CODE", "DYNAMIC_MAP", "BLOCKSIZE", "BLOCKSIZE2", "NF4Tensor", "quantize_nf4", "dequantize_nf4",
     "dynamic_map", "Linear4bit", "QuantizedWeightError", "QuantizationError", "Footprint", "footprint",
     "quantize_model", "quantizable_linears", "quantized_layers", "is_quantized_model", "dequantize_model",
-    "check_full_precision", "adamw8bit", "adamw_state_bytes", "measured_state_bytes", "optimizer_memory",
+    "check_full_precision", "load_quantized", "adamw8bit", "adamw_state_bytes", "measured_state_bytes", "optimizer_memory",
     "lora_shapes", "OptimizerMemory", "OptimizerUnavailableError",
 ]

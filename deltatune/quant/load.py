@@ -1,0 +1,93 @@
+"""Load a transformers checkpoint straight into NF4, one tensor at a time.
+
+`quantize_model` needs the full-precision model first; `load_quantized` never holds it: the model is built on
+the meta device, the quantizable linear layers become empty `Linear4bit`s, and each tensor of the safetensors
+files is read, quantized (or kept, for embeddings, norms and the head) and dropped before the next one. Peak
+memory is the quantized model plus one weight.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .linear4bit import Linear4bit
+from .model import DEFAULT_SKIP, QuantizationError, _mark, quantizable_linears
+from .nf4 import BLOCKSIZE, quantize_nf4
+
+
+def load_quantized(path: str | Path, *, compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True,
+                   skip: Iterable[str] = DEFAULT_SKIP, dtype: torch.dtype = torch.float32,
+                   blocksize: int = BLOCKSIZE, model_class=None) -> nn.Module:
+    """A causal LM (or `model_class`, a transformers Auto class) from the local directory `path` (config.json
+    and *.safetensors), with the same layers in NF4 as `quantize_model(load(path), ...)` would give, bit for bit.
+
+    dtype: of everything not quantized (embeddings, norms, the head, biases). Returns the model in eval mode.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise QuantizationError(f"load_quantized needs a directory with *.safetensors files; {path} has none "
+                                "(for other formats load the model, then call quantize_model)")
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype)
+    names = quantizable_linears(model, skip)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        setattr(model.get_submodule(parent_name), child, Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+            double_quant=double_quant, blocksize=blocksize, bias_dtype=dtype, device="cpu"))
+    quantized = set(names)
+    expected = set(model.state_dict())
+    for file in files:
+        with safe_open(file, framework="pt") as reader:
+            for key in reader.keys():
+                _load_tensor(model, quantized, expected, key, reader.get_tensor(key), dtype)
+    model.tie_weights()
+    _materialize_meta_buffers(model)
+    _mark(model, compute_dtype, double_quant, blocksize, names)
+    return model.eval()
+
+
+def _load_tensor(model: nn.Module, quantized: set[str], expected: set[str], key: str, tensor: torch.Tensor,
+                 dtype: torch.dtype) -> None:
+    module_name, _, leaf = key.rpartition(".")
+    if module_name in quantized:
+        layer = model.get_submodule(module_name)
+        if leaf == "weight":
+            layer.load_nf4(quantize_nf4(tensor, blocksize=layer.blocksize, double_quant=layer.double_quant))
+        elif leaf == "bias":
+            layer.bias.data.copy_(tensor)
+        return
+    if key not in expected:
+        raise QuantizationError(f"checkpoint tensor {key!r} has no place in {type(model).__name__}")
+    module = model.get_submodule(module_name)
+    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    if leaf in module._parameters:
+        module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
+    else:
+        module._buffers[leaf] = value
+
+
+def _materialize_meta_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers (e.g. rotary inv_freq) are computed in __init__, not stored: rebuild their module."""
+    for name, module in list(model.named_modules()):
+        if not any(b is not None and b.is_meta for b in module._buffers.values()):
+            continue
+        try:
+            fresh = type(module)(config=model.config)
+        except TypeError as err:
+            raise QuantizationError(f"{name} ({type(module).__name__}) has buffers that are not in the checkpoint "
+                                    "and cannot be rebuilt; load the model normally and call quantize_model") from err
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fresh)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise QuantizationError(f"the checkpoint lacks {len(left)} tensors of the model, e.g. {left[:3]}")
