@@ -452,7 +452,7 @@ def _diverged_message(step: int, what: str, cfg: TrainConfig) -> str:
         return (f"step {step}: {what}; training stopped, no checkpoint was written yet. Train again with {fixes} "
                 f"(remove {cfg.output_dir} or choose a new output_dir)")
     return (f"step {step}: {what}; training stopped and nothing from this step was saved. The last good checkpoint is "
-            f"{latest}. Start a new run from it with {fixes}: --init_adapter {latest / 'adapter'} --output_dir "
+            f"{latest}. Start a new run from it with {fixes} and --init_adapter {latest / 'adapter'} --output_dir "
             "<a new directory> (resume: true would repeat the same settings)")
 
 
