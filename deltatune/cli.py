@@ -66,6 +66,8 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from .core.io import WEIGHTS_NAME, read_adapter
 
     config, tensors, metadata = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and hasattr(v, "numel") for k, v in tensors.items()):
+        raise CommandError(f"{args.adapter}: the weights file does not hold a mapping of tensor names to tensors")
     root = Path(args.adapter)
     size = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
     modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
@@ -88,7 +90,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
     from .models import load_model
 
     model, tokenizer = load_model(args.base)
-    load_adapter(model, args.adapter)
+    load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
     try:
         merged = merge_and_unload(model, safe=True)
     except (ValueError, RuntimeError) as exc:  # a NaN/Inf merged weight, a method that cannot merge
@@ -108,7 +110,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     model, tokenizer = load_model(args.base)
     if args.adapter:
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
     if args.system is not None and (args.raw or not tokenizer.chat_template):
         raise CommandError("--system needs the chat template: drop --raw" if args.raw else
@@ -158,7 +160,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
     model, tokenizer = load_model(args.base)
     if args.adapter:
-        load_adapter(model, args.adapter)
+        load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
     examples, report = tokenize(records, tokenizer, format=args.format, max_length=args.max_length, source=args.data)
     print(report.summary(), flush=True)
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help=model_help)
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("generate", help="generate from a prompt (chat template applied), streamed", allow_abbrev=False)
@@ -301,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=_count("--max-new-tokens", 1), default=128)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 means greedy")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast where the hardware computes bf16 natively, else fp32")
     p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
@@ -332,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("auto", "messages", "prompt_completion", "text"), default="auto")
     p.add_argument("--limit", type=_count("--limit", 0), default=0, help="only the first N records (0: all)")
     p.add_argument("--samples", type=_count("--samples", 0), default=3, help="generations to print")
+    p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast where the hardware computes bf16 natively")
     p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
