@@ -1,0 +1,390 @@
+"""The serving engine: continuous batching of requests for many adapters over one base model.
+
+    engine = Engine(model, tokenizer)
+    outs = engine.generate(["Hi", "Hello"], adapters=["support", None], max_new_tokens=32)   # offline batch
+
+    req = engine.add_request("Hi", adapter="support", params=SamplingParams(max_new_tokens=32))
+    while engine.has_unfinished():
+        for out in engine.step(): ...                                                        # step API
+
+Every `step()` admits waiting requests into the running batch, prefills them together (one padded forward),
+then decodes one token for every running request (one forward); finished requests leave at once. Rows of
+one forward belong to different adapters, or to the base model (adapter None): the model runs under
+`deltatune.route`, so each site applies each adapter's delta, unmerged, to that adapter's rows only.
+
+The forward is the model's own modules driven by the engine (embeddings, each decoder layer with the
+engine's slot KV cache and mask, final norm, head), so every site inside a decoder layer (LoRA, DoRA, IA3 on
+linear layers; bottleneck adapters on an MLP or attention block) serves as it trains. Only Llama-family
+models are served (their decoder layer takes `position_embeddings`, `attention_mask` and `past_key_values`);
+anything else is refused. Greedy decoding in fp32 gives each request the tokens it gets alone.
+"""
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..core.model import adapters as attached_adapters
+from ..core.model import route
+from ..core.sites import hosts
+from .kv import SlotKVCache
+from .sampling import RequestError, SamplingParams, choose
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_BYPASSED = re.compile(r"(model)?")  # the modules the engine runs around rather than calls: the model, its body
+
+Prompt = str | Sequence[int]
+AdapterSpec = str | Mapping[str, float] | None
+
+
+def check_servable(model: nn.Module) -> None:
+    """Raise TypeError unless `model` is a Llama-family causal LM the engine can drive."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    inner = getattr(model, "model", None)
+    parts = ("embed_tokens", "layers", "norm", "rotary_emb")
+    if model_type not in SUPPORTED_MODEL_TYPES or inner is None or not all(hasattr(inner, p) for p in parts) \
+            or not hasattr(model, "lm_head"):
+        raise TypeError(
+            f"deltatune.serve runs Llama-family causal LMs (model_type one of {', '.join(SUPPORTED_MODEL_TYPES)}, "
+            f"with model.embed_tokens/layers/norm/rotary_emb and lm_head); got {type(model).__name__} "
+            f"(model_type {model_type!r}). Generate with model.generate() for other architectures"
+        )
+    bypassed = [path for path, _ in hosts(model) if _BYPASSED.fullmatch(path)]
+    if bypassed:
+        raise TypeError(f"an adapter wraps {bypassed[0] or 'the whole model'}, which the serving engine does not call as "
+                        "a module; serve adapters placed on layers inside the decoder blocks")
+
+
+@dataclass
+class Completion:
+    """The result of one request. finish_reason: "stop" (end-of-sequence token or a stop string), "length"
+    (max_new_tokens) or "abort". Times in seconds from the request's arrival."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str | None
+    adapter: str | None
+    first_token_s: float | None
+    total_s: float | None
+
+
+class Request:
+    """One generation in flight. `slot` is its row in the running batch and the KV cache (None: not running)."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> None:
+        self.id, self.prompt_ids, self.adapter, self.params = request_id, prompt_ids, adapter, params
+        self.generator = params.generator()
+        self.output_ids: list[int] = []
+        self.text = ""  # decoded output, cut at a stop string
+        self.sent = 0  # characters of `text` already handed out as deltas
+        self.slot: int | None = None
+        self.length = 0  # tokens whose K/V are in the cache
+        self.finish_reason: str | None = None
+        self.arrival = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def completion(self) -> Completion:
+        since = lambda t: None if t is None else t - self.arrival  # noqa: E731
+        return Completion(self.text, list(self.output_ids), len(self.prompt_ids), self.finish_reason, self.adapter,
+                          since(self.first_token_at), since(self.finished_at))
+
+
+@dataclass
+class StepOutput:
+    request: Request
+    token_ids: list[int]  # tokens generated in this step
+    text: str  # new text safe to show (held back while it could still become a stop string)
+    finished: bool
+
+
+class Engine:
+    """Continuous batching over one base model with per-row adapters (see the module docstring).
+
+    max_batch_size: running requests at most; more wait in a queue. max_model_len: prompt plus new tokens at
+    most (default: the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens admitted per
+    step, which bounds how long one step stalls the running requests. `blend` turns a {name: weight} adapter
+    spec into an attached adapter (deltatune.serve.registry.AdapterRegistry.blend; by default
+    `blend_lora` with a cache).
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch_size: int = 64,
+                 max_model_len: int | None = None, max_prefill_tokens: int = 4096, blend=None) -> None:
+        check_servable(model)
+        if max_batch_size < 1 or max_prefill_tokens < 1:
+            raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
+        self.model, self.tokenizer = model, tokenizer
+        config = model.config
+        limit = config.max_position_embeddings
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.device = next(model.parameters()).device
+        self.cache = SlotKVCache(config.num_hidden_layers)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # running[i].slot == i
+        self._lock = threading.Lock()  # add_request/abort may come from other threads than step()
+        self._aborts: set[str] = set()
+        self._ids = itertools.count()
+        self._checked: dict[str, int] = {}  # adapter name -> id of the Adapter object found servable
+        self._blend = blend
+        self._blends: dict[tuple, str] = {}
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("a text prompt needs a tokenizer; give Engine(model, tokenizer) or token ids")
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def add_request(self, prompt: Prompt, adapter: AdapterSpec = None, params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Request:
+        """Queue a request; it joins the running batch at the next step. Raises RequestError if it cannot run."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        if len(ids) + params.max_new_tokens > self.max_model_len:
+            raise RequestError(
+                f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} tokens "
+                f"and max_tokens asks for {params.max_new_tokens} more. Shorten the prompt or lower max_tokens",
+                param="max_tokens" if len(ids) < self.max_model_len else "prompt", code="context_length_exceeded")
+        name = self.resolve_adapter(adapter)
+        request = Request(request_id or f"req-{next(self._ids)}", ids, name, params)
+        with self._lock:
+            self.waiting.append(request)
+        return request
+
+    def resolve_adapter(self, adapter: AdapterSpec) -> str | None:
+        """The attached adapter a request runs with; a {name: weight} blend is built once and cached."""
+        if isinstance(adapter, Mapping):
+            key = tuple(sorted((str(k), float(v)) for k, v in adapter.items()))
+            if self._blend is not None:
+                adapter = self._blend(dict(key))
+            else:
+                if key not in self._blends or self._blends[key] not in attached_adapters(self.model):
+                    from .registry import blend_lora, blend_name
+                    self._blends[key] = blend_lora(self.model, dict(key), blend_name(dict(key)))
+                adapter = self._blends[key]
+        if adapter is not None:
+            self.check_adapter(adapter)
+        return adapter
+
+    def check_adapter(self, name: str) -> None:
+        found = attached_adapters(self.model).get(name)
+        if found is None:
+            raise RequestError(f"no adapter named {name!r} is loaded; loaded: {sorted(attached_adapters(self.model))}",
+                               param="model", code="model_not_found", status=404)
+        if self._checked.get(name) == id(found):
+            return
+        if found.part(self.model) is not None:
+            raise RequestError(f"adapter {name!r} ({found.config.peft_type}) adds model-level parts (virtual tokens) "
+                               "that the serving engine does not run yet; generate with model.generate()", param="model")
+        if found.in_place():
+            raise RequestError(f"adapter {name!r} ({found.config.peft_type}) changes base parameters in place, which "
+                               "cannot differ per row of a shared batch; merge it into its own model to serve it",
+                               param="model")
+        bypassed = [p for p in found.sites + found.saved if _BYPASSED.fullmatch(p)]
+        if bypassed:
+            raise RequestError(f"adapter {name!r} wraps {bypassed[0] or 'the whole model'}, which the serving engine "
+                               "does not call as a module", param="model")
+        self._checked[name] = id(found)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request (thread-safe); its slot is freed at the start of the next step."""
+        with self._lock:
+            self._aborts.add(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def in_use(self) -> set[str]:
+        """Adapters of waiting and running requests."""
+        with self._lock:
+            return {r.adapter for r in itertools.chain(self.waiting, self.running) if r.adapter is not None}
+
+    # ---- stepping ------------------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        """One scheduling step: aborts, admission and prefill, one decoded token for every running request."""
+        return self.prefill_step() + self.decode_step()
+
+    @torch.inference_mode()
+    def prefill_step(self) -> list[StepOutput]:
+        """Apply aborts, admit waiting requests and prefill them (their first tokens)."""
+        outputs = self._apply_aborts()
+        new = self._admit()
+        if not new:
+            return outputs
+        start = len(self.running)
+        for i, request in enumerate(new):
+            request.slot = start + i
+        self.running.extend(new)
+        width = max(len(r.prompt_ids) for r in new)
+        ids = torch.zeros(len(new), width, dtype=torch.long)
+        for i, request in enumerate(new):
+            ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+        positions = torch.arange(width).expand(len(new), width)
+        # causal mask; a row's padding comes after its prompt, so no real token ever attends to it
+        allowed = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
+        last = torch.tensor([len(r.prompt_ids) - 1 for r in new])
+        self.cache.prepare(slice(start, start + len(new)), None, width)
+        logits = self._forward(ids, positions, allowed, [r.adapter for r in new], last)
+        for request in new:
+            request.length = len(request.prompt_ids)
+        return outputs + self._advance(new, logits)
+
+    @torch.inference_mode()
+    def decode_step(self) -> list[StepOutput]:
+        """One token for every running request."""
+        running = list(self.running)
+        if not running:
+            return []
+        ids = torch.tensor([[r.output_ids[-1]] for r in running])
+        positions = torch.tensor([[r.length] for r in running])  # (B, 1): where each row's new token goes
+        kv_len = int(positions.max()) + 1
+        allowed = (torch.arange(kv_len)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, kv_len)
+        self.cache.prepare(slice(0, len(running)), positions.to(self.device), kv_len)
+        logits = self._forward(ids, positions, allowed, [r.adapter for r in running], None)
+        for request in running:
+            request.length += 1
+        return self._advance(running, logits)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                 names: list[str | None], last: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, vocab) in fp32 at position `last` of each row (None: the only position)."""
+        inner, device = self.model.model, self.device
+        ids, positions = ids.to(device), positions.to(device)
+        with route(self.model, names):
+            h = inner.embed_tokens(ids)
+            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill_(
+                ~allowed.to(device), torch.finfo(h.dtype).min)  # additive: read alike by sdpa and eager attention
+            position_embeddings = inner.rotary_emb(h, positions)
+            for layer in inner.layers[: self.model.config.num_hidden_layers]:
+                out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                            use_cache=True, position_embeddings=position_embeddings)
+                h = out[0] if isinstance(out, tuple) else out
+            h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=device), last.to(device)]
+            return self.model.lm_head(inner.norm(h)).float()  # (B, vocab)
+
+    def fail_all(self) -> list[StepOutput]:
+        """End every waiting and running request with finish_reason "error" (after a failed step) and reset."""
+        with self._lock:
+            failed, self.waiting = [*self.waiting, *self.running], deque()
+        self.running = []
+        self.cache.clear()
+        for request in failed:
+            request.finish_reason, request.slot, request.finished_at = "error", None, time.perf_counter()
+        return [StepOutput(r, [], "", True) for r in failed]
+
+    def _apply_aborts(self) -> list[StepOutput]:
+        with self._lock:
+            aborts, self._aborts = self._aborts, set()
+            if not aborts:
+                return []
+            dropped = [r for r in self.waiting if r.id in aborts]
+            self.waiting = deque(r for r in self.waiting if r.id not in aborts)
+        dropped += [r for r in self.running if r.id in aborts]
+        for request in dropped:
+            self._finish(request, "abort")
+        return [StepOutput(r, [], "", True) for r in dropped]
+
+    def _admit(self) -> list[Request]:
+        new: list[Request] = []
+        with self._lock:
+            while self.waiting and len(self.running) + len(new) < self.max_batch_size:
+                width = max(len(r.prompt_ids) for r in [*new, self.waiting[0]])
+                if new and width * (len(new) + 1) > self.max_prefill_tokens:
+                    break
+                new.append(self.waiting.popleft())
+        return new
+
+    def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
+        tokens = choose(logits, [r.params for r in requests], [r.generator for r in requests])
+        now = time.perf_counter()
+        outputs = []
+        for request, token in zip(requests, tokens):
+            request.first_token_at = request.first_token_at or now
+            request.output_ids.append(token)
+            if token in self.eos_ids and not request.params.ignore_eos:
+                request.finish_reason = "stop"
+            elif len(request.output_ids) >= request.params.max_new_tokens:
+                request.finish_reason = "length"
+            text = self._new_text(request)
+            if request.finished:
+                self._finish(request, request.finish_reason)
+            outputs.append(StepOutput(request, [token], text, request.finished))
+        return outputs
+
+    def _new_text(self, request: Request) -> str:
+        """Decode the output so far, end it at a stop string, and return the part not handed out yet."""
+        if self.tokenizer is None:
+            return ""
+        ids = request.output_ids[:-1] if request.finish_reason == "stop" else request.output_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in request.params.stop) if i >= 0]
+        if hits:
+            text, request.finish_reason = text[: min(hits)], "stop"
+        request.text = text
+        safe = len(text)
+        if not request.finished:  # a partial character, or the start of a stop string, may still change
+            safe -= max((len(s) - 1 for s in request.params.stop), default=0)
+            while safe > 0 and text[safe - 1] == "\ufffd":
+                safe -= 1
+        piece = text[request.sent: max(safe, request.sent)]
+        request.sent += len(piece)
+        return piece
+
+    def _finish(self, request: Request, reason: str) -> None:
+        """Mark `request` finished and give its slot to the last running request (one copy of its K/V)."""
+        request.finish_reason = request.finish_reason or reason
+        request.finished_at = time.perf_counter()
+        slot = request.slot
+        if slot is None:
+            return
+        last = self.running.pop()
+        if last is not request:
+            self.cache.move(last.slot, slot, last.length)
+            last.slot, self.running[slot] = slot, last
+        request.slot = None
+
+    # ---- offline -------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], adapters: Sequence[AdapterSpec] | None = None, *,
+                 max_new_tokens: int = 16, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | str = (), ignore_eos: bool = False) -> list[Completion]:
+        """Generate for every prompt (adapter per prompt: a name, None for the base, or {name: weight})."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings or token-id lists; wrap a single prompt in a list")
+        adapters = [None] * len(prompts) if adapters is None else list(adapters)
+        if len(adapters) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(adapters)} adapters; give one adapter (or None) per prompt")
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, tuple([stop] if isinstance(stop, str) else stop),
+                                ignore_eos)
+        requests = [self.add_request(p, a, params) for p, a in zip(prompts, adapters)]
+        while not all(r.finished for r in requests):
+            self.step()
+        return [r.completion() for r in requests]
+
+
+def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple, set)) else [] if value is None else [value])
+    return {int(i) for i in ids}

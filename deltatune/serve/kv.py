@@ -1,0 +1,76 @@
+"""The KV cache of the serving engine: one slot per running request, all slots of a layer in one tensor.
+
+    K[layer], V[layer]: (slots, kv_heads, capacity, head_dim)     request in slot i owns row i
+
+Running requests always hold slots 0..n-1: a finishing request's slot is filled by the last one (one copy of
+that request's K/V), so a decode step attends over the views K[:n, :, :L] with no gather and no copy of the
+cache. Newly admitted requests take slots n..n+m-1 and are prefilled together. Buffers grow by doubling
+(slots) and by 256 positions (capacity), so memory is what the largest batch and longest request need.
+
+Measured alternative: keeping each request's K/V apart and assembling a padded batch cache every step copies
+the whole cache once per step (566 MB for 64 requests of 192 tokens on SmolLM2-135M in fp32), which costs
+about as much as the decode step itself on a 2-core CPU.
+
+The object is handed to the model's attention layers as `past_key_values`: transformers' Llama attention
+only calls `update(key, value, layer_idx)` and attends over what it returns.
+"""
+from __future__ import annotations
+
+import torch
+
+CAPACITY_STEP = 256
+
+
+class SlotKVCache:
+    def __init__(self, num_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self._rows = slice(0, 0)
+        self._positions: torch.Tensor | None = None  # (B, T) write positions, None: 0..T-1 for every row
+        self._kv_len = 0
+
+    def prepare(self, rows: slice, positions: torch.Tensor | None, kv_len: int) -> None:
+        """The next forward writes rows `rows` at `positions` ((B, T); None: 0..T-1) and attends over kv_len keys."""
+        self._rows, self._positions, self._kv_len = rows, positions, kv_len
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Store the new (B, kv_heads, T, head_dim) keys and values; return the keys and values to attend over."""
+        self._fit(layer_idx, key)
+        rows, k, v = self._rows, self.k[layer_idx], self.v[layer_idx]
+        if self._positions is None:  # prefill: positions 0..T-1 for every row
+            k[rows, :, : key.shape[2]] = key
+            v[rows, :, : key.shape[2]] = value
+        else:
+            slots = torch.arange(rows.start, rows.stop, device=key.device)[:, None]  # (B, 1)
+            k[slots, :, self._positions] = key.transpose(1, 2)  # indexed view is (B, T, kv_heads, head_dim)
+            v[slots, :, self._positions] = value.transpose(1, 2)
+        return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
+
+    def _fit(self, layer_idx: int, key: torch.Tensor) -> None:
+        k = self.k[layer_idx]
+        slots, capacity = self._rows.stop, self._kv_len
+        if k is not None and k.shape[0] >= slots and k.shape[2] >= capacity and k.dtype == key.dtype:
+            return
+        old_slots, old_cap = (k.shape[0], k.shape[2]) if k is not None else (0, 0)
+        new_slots = max(old_slots, 1 << max(slots - 1, 0).bit_length())
+        new_cap = max(old_cap, -(-capacity // CAPACITY_STEP) * CAPACITY_STEP)
+        shape = (new_slots, key.shape[1], new_cap, key.shape[3])
+        for store in (self.k, self.v):
+            grown = torch.zeros(shape, dtype=key.dtype, device=key.device)
+            if store[layer_idx] is not None:
+                grown[:old_slots, :, :old_cap] = store[layer_idx]
+            store[layer_idx] = grown
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy slot `src`'s first `length` positions into slot `dst` (compaction when a request leaves)."""
+        for store in (self.k, self.v):
+            for t in store:
+                if t is not None:
+                    t[dst, :, :length] = t[src, :, :length]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for store in (self.k, self.v) for t in store if t is not None)
+
+    def clear(self) -> None:
+        self.k = [None] * len(self.k)
+        self.v = [None] * len(self.v)

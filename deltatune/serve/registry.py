@@ -1,0 +1,303 @@
+"""Adapters resident in a serving model: loaded on demand, bounded in bytes, evicted least recently used.
+
+    registry = AdapterRegistry(model, adapter_dirs=["adapters/"], max_bytes=512 << 20)
+    registry.add("support", "adapters/support-v2", pin=True)     # a named adapter, loaded now
+    name = registry.acquire("billing")        # adapters/billing loads on first use; held until release
+    name = registry.acquire({"support": 0.7, "billing": 0.3})   # a blend, built once and cached
+    registry.release(name)
+
+Public names (what clients send as `model`) map to attached names (`srv_3`), since directory names need not
+be Python identifiers. Safety: a name is one path component of letters, digits, `._-`; it must resolve (symlinks
+followed) to a directory inside an allowed directory; only `adapter_model.safetensors` is read, never a
+pickle. Memory: the bytes of every resident adapter's tensors count against `max_bytes`; loading evicts the
+least recently used adapters that are neither pinned nor held by a request, and fails (HTTP 503) rather than
+evict one in use. Files are read before the model lock is taken, so a load stalls the running batch only for
+the attach and copy, not for the disk.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ..core.adapter import logical_name
+from ..core.io import WEIGHTS_NAME, AdapterFileError, adapter_tensors, load_adapter, read_adapter
+from ..core.model import adapters as attached_adapters
+from ..core.model import attach, delete_adapter
+from ..methods.lora import LoraConfig, LoraLinear
+from .sampling import RequestError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass
+class Entry:
+    name: str  # public name
+    internal: str  # attached adapter name
+    path: Path | None  # None for a blend
+    nbytes: int = 0
+    pinned: bool = False
+    refs: int = 0
+    last_used: float = 0.0
+
+
+class _NoMetrics:
+    def __getattr__(self, _: str):
+        return lambda *args, **kwargs: None
+
+
+class AdapterRegistry:
+    def __init__(self, model: nn.Module, *, adapter_dirs: list[str | os.PathLike] = (), max_bytes: int | None = None,
+                 dtype: torch.dtype | None = None, lock: threading.RLock | None = None, metrics: Any = None) -> None:
+        self.model = model
+        self.adapter_dirs = [Path(d).resolve() for d in adapter_dirs]
+        for d in self.adapter_dirs:
+            if not d.is_dir():
+                raise FileNotFoundError(f"--adapter-dir {d} is not a directory")
+        self.max_bytes = max_bytes
+        self.dtype = dtype or next(model.parameters()).dtype  # adapters run in the base's dtype
+        self.lock = lock or threading.RLock()  # held by the engine during each forward
+        self.metrics = metrics or _NoMetrics()
+        self.entries: dict[str, Entry] = {}  # resident adapters by public name
+        self.known: dict[str, Path] = {}  # named adapters (reloaded on demand after an eviction)
+        self._load_lock = threading.Lock()  # one load at a time; never held during a forward
+        self._count = 0
+
+    # ---- names and paths --------------------------------------------------------------------------------
+    def find(self, name: str) -> Path | None:
+        """The directory adapter `name` loads from: a named adapter, or a subdirectory of an allowed dir."""
+        if name in self.known:
+            return self.known[name]
+        if not _NAME.fullmatch(name) or name in (".", ".."):
+            return None
+        for root in self.adapter_dirs:
+            path = (root / name).resolve()
+            if path.parent == root and (path / WEIGHTS_NAME).is_file():
+                return path
+        return None
+
+    def allowed_path(self, path: str | os.PathLike) -> Path:
+        """`path` (relative to an allowed dir, or absolute) resolved inside an allowed dir, else PermissionError."""
+        raw = Path(path)
+        candidates = [raw] if raw.is_absolute() else [root / raw for root in self.adapter_dirs]
+        for candidate in candidates:
+            resolved = candidate.resolve()
+            if any(resolved != root and resolved.is_relative_to(root) for root in self.adapter_dirs):
+                if not (resolved / WEIGHTS_NAME).is_file():
+                    raise FileNotFoundError(f"{path} has no {WEIGHTS_NAME} (only safetensors adapters are served)")
+                return resolved
+        raise PermissionError(f"{path} is not inside an allowed adapter directory "
+                              f"({', '.join(map(str, self.adapter_dirs)) or 'none configured: --adapter-dir'})")
+
+    def available(self) -> list[str]:
+        """Public names a request may use: resident, named, and every adapter subdirectory of the allowed dirs."""
+        names = set(self.entries) | set(self.known)
+        for root in self.adapter_dirs:
+            names.update(p.name for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / WEIGHTS_NAME).is_file())
+        return sorted(names)
+
+    # ---- loading, holding, evicting -----------------------------------------------------------------------
+    def add(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> Entry:
+        """Make `name` a named adapter read from `path` (any directory the operator gives) and load it now."""
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r} must be letters, digits and ._- (starting with a letter or digit)")
+        self.known[name] = Path(path).resolve()
+        entry = self._ensure(name)
+        entry.pinned = entry.pinned or pin
+        return entry
+
+    def acquire(self, spec: str | Mapping[str, float]) -> str:
+        """Hold the adapter (or blend) a request uses, loading it if needed; returns its attached name."""
+        if isinstance(spec, Mapping):
+            return self._hold(self._blend_entry(spec))
+        return self._hold(self._ensure(spec))
+
+    def release(self, internal: str) -> None:
+        with self.lock:
+            for entry in self.entries.values():
+                if entry.internal == internal and entry.refs > 0:
+                    entry.refs -= 1
+                    return
+
+    def blend(self, weights: Mapping[str, float]) -> str:
+        """Attached name of the cached blend of `weights` (for Engine(blend=...)); not held."""
+        return self._blend_entry(weights).internal
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        self._ensure(name).pinned = pinned
+
+    def unload(self, name: str) -> None:
+        """Remove a resident adapter now (admin); refused while a request uses it."""
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is None:
+                raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self.entries)}")
+            if entry.refs:
+                raise RuntimeError(f"adapter {name!r} is in use by {entry.refs} request(s); unload it when they finish")
+            self._drop(entry, evicted=False)
+            self.known.pop(name, None)
+
+    def resident_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())
+
+    def _hold(self, entry: Entry) -> str:
+        with self.lock:
+            entry.refs += 1
+            entry.last_used = time.monotonic()
+            return entry.internal
+
+    def _ensure(self, name: str) -> Entry:
+        with self.lock:
+            entry = self.entries.get(name)
+            if entry is not None:
+                self.metrics.adapter_hit(name)
+                entry.last_used = time.monotonic()
+                return entry
+        path = self.find(name) if isinstance(name, str) else None
+        if path is None:
+            raise RequestError(f"the model {name!r} does not exist: not the base, not a named adapter, not an adapter "
+                               "directory inside --adapter-dir", param="model", code="model_not_found", status=404)
+        with self._load_lock:
+            with self.lock:
+                if name in self.entries:
+                    return self.entries[name]
+            return self._load(name, path)
+
+    def _load(self, name: str, path: Path) -> Entry:
+        started = time.perf_counter()
+        try:
+            config, tensors, _ = read_adapter(path)  # disk and validation, outside the model lock
+        except AdapterFileError as exc:
+            raise RequestError(f"adapter {name!r} cannot be loaded: {exc}", param="model", status=400) from None
+        needed = sum(t.numel() for t in tensors.values()) * torch.empty(0, dtype=self.dtype).element_size()
+        with self.lock:
+            self._make_room(needed)
+            internal = self._new_internal()
+            try:
+                load_adapter(self.model, path, internal, activate=False)  # rereads the file from the page cache
+            except AdapterFileError as exc:
+                raise RequestError(f"adapter {name!r} does not fit this base model: {exc}", param="model") from None
+            entry = self._register(name, internal, path)
+        self.metrics.adapter_loaded(name, entry.nbytes, time.perf_counter() - started)
+        return entry
+
+    def _register(self, name: str, internal: str, path: Path | None) -> Entry:
+        for _, delta in attached_adapters(self.model)[internal].deltas(self.model):
+            delta.to(self.dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in adapter_tensors(self.model, internal).values())
+        entry = Entry(name, internal, path, nbytes, last_used=time.monotonic())
+        self.entries[name] = entry
+        return entry
+
+    def _new_internal(self) -> str:
+        self._count += 1
+        return f"srv_{self._count}"
+
+    def _make_room(self, needed: int) -> None:
+        """Evict least recently used idle, unpinned adapters until `needed` more bytes fit the budget."""
+        if self.max_bytes is None:
+            return
+        if needed > self.max_bytes:
+            raise RequestError(f"the adapter needs {needed} bytes, more than the whole budget of {self.max_bytes} "
+                               "(--max-adapter-memory)", param="model", status=507)
+        for entry in sorted(self.entries.values(), key=lambda e: e.last_used):
+            if self.resident_bytes() + needed <= self.max_bytes:
+                return
+            if not entry.pinned and entry.refs == 0:
+                self._drop(entry, evicted=True)
+        if self.resident_bytes() + needed > self.max_bytes:
+            raise RequestError(
+                f"adapter memory is full ({self.resident_bytes()} of {self.max_bytes} bytes held by pinned adapters "
+                "or running requests); retry later or raise --max-adapter-memory", code="adapter_memory_full", status=503)
+
+    def _drop(self, entry: Entry, *, evicted: bool) -> None:
+        delete_adapter(self.model, entry.internal)
+        del self.entries[entry.name]
+        self.metrics.adapter_removed(entry.name, evicted)
+
+    # ---- blends -----------------------------------------------------------------------------------------
+    def _blend_entry(self, weights: Mapping[str, float]) -> Entry:
+        weights = _check_weights(weights)
+        name = blend_name(weights)
+        with self.lock:
+            if name in self.entries:
+                self.metrics.adapter_hit(name)
+                return self.entries[name]
+        parts = {n: self.acquire(n) for n in weights}  # held while the blend is built
+        try:
+            with self.lock:
+                sizes = [self.entries[n].nbytes for n in weights]
+                self._make_room(sum(sizes))
+                internal = blend_lora(self.model, {parts[n]: w for n, w in weights.items()}, self._new_internal())
+                entry = self._register(name, internal, None)
+        finally:
+            for internal_part in parts.values():
+                self.release(internal_part)
+        self.metrics.adapter_loaded(name, entry.nbytes, 0.0)
+        return entry
+
+
+def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
+    if not weights or not all(isinstance(k, str) for k in weights):
+        raise RequestError("a blend names one or more adapters with weights, e.g. {\"a\": 0.7, \"b\": 0.3}", param="adapters")
+    bad = [k for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v]
+    if bad:
+        raise RequestError(f"blend weight of {bad[0]!r} must be a number, got {weights[bad[0]]!r}", param="adapters")
+    return {k: float(weights[k]) for k in sorted(weights)}
+
+
+def blend_name(weights: Mapping[str, float]) -> str:
+    """The public name of a blend: the same weights give the same name (so the blend is built once)."""
+    text = "+".join(f"{k}:{float(v)!r}" for k, v in sorted(weights.items()))
+    return "blend_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str) -> str:
+    """Attach `name`: the LoRA adapter whose delta is Σ wᵢ·ΔWᵢ of the attached LoRA adapters `weights` names.
+
+    Exact, not an approximation: at every site ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁ … wₖsₖBₖ]·[A₁; …; Aₖ], so the
+    blend is one LoRA of rank Σ rᵢ (scale 1) with the A's stacked and the scaled B's side by side (LoRAX's
+    linear merge). Sites that only some adapters target get zero blocks for the others. LoRA only: DoRA and
+    IA3 are not linear in their parameters.
+    """
+    attached = attached_adapters(model)
+    missing = [n for n in weights if n not in attached]
+    if missing:
+        raise RequestError(f"blend names {missing[0]!r}, which is not loaded", param="adapters", status=404)
+    sites: dict[str, dict[str, LoraLinear]] = {}
+    for adapter_name in weights:
+        adapter = attached[adapter_name]
+        deltas = dict(adapter.deltas(model))
+        plain = adapter.config.peft_type == "LORA" and not getattr(adapter.config, "use_dora", False)
+        if not plain or adapter.saved or adapter.selected or adapter.part(model) is not None or \
+                not all(type(d) is LoraLinear for d in deltas.values()):
+            raise RequestError(f"only plain LoRA adapters on linear layers can be blended; {adapter_name!r} is "
+                               f"{adapter.config.peft_type} with other parts", param="adapters")
+        for path, delta in deltas.items():
+            sites.setdefault(path, {})[adapter_name] = delta
+    ranks = {n: max(d.lora_A.weight.shape[0] for s in sites.values() for a, d in s.items() if a == n) for n in weights}
+    rank = sum(ranks.values())
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(map(logical_name, sites)), inference_mode=True)
+    attach(model, config, name, activate=False)
+    with torch.no_grad():
+        for path, parts in sites.items():
+            target = model.get_submodule(path).deltas[name]
+            A, B = target.lora_A.weight, target.lora_B.weight
+            A.zero_(), B.zero_()
+            start = 0
+            for adapter_name, weight in weights.items():
+                delta = parts.get(adapter_name)
+                if delta is not None:
+                    r = delta.lora_A.weight.shape[0]
+                    A[start: start + r] = delta.lora_A.weight
+                    B[:, start: start + r] = delta.lora_B.weight * (weight * delta.scaling)
+                start += ranks[adapter_name]
+    return name
