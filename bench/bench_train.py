@@ -13,7 +13,8 @@ steps split the time into forward (decoder), loss (head + cross-entropy forward)
 gradient reaches the last hidden state), backward (the decoder's) and optimizer (step + zero_grad).
 
 Configurations are SETUP/PRECISION; PRECISION is fp32 (no autocast) or bf16 (`torch.autocast("cpu",
-dtype=torch.bfloat16)`). See SETUPS for what each setup changes. Results: bench/results/train.json and train.md.
+dtype=torch.bfloat16)`). See SETUPS for what each setup changes. Results: bench/results/train.json and train.md
+(one run on one machine per file: `--name train-epyc` keeps another CPU's table beside it).
 """
 from __future__ import annotations
 
@@ -334,13 +335,13 @@ def drive(args) -> None:
     fresh = {name: best_of(r) for name, r in runs.items()}
     meta["total_wall_s"] = time.perf_counter() - start
     meta["load_end"] = meta_load()
-    stored = RESULTS / "train.json"
-    previous = json.loads(stored.read_text())["results"] if stored.exists() and not args.fresh else {}
-    merged = {**previous, **fresh}  # --only runs update their rows and keep the others
-    results = {name: merged[name] for name in [*DEFAULT_CONFIGS, *sorted(set(merged) - set(DEFAULT_CONFIGS))] if name in merged}
+    # One table holds one run on one machine: rows of earlier runs are never mixed in (they measured other load,
+    # often another CPU). A run writes train.json/train.md, or --name's files, e.g. train-epyc.md.
+    results = {name: fresh[name] for name in [*DEFAULT_CONFIGS, *sorted(set(fresh) - set(DEFAULT_CONFIGS))] if name in fresh}
+    stored = RESULTS / f"{args.name}.json"
     stored.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     table = markdown(results, meta)
-    (RESULTS / "train.md").write_text(table)
+    (RESULTS / f"{args.name}.md").write_text(table)
     print(table)
 
 
@@ -353,7 +354,7 @@ def main() -> None:
     parser.add_argument("--breakdown", type=int, default=2, help="instrumented steps after the timed ones (default 2)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved passes over all configurations (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    parser.add_argument("--fresh", action="store_true", help="drop the rows of earlier runs from train.json")
+    parser.add_argument("--name", default="train", help="results file stem under bench/results (default: train)")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1 or args.rounds < 1 or args.breakdown < 0:
         parser.error("--steps, --warmup and --rounds must be >= 1 and --breakdown >= 0")

@@ -33,6 +33,15 @@ CASES: dict[str, list[Case]] = {
         Case("all-linear-rank-pattern", lambda: dt.LoraConfig(
             r=4, lora_alpha=8, target_modules="all-linear", rank_pattern={"down_proj": 2, "q_proj|k_proj": 6},
             alpha_pattern={"o_proj": 16})),
+        Case("dora-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")),
+        Case("dora-rslora-qv", lambda: dt.LoraConfig(r=8, lora_alpha=16, use_dora=True, use_rslora=True,
+                                                     target_modules=["q_proj", "v_proj"])),
+    ],
+    # output vectors on k/v, an input vector on down_proj (peft's Llama defaults); a regex with an input vector
+    "IA3": [
+        Case("llama-defaults", lambda: dt.IA3Config()),
+        Case("regex-feedforward", lambda: dt.IA3Config(target_modules=r".*\.(q_proj|o_proj|up_proj)",
+                                                       feedforward_modules=r".*\.(o_proj|up_proj)")),
     ],
 }
 

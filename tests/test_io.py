@@ -238,7 +238,7 @@ BAD_INPUTS = {
     "unknown-key": (lambda p: _edit_config(p, lora_rank=4), "", "lora_rank"),
     "r-zero": (lambda p: _edit_config(p, r=0), "", r"\br must be a positive integer, got 0"),
     "dropout-one": (lambda p: _edit_config(p, lora_dropout=1.0), "", "lora_dropout"),
-    "use-dora": (lambda p: _edit_config(p, use_dora=True), "", "use_dora=True"),
+    "use-dora-no-magnitude": (lambda p: _edit_config(p, use_dora=True), "", r"missing 4 tensors.*lora_magnitude_vector"),
     "target-not-in-model": (lambda p: _edit_config(p, target_modules=["c_attn"]), "", "c_attn"),
     "missing-weights": (lambda p: (p / "adapter_model.safetensors").unlink(), "", "no adapter_model.safetensors"),
     "truncated-weights": (

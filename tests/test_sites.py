@@ -323,3 +323,18 @@ def test_failed_attach_rolls_back_sites_copies_and_selections(test_methods):
     with pytest.raises(dt.TargetNotFoundError):
         dt.attach(model, config, "b")
     assert_unchanged(model, saved)
+
+
+def test_adapter_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    model = make_tiny_llama()
+    attach_random(model, "a", 1)
+    old = os.umask(0o022)
+    try:
+        dt.save_adapter(model, tmp_path, "a")
+    finally:
+        os.umask(old)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name

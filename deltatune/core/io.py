@@ -79,11 +79,20 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     return out
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(target: Path, write) -> None:
+    """Write via a temporary file and a rename; the file gets the usual mode (0666 minus the umask), not
+    mkstemp's 0600, so a server running as another user can read the adapter."""
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,2 +1,4 @@
 """One module per method; importing a module registers its method."""
 from . import lora  # noqa: F401
+from . import dora  # noqa: F401
+from . import ia3  # noqa: F401
