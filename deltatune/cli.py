@@ -365,7 +365,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .train.loop import TrainingDiverged
 
     return (AdapterFileError, ConfigError, DataError, TargetNotFoundError, ModelNotFoundError, CheckpointError,
-            TrainingDiverged, CommandError, OSError, KeyError, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
+            TrainingDiverged, CommandError, OSError, KeyError, ImportError, ValueError,  # ValueError: the core's input checks
+            getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError))
 
 
 def _one_line(exc: BaseException) -> str:

@@ -43,6 +43,11 @@ CASES: dict[str, list[Case]] = {
         Case("regex-feedforward", lambda: dt.IA3Config(target_modules=r".*\.(q_proj|o_proj|up_proj)",
                                                        feedforward_modules=r".*\.(o_proj|up_proj)")),
     ],
+    # virtual tokens change the output from the start; nothing to fold into a weight
+    "PROMPT_TUNING": [
+        Case("sample-vocab", lambda: dt.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB"),
+             identity_at_init=False, mergeable=False),
+    ],
 }
 
 
@@ -67,8 +72,9 @@ def _ids() -> torch.Tensor:
 
 
 def _logits(model, ids):
+    """Logits at the input tokens' positions (prompt tuning's virtual positions come first and are left out)."""
     with torch.no_grad():
-        return model(ids).logits
+        return model(ids).logits[:, -ids.shape[1]:]
 
 
 def _attach(case: Case, name: str = "default", seed: int = 1, perturb: bool = True):

@@ -161,7 +161,8 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computed():
     copy_out_of_file_mappings(model)
     layer = model.model.layers[0].self_attn.q_proj
     assert changed == 2 * 7 and layer.base_layer.weight.dtype == torch.bfloat16
-    assert layer.lora_A["default"].weight.dtype == torch.float32  # trainable: untouched
+    lora_a = next(param for name, param in layer.named_parameters() if "lora_A" in name)
+    assert lora_a.dtype == torch.float32  # trainable: untouched
     assert model.lm_head.weight.dtype == torch.float32 and model.lm_head.weight is model.model.embed_tokens.weight
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = causal_lm_loss(model, batch, chunk_size=7)

@@ -73,6 +73,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         raise TypeError(f"config must be an AdapterConfig such as deltatune.LoraConfig, got {type(config).__name__}")
     _check_name(model, name)
     method = method_of(config)
+    if method.resolve is not None:  # model-dependent fields (prompt tuning's token_dim), checked against the model
+        config = method.resolve(model, config)
     adapter = Adapter(name, config, method)
     try:
         targets = _place_deltas(model, adapter) if method.delta_classes(config) else []

@@ -9,6 +9,8 @@ A method is one file that calls `register` with what it is made of, any of:
                (model, config, target names) -> parameter names
     step_hook  a per-step training hook factory (see deltatune.train.hooks)
     readers    which tools read its adapter files (peft's own methods: "peft", "vLLM" for plain LoRA)
+    resolve    (model, config) -> config with its model-dependent fields filled in at attach (prompt tuning's
+               token_dim, as peft's _prepare_prompt_learning_config); the adapter keeps and saves the result
 
 A *variant* of a method is chosen from its config (peft writes DoRA as a LoRA config with use_dora=true):
 `register_variant("LORA", "use_dora", DoraLinear)` makes LoRA configs with that flag set use those deltas.
@@ -42,6 +44,7 @@ Injector = Callable[[nn.Module, AdapterConfig, str], nn.Module]
 Selector = Callable[[nn.Module, AdapterConfig, Sequence[str]], list[str]]
 # (model, config, adapter name) -> an object with before_step/on_step (deltatune.train.hooks.StepHook), or None.
 StepHookFactory = Callable[[nn.Module, AdapterConfig, str], Any]
+Resolver = Callable[[nn.Module, AdapterConfig], AdapterConfig]
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Method:
     step_hook: StepHookFactory | None = None
     readers: tuple[str, ...] = ("deltatune",)
     variants: dict[str, tuple[type[Delta], ...]] = field(default_factory=dict)  # config flag -> deltas
+    resolve: Resolver | None = None
 
     def delta_classes(self, config: AdapterConfig) -> tuple[type[Delta], ...]:
         flags = getattr(type(config), "variant_flags", ())
@@ -79,8 +83,10 @@ def register(
     select: Selector | None = None,
     step_hook: StepHookFactory | None = None,
     readers: Sequence[str] = ("deltatune",),
+    resolve: Resolver | None = None,
 ) -> Method:
-    method = Method(config_cls.peft_type, config_cls, tuple(deltas), inject, select, step_hook, tuple(readers))
+    method = Method(config_cls.peft_type, config_cls, tuple(deltas), inject, select, step_hook, tuple(readers),
+                    resolve=resolve)
     _METHODS[config_cls.peft_type] = method
     return method
 

@@ -2,3 +2,4 @@
 from . import lora  # noqa: F401
 from . import dora  # noqa: F401
 from . import ia3  # noqa: F401
+from . import prompt_tuning  # noqa: F401

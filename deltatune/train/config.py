@@ -435,9 +435,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    data.setdefault("adapter", dict(TrainConfig().adapter))  # `--adapter.r 8` edits the default adapter
+    default_adapter = "adapter" not in data
+    data.setdefault("adapter", {})
     if overrides:
         data = _section_from_text(TrainConfig, apply_overrides(data, overrides), plain=False)
+    if default_adapter and data["adapter"].get("peft_type", "LORA") == "LORA":  # `--adapter.r 8` edits the default
+        data["adapter"] = {**TrainConfig().adapter, **data["adapter"]}  # LoRA; another peft_type starts from its own
     return _build(TrainConfig, data)
 
 

@@ -44,18 +44,18 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk_size: int) 
     if chunk_size < 0:
         raise ValueError(f"loss_chunk_size must be a number of tokens, or 0 for automatic, got {chunk_size}")
     labels = batch["labels"]
-    targets = labels[:, 1:].reshape(-1)  # (B·(T-1),)
-    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
-    targets = targets.index_select(0, keep)
     head = _head_of(model)
     if head is None:  # no separable head: every logit at once, then the same selection
         inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits[:, :-1].flatten(0, 1)  # (B·(T-1), V)
+        logits = model(**inputs, use_cache=False).logits
+        targets, keep = _targets(labels, logits.shape[1])
+        logits = logits[:, :-1].flatten(0, 1)  # (B·(T-1), V)
         if keep.numel() == 0:
             return logits.sum() * 0.0, 0
         return F.cross_entropy(logits.index_select(0, keep).float(), targets, reduction="sum"), int(keep.numel())
     decoder, lm_head = head
-    hidden = _last_hidden(decoder, batch)  # (B, T, H)
+    hidden = _last_hidden(decoder, batch)  # (B, T, H); T + p where a method prepends p positions (prompt tuning)
+    targets, keep = _targets(labels, hidden.shape[1])
     if keep.numel() == 0:
         return hidden.sum() * 0.0, 0  # keeps the graph (backward gives zero gradients), no 0/0
     rows = hidden[:, :-1].flatten(0, 1).index_select(0, keep)  # (N, H), only the counted positions
@@ -63,6 +63,16 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Tensor], chunk_size: int) 
     if type(lm_head) is nn.Linear:
         return _ChunkedLinearCE.apply(rows, lm_head.weight, lm_head.bias, targets, chunk_size), int(keep.numel())
     return _checkpointed_ce(lm_head, rows, targets, chunk_size), int(keep.numel())
+
+
+def _targets(labels: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """(kept targets, their indices among the B·(length-1) predicting positions). Positions a method prepends
+    (prompt tuning's virtual tokens) have no label: -100 there, as peft pads them."""
+    if length > labels.shape[1]:
+        labels = F.pad(labels, (length - labels.shape[1], 0), value=IGNORE_INDEX)
+    targets = labels[:, 1:].reshape(-1)  # (B·(length-1),)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+    return targets.index_select(0, keep), keep
 
 
 def auto_chunk_size(vocab_size: int | None, device: torch.device) -> int:
