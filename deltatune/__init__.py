@@ -31,6 +31,9 @@ from .core.targets import TargetNotFoundError
 from .methods.lora import LoraConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.ia3 import IA3Config
+from .methods.bottleneck import BottleneckConfig
+from .methods.bitfit import BitFitConfig
+from .methods.full import FullConfig
 
 AdapterLayer = Site  # the name of the host layer before the sites redesign
 from .train.config import TrainConfig, load_config
@@ -39,7 +42,8 @@ from .train.loop import TrainResult  # `train`: the package deltatune.train, cal
 __all__ = [
     "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "Site", "WeightSite", "BlockSite", "AdapterLayer",
     "Delta", "NotMergeableError", "adapters", "register_variant", "TargetNotFoundError",
-    "LoraConfig", "IA3Config", "PromptTuningConfig", "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
+    "LoraConfig", "IA3Config", "PromptTuningConfig", "BottleneckConfig", "BitFitConfig", "FullConfig",
+    "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",
     "TrainConfig", "TrainResult", "load_config", "train",

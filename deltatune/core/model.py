@@ -116,7 +116,6 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
     config, method = adapter.config, adapter.method
-    actual = {logical_name(p): p for p, _ in model.named_modules()}
 
     def supports(module: nn.Module) -> bool:
         if isinstance(module, ModulesToSave):
@@ -127,7 +126,7 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
 
     targets = find_targets(model, config, supports, _candidates(model))
     for target in targets:
-        path = actual[target]
+        path = resolve(model, target)  # an enclosing target wrapped just before moved it under `.base_layer`
         module = model.get_submodule(path)
         site = module if isinstance(module, Site) else None
         base = site.base_layer if site is not None else module

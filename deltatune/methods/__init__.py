@@ -3,3 +3,6 @@ from . import lora  # noqa: F401
 from . import dora  # noqa: F401
 from . import ia3  # noqa: F401
 from . import prompt_tuning  # noqa: F401
+from . import bottleneck  # noqa: F401
+from . import full  # noqa: F401
+from . import bitfit  # noqa: F401
