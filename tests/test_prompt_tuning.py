@@ -195,7 +195,7 @@ def test_two_prompt_adapters_one_active_at_a_time_and_either_can_go():
     torch.testing.assert_close(logits_alone(model, ids, "b"), alone["b"], atol=1e-6, rtol=1e-6)
 
 
-def test_merge_folds_nothing_and_merge_and_unload_drops_the_prompt():
+def test_merge_folds_nothing_and_merge_and_unload_refuses_to_drop_the_prompt():
     ids = padded_batch()[0]
     model = dt.attach(lively_llama(), dt.PromptTuningConfig(num_virtual_tokens=P))
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -203,7 +203,10 @@ def test_merge_folds_nothing_and_merge_and_unload_drops_the_prompt():
     dt.merge(model)
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(no_grad_logits(model, ids), before, atol=0, rtol=0)  # the prompt is still prepended
-    plain = dt.merge_and_unload(model)
+    with pytest.raises(dt.NotMergeableError, match="PROMPT_TUNING"):
+        dt.merge_and_unload(model)  # a plain model cannot carry the virtual tokens: refused, nothing lost
+    torch.testing.assert_close(no_grad_logits(model, ids), before, atol=0, rtol=0)
+    plain = dt.unload(model)  # without merging: the base, on purpose
     torch.testing.assert_close(no_grad_logits(plain, ids), no_grad_logits(lively_llama(), ids), atol=0, rtol=0)
 
 

@@ -313,6 +313,13 @@ def unload(model: nn.Module, *, merge_active: bool = False, safe: bool = True) -
     """
     active = active_adapters(model)
     if merge_active:
+        with_part = [n for n in active if adapters(model)[n].part(model) is not None]
+        if with_part:  # its virtual tokens would be silently lost in a plain model
+            adapter = adapters(model)[with_part[0]]
+            raise NotMergeableError(
+                f"adapter {adapter.name!r} ({adapter.config.peft_type}) has no weights to fold into the model, and a plain "
+                "model cannot carry it; serve the base with the adapter loaded instead; nothing was changed"
+            )
         _check_all(model, active, safe=safe, in_place=False)
     else:
         unmerge(model)
