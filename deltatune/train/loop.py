@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
-import json
 import math
 import os
 import random
@@ -38,16 +37,14 @@ import torch
 from torch import nn
 
 from ..core.config import ConfigError
-from ..core.io import WEIGHTS_NAME, load_adapter, save_adapter
+from ..core.io import load_adapter, save_adapter
 from ..core.model import attach
 from ..data import batch_order, collate, load_records, pack, split_eval, tokenize
-from .checkpoint import (
-    CheckpointCorrupted, CheckpointError, DataPosition, latest_checkpoint, list_checkpoints, load_checkpoint,
-    nonfinite_tensor, read_checkpoint_state, save_checkpoint,
-)
+from .checkpoint import DataPosition, latest_checkpoint, nonfinite_tensor, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig, config_to_dict, load_config
 from .distributed import World, all_reduce_sum, barrier, init_distributed, maybe_no_sync, shard, shutdown, wrap
 from .lock import output_dir_lock
+from .resume import RESUMABLE, resume_position, run_record  # noqa: F401 (RESUMABLE: part of this module's story)
 from .hooks import run_before_step, run_on_step, step_hooks
 from .loss import causal_lm_loss
 from .memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
@@ -55,8 +52,6 @@ from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
 ADAPTER_NAME = "default"
-# Settings a resumed run may change: the length of the run and bookkeeping that does not change what is computed.
-RESUMABLE = {"max_steps", "save_every", "eval_every", "log_every", "keep_last", "resume", "output_dir", "tensorboard"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -125,7 +120,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     hooks = step_hooks(model, hooks)
-    step, position = _resume(cfg, model, optimizer, scheduler, hooks, world)
+    step, position = resume_position(cfg, model, optimizer, scheduler, hooks, world, ADAPTER_NAME)
     stream = _BatchStream(data.train, cfg, world, position)
     loss_module = wrap(_LossModule(model, cfg.loss_chunk_size), world)
     progress = Progress(cfg.max_steps, cfg.output_dir, tensorboard=cfg.tensorboard, enabled=world.is_main, start_step=step)
@@ -283,91 +278,6 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing: false")
 
 
-def _resume(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, hooks: list[Any], world: World) -> tuple[int, DataPosition]:
-    """(step, data position) to start from: the newest intact checkpoint's with resume, else (0, start).
-
-    Refused: without resume, an output_dir holding checkpoints or a finished adapter; with resume, settings
-    other than RESUMABLE that differ from the checkpoint's. A corrupted checkpoint is skipped for an older one."""
-    checkpoints = list_checkpoints(cfg.output_dir)
-    finished = Path(cfg.output_dir) / "adapter" / WEIGHTS_NAME
-    if not cfg.resume:
-        if checkpoints:
-            raise ConfigError(
-                f"output_dir {cfg.output_dir} already holds checkpoints (newest: {checkpoints[-1].name}); set resume: "
-                "true (--resume true) to continue that run, or choose another output_dir"
-            )
-        if finished.is_file():
-            raise ConfigError(
-                f"output_dir {cfg.output_dir} already holds a finished adapter ({finished.parent}); choose another "
-                "output_dir, or delete that adapter to train again there"
-            )
-        return 0, DataPosition()
-    if not checkpoints:
-        if finished.is_file():
-            raise ConfigError(
-                f"resume: output_dir {cfg.output_dir} has no checkpoint to resume from, only a finished adapter "
-                f"({finished.parent}); to train it further, set init_adapter: {finished.parent} and another output_dir"
-            )
-        _main_print(world, f"resume: no checkpoint in {cfg.output_dir}, starting at step 0")
-        return 0, DataPosition()
-    for path in reversed(checkpoints):
-        try:
-            info = read_checkpoint_state(path)
-            _refuse_changed_settings(info.config, _run_record(cfg, world), info.path, info.step, cfg.max_steps)
-            checkpoint = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, hooks=hooks,
-                                         adapter_name=ADAPTER_NAME)
-        except CheckpointCorrupted as exc:
-            _main_print(world, f"warning: skipping a damaged checkpoint: {exc}")
-            continue
-        _main_print(world, f"resumed from {path} at step {checkpoint.step}")
-        return checkpoint.step, checkpoint.position
-    raise CheckpointError(
-        f"resume: none of the {len(checkpoints)} checkpoints in {Path(cfg.output_dir) / 'checkpoints'} is intact (see the "
-        "warnings above); delete that directory to start again, or set resume: false with another output_dir"
-    )
-
-
-def _run_record(cfg: TrainConfig, world: World) -> dict[str, Any]:
-    """What a checkpoint records of the run: the config, and the process count (it sets the global batch)."""
-    return {**config_to_dict(cfg), "world_size": world.size}
-
-
-def _refuse_changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path, step: int,
-                             max_steps: int) -> None:
-    changed = _changed_keys(saved, current)
-    if changed:
-        shown = "; ".join(f"{key} {_get(saved, key)!r} -> {_get(current, key)!r}" for key in changed)
-        raise ConfigError(
-            f"resume: these settings differ from the run in {path.parent.parent}: {shown}. A resumed run continues "
-            f"the saved optimizer, schedule and data order, so only {', '.join(sorted(RESUMABLE - {'resume'}))} may "
-            "change. Set them back, or start a new run from this checkpoint's adapter: "
-            f"--init_adapter {path / 'adapter'} --output_dir <a new directory> (resume: false)"
-        )
-    if step > max_steps:
-        raise ConfigError(f"resume: max_steps {max_steps} is below the step of the newest checkpoint ({step}) in "
-                          f"{path.parent.parent}; set max_steps to at least {step}")
-
-
-def _get(tree: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = tree
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, Mapping) else None
-    return node
-
-
-def _changed_keys(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
-    current = json.loads(json.dumps(current, default=str))  # as stored: tuples become lists
-    keys = sorted(set(saved) | set(current))
-    changed = []
-    for key in keys:
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict) and key != "adapter":
-            changed += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b and (prefix or key not in RESUMABLE):
-            changed.append(prefix + key)
-    return changed
-
-
 # ---- one step -------------------------------------------------------------------------------------------
 class _BatchStream:
     """This process's micro-batches (example indices), epoch after epoch, from a saved data position."""
@@ -482,7 +392,7 @@ def _save_checkpoint(cfg: TrainConfig, step: int, model: nn.Module, optimizer, s
         raise TrainingDiverged(_diverged_message(step, f"{bad} holds NaN/Inf after the optimizer step", cfg))
     if world.is_main:
         save_checkpoint(cfg.output_dir, step, model=model, optimizer=optimizer, scheduler=scheduler, position=position,
-                        config=_run_record(cfg, world), hooks=hooks, keep_last=cfg.keep_last, adapter_name=ADAPTER_NAME)
+                        config=run_record(cfg, world), hooks=hooks, keep_last=cfg.keep_last, adapter_name=ADAPTER_NAME)
     barrier(world)
 
 
