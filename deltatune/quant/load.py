@@ -69,7 +69,8 @@ def _load_tensor(model: nn.Module, quantized: set[str], expected: set[str], key:
     if key not in expected:
         raise QuantizationError(f"checkpoint tensor {key!r} has no place in {type(model).__name__}")
     module = model.get_submodule(module_name)
-    value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+    # a copy, so that no tensor keeps the file mapped (its pages would count in RSS for as long as the model lives)
+    value = tensor.to(dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
     if leaf in module._parameters:
         module._parameters[leaf] = nn.Parameter(value, requires_grad=module._parameters[leaf].requires_grad)
     else:
