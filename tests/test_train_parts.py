@@ -187,7 +187,7 @@ def test_optimizer_loraplus_groups_and_lrs():
     assert groups["default"]["lr"] == 1e-4 and groups["lora_embedding"]["lr"] == 1e-6
     assert all("lora_B." in n for n in groups["lora_B"]["param_names"])
     assert all("lora_A." in n for n in groups["default"]["param_names"])
-    assert sorted(n.split(".")[-2] for n in groups["lora_embedding"]["param_names"]) == ["lora_embedding_A", "lora_embedding_B"]
+    assert sorted(n.split(".")[-1] for n in groups["lora_embedding"]["param_names"]) == ["lora_embedding_A", "lora_embedding_B"]
     assert groups["default_no_decay"]["param_names"] == ["model.norm.weight"]
     assert groups["default_no_decay"]["weight_decay"] == 0.0 and groups["lora_B"]["weight_decay"] == 0.1
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -203,9 +203,9 @@ def test_optimizer_without_loraplus_uses_one_lr_and_fused_adamw():
     assert group["fused"] or group["foreach"]
     loss, _ = causal_lm_loss(model, _batch(), chunk_size=16)
     loss.backward()
-    before = model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.clone()
+    before = model.model.layers[0].self_attn.q_proj.deltas["default"].lora_B.weight.clone()
     optimizer.step()
-    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.lora_B["default"].weight)
+    assert not torch.equal(before, model.model.layers[0].self_attn.q_proj.deltas["default"].lora_B.weight)
 
 
 def test_optimizer_needs_trainable_parameters():
