@@ -344,3 +344,24 @@ def test_load_quantized_equals_quantize_model(tmp_path, input_ids):
         assert torch.equal(model(input_ids).logits, expected(input_ids).logits)
     with pytest.raises(QuantizationError, match="safetensors"):
         load_quantized(tmp_path / "missing")
+
+
+def test_lora_on_the_4bit_base_gets_the_gradients_of_the_dequantized_model(input_ids):
+    """Adapters see the 4-bit base through the core's protocol: the same grads as on its dequantized copy."""
+    import deltatune as dt
+
+    models = []
+    for dequantize in (False, True):
+        model = make_tiny_llama()
+        quantize_model(model, compute_dtype=torch.float32)
+        if dequantize:
+            dequantize_model(model)
+        torch.manual_seed(1)
+        dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        model.train()
+        model(input_ids).logits.square().mean().backward()
+        models.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    quantized, reference = models
+    assert sorted(quantized) == sorted(reference) and len(quantized) == 28
+    for name, grad in reference.items():
+        assert torch.equal(quantized[name], grad), name
