@@ -64,7 +64,7 @@ def test_config_writes_exactly_peft_keys(tmp_path):
     ({"layers_to_transform": [0]}, "IA3Config has no layers_to_transform.*target_modules regex"),
     ({"target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]}, r"must name targets; \['down_proj'\] match no entry"),
     ({"feedforward_modules": "down_proj("}, "feedforward_modules.*not a valid regular expression"),
-    ({"init_ia3_weights": "yes"}, "init_ia3_weights must be True or False"),
+    ({"init_ia3_weights": "yes"}, "init_ia3_weights must be true or false"),
 ])
 def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(dt.ConfigError, match=message):

@@ -281,3 +281,14 @@ def test_config_is_frozen_and_round_trips_through_dict():
     with pytest.raises(Exception):
         config.r = 8  # type: ignore[misc]
     assert dt.LoraConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"lora_dropout": "0.1"}, "lora_dropout must be a number, got '0.1'"),
+    ({"r": "8"}, "r must be an integer"),
+    ({"target_modules": 5}, "target_modules must be a string or a list of strings or null"),
+    ({"lora_alpha": "sixteen"}, "lora_alpha must be a number"),
+])
+def test_python_type_errors_are_config_errors_naming_the_field(kwargs, message):
+    with pytest.raises(dt.ConfigError, match=message):
+        dt.LoraConfig(**kwargs)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -55,8 +56,12 @@ class AdapterConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        from .types import coerce  # types.py raises ConfigError, defined here
+
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(self, f.name, _as_tuple(getattr(self, f.name)))
+            value = _as_tuple(getattr(self, f.name))
+            object.__setattr__(self, f.name, coerce(f.name, value, hints[f.name]) if f.name in hints else value)
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             _check_regex("target_modules", self.target_modules)
         if isinstance(self.exclude_modules, str):

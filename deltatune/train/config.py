@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 from ..core.config import AdapterConfig, ConfigError
+from ..core.types import coerce
 from ..core.registry import config_from_dict
 
 
@@ -168,92 +169,9 @@ def _not_empty(key: str, value: str | None) -> None:
         raise ConfigError(f"{key} is an empty string; give a path{' or null' if key != 'output_dir' else ''}")
 
 
-def _describe(hint: Any) -> str:
-    """A type hint in words, for error messages: `str | None` -> "a string or null"."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return "one of " + ", ".join(map(repr, args))
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
-        return f"a list of {len(args)} numbers" if all(a in (int, float) for a in args) else f"a list of {len(args)} values"
-    if dataclasses.is_dataclass(hint):
-        return f"a mapping of {', '.join(f.name for f in dataclasses.fields(hint))}"
-    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-    if hint in names:
-        return names[hint]
-    return "a mapping" if origin in (Mapping, dict) or hint in (dict, Mapping) else getattr(hint, "__name__", str(hint))
-
-
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """`value` checked against a type hint (no conversion of text: see `_from_text`); ints become floats for float
-    fields, lists tuples, mappings the section dataclass. Errors name the key and say what is allowed."""
-    try:
-        return _checked(key, value, hint)
-    except _WrongType:
-        raise ConfigError(f"{key} must be {_describe(hint)}, got {value!r}") from None
-
-
-class _WrongType(Exception):
-    pass
-
-
-def _checked(key: str, value: Any, hint: Any) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in args:
-            try:
-                return _checked(key, value, option)
-            except _WrongType:
-                continue
-        raise _WrongType
-    if hint is type(None):
-        if value is None:
-            return None
-        raise _WrongType
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        raise _WrongType
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if isinstance(value, Mapping):
-            return _build(hint, value, prefix=f"{key}.")
-        raise _WrongType
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _WrongType
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_checked(key, v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise _WrongType
-        return tuple(_checked(key, v, t) for v, t in zip(value, args))
-    if origin in (Mapping, dict) or hint in (dict, Mapping):
-        if isinstance(value, Mapping):
-            return dict(value)
-        raise _WrongType
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise _WrongType
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _WrongType
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _WrongType
-    if hint is str:
-        if isinstance(value, (str, Path)):
-            return str(value)
-        raise _WrongType
-    return value  # a hint this checker does not model: the config class's own validation decides
+    """`value` checked against a type hint (deltatune.core.types); a mapping for a section builds that section."""
+    return coerce(key, value, hint, build=lambda cls, data, k: _build(cls, data, prefix=f"{k}."))
 
 
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
