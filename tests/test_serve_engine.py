@@ -149,3 +149,24 @@ def test_blend_is_the_weighted_sum_of_deltas(served):
         dt.delete_adapter(model, name)
         for spec in list(engine._blends.values()):
             dt.delete_adapter(model, spec)
+
+
+def test_stacked_lora_and_routed_adapters_share_a_batch(served):
+    """Plain LoRA rows take the stacked product; an adapter with a trained copy of the head takes the core's
+    routed path; dropout is off (adapters attach in training mode, the engine serves in eval mode)."""
+    model, tok = served
+    torch.manual_seed(4)
+    dt.attach(model, dt.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.5, target_modules=["q_proj", "k_proj"],
+                                   modules_to_save=["lm_head"], init_lora_weights=False), "saved", activate=False)
+    with torch.no_grad():
+        model.lm_head.modules_to_save["saved"].weight.mul_(1.5)
+    try:
+        engine = Engine(model, tok)
+        assert engine.fused.eligible("r2") and not engine.fused.eligible("saved")
+        prompts, names = _prompts(5, seed=21), ["r2", "saved", None, "r8", "saved"]
+        fused = [o.token_ids for o in engine.generate(prompts, names, max_new_tokens=7)]
+        routed = [o.token_ids for o in Engine(model, tok, fused_lora=False).generate(prompts, names, max_new_tokens=7)]
+        expected = [hf_greedy(model.eval(), p, n, 7) for p, n in zip(prompts, names)]
+        assert fused == expected and routed == expected
+    finally:
+        dt.delete_adapter(model, "saved")

@@ -20,6 +20,7 @@ anything else is refused. Greedy decoding in fp32 gives each request the tokens 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import re
 import threading
@@ -34,6 +35,7 @@ from torch import nn
 from ..core.model import adapters as attached_adapters
 from ..core.model import route
 from ..core.sites import hosts
+from .fused_lora import FusedLora
 from .kv import SlotKVCache
 from .sampling import RequestError, SamplingParams, choose
 
@@ -118,11 +120,13 @@ class Engine:
     most (default: the model's max_position_embeddings). max_prefill_tokens: padded prompt tokens admitted per
     step, which bounds how long one step stalls the running requests. `blend` turns a {name: weight} adapter
     spec into an attached adapter (deltatune.serve.registry.AdapterRegistry.blend; by default
-    `blend_lora` with a cache).
+    `blend_lora` with a cache). fused_lora: run plain LoRA adapters as one stacked product per site
+    (deltatune.serve.fused_lora) instead of the core's one product per adapter.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch_size: int = 64,
-                 max_model_len: int | None = None, max_prefill_tokens: int = 4096, blend=None) -> None:
+                 max_model_len: int | None = None, max_prefill_tokens: int = 4096, blend=None,
+                 fused_lora: bool = True) -> None:
         check_servable(model)
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
@@ -141,6 +145,8 @@ class Engine:
         self._ids = itertools.count()
         self._checked: dict[str, int] = {}  # adapter name -> id of the Adapter object found servable
         self._blend = blend
+        self._eval_for: tuple = ()
+        self.fused = FusedLora(model) if fused_lora else _Unfused()
         self._blends: dict[tuple, str] = {}
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -270,8 +276,12 @@ class Engine:
                  names: list[str | None], last: torch.Tensor | None) -> torch.Tensor:
         """Logits (B, vocab) in fp32 at position `last` of each row (None: the only position)."""
         inner, device = self.model.model, self.device
+        attached = tuple(map(id, attached_adapters(self.model).values()))
+        if attached != self._eval_for:  # adapters attach in training mode: dropout would be live
+            self.model.eval()
+            self._eval_for = attached
         ids, positions = ids.to(device), positions.to(device)
-        with route(self.model, names):
+        with self.fused.apply(names) as routed, route(self.model, routed):
             h = inner.embed_tokens(ids)
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill_(
                 ~allowed.to(device), torch.finfo(h.dtype).min)  # additive: read alike by sdpa and eager attention
@@ -380,6 +390,12 @@ class Engine:
         while not all(r.finished for r in requests):
             self.step()
         return [r.completion() for r in requests]
+
+
+class _Unfused:
+    @contextlib.contextmanager
+    def apply(self, names):
+        yield list(names)
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
