@@ -64,6 +64,7 @@ def _shape(module: Any) -> str:
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from .core.io import WEIGHTS_NAME, read_adapter
+    from .core.registry import method_of
 
     config, tensors, metadata = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and hasattr(v, "numel") for k, v in tensors.items()):
@@ -82,6 +83,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(f"parameters   {params:,} in {len(tensors)} tensors")
     print(f"file size    {size / 1e6:.2f} MB ({WEIGHTS_NAME if (root / WEIGHTS_NAME).exists() else 'pickle'})")
     print(f"written by   deltatune {metadata['deltatune_version']}" if "deltatune_version" in metadata else "written by   peft (or another tool)")
+    print(f"readable by  {', '.join(method_of(config).readers_for(config))}")
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:

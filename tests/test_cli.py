@@ -78,6 +78,14 @@ def test_inspect_an_adapter_dir(tmp_path, capsys):
     code, out, _ = run(["inspect", str(tmp_path / "adapter")], capsys)
     assert code == 0
     assert "LORA" in out and "r            4" in out and "4 adapted" in out and "written by   deltatune" in out
+    assert "readable by  peft, vLLM, deltatune" in out
+
+
+def test_inspect_names_deltatune_only_methods(tmp_path, capsys):
+    model = dt.attach(make_tiny_llama(), dt.BottleneckConfig())
+    dt.save_adapter(model, tmp_path / "adapter")
+    code, out, _ = run(["inspect", str(tmp_path / "adapter")], capsys)
+    assert code == 0 and "BOTTLENECK" in out and "readable by  deltatune\n" in out
 
 
 @pytest.mark.parametrize("argv, named", [

@@ -362,3 +362,12 @@ def test_several_adapters_load_side_by_side_and_save_by_name(tmp_path):
         load_file(str(tmp_path / "b" / "adapter_model.safetensors")).keys()
     with pytest.raises(KeyError, match="'zz'"):
         dt.save_adapter(model, tmp_path / "zz", name="zz")
+
+
+def test_pickle_holding_something_other_than_tensors_is_refused(tmp_path):
+    model = dt.attach(make_tiny_llama(), dt.LoraConfig(r=4))
+    dt.save_adapter(model, tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
+    with pytest.raises(dt.AdapterFileError, match="not a mapping of tensor names"):
+        dt.load_adapter(make_tiny_llama(), tmp_path, allow_pickle=True)

@@ -140,9 +140,12 @@ def _read_tensors(root: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tenso
                 "or convert it to safetensors"
             )
         try:
-            return torch.load(pickled, map_location="cpu", weights_only=True), {}
+            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for a bad pickle
             raise AdapterFileError(f"{pickled} cannot be read ({exc})") from None
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+            raise AdapterFileError(f"{pickled} holds a {type(tensors).__name__}, not a mapping of tensor names to tensors")
+        return tensors, {}
     raise AdapterFileError(f"{root} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
 
 

@@ -57,6 +57,7 @@ class Method:
     step_hook: StepHookFactory | None = None
     readers: tuple[str, ...] = ("deltatune",)
     variants: dict[str, tuple[type[Delta], ...]] = field(default_factory=dict)  # config flag -> deltas
+    variant_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # config flag -> readers
     resolve: Resolver | None = None
 
     def delta_classes(self, config: AdapterConfig) -> tuple[type[Delta], ...]:
@@ -68,6 +69,11 @@ class Method:
         if len(chosen) > 1:
             raise ConfigError(f"{self.peft_type}: {' and '.join(chosen)} cannot be combined")
         return self.variants[chosen[0]] if chosen else self.deltas
+
+    def readers_for(self, config: AdapterConfig) -> tuple[str, ...]:
+        """The tools that read this config's files: a variant's own list where it has one (vLLM serves no DoRA)."""
+        chosen = [flag for flag in self.variants if getattr(config, flag, False)]
+        return self.variant_readers.get(chosen[0], self.readers) if chosen else self.readers
 
     def delta_for(self, module: nn.Module, config: AdapterConfig) -> type[Delta] | None:
         return next((cls for cls in self.delta_classes(config) if cls.supports(module)), None)
@@ -91,12 +97,15 @@ def register(
     return method
 
 
-def register_variant(peft_type: str, flag: str, *deltas: type[Delta]) -> None:
-    """Configs of method `peft_type` with `flag` set use `deltas` instead of the method's own."""
+def register_variant(peft_type: str, flag: str, *deltas: type[Delta], readers: Sequence[str] | None = None) -> None:
+    """Configs of method `peft_type` with `flag` set use `deltas` instead of the method's own (and, if given,
+    are read by `readers` rather than the method's)."""
     method = method_of(peft_type)
     if flag not in {f for f in method.config_cls.__dataclass_fields__}:
         raise ConfigError(f"{method.config_cls.__name__} has no field {flag!r} to choose a variant by")
     method.variants[flag] = tuple(deltas)
+    if readers is not None:
+        method.variant_readers[flag] = tuple(readers)
 
 
 def method_of(config: AdapterConfig | str) -> Method:

@@ -62,9 +62,10 @@ class _Rescale(torch.autograd.Function):
         grad_z = grad.addcmul(grad, (g - 1).to(grad.dtype))  # ∂out/∂y = ∂out/∂l = g
         grad_g = None
         if ctx.needs_input_grad[2]:  # Σ_tokens grad ⊙ z, z = (out − b)/g
-            dot = (grad * out).flatten(0, -2).sum(0, dtype=torch.float32)
+            # summed in grad's dtype (fp32 accumulation inside); sum(dtype=float32) would first copy all of it
+            dot = (grad * out).flatten(0, -2).sum(0).float()
             if bias is not None:
-                dot = dot - bias.float() * grad.flatten(0, -2).sum(0, dtype=torch.float32)
+                dot = dot - bias.float() * grad.flatten(0, -2).sum(0).float()
             grad_g = (dot / g).to(g.dtype)
         return grad_z, grad_z, grad_g, None
 
@@ -156,4 +157,4 @@ class DoraLinear(LoraLinear):
         return restored.to(weight.dtype), bias
 
 
-register_variant("LORA", "use_dora", DoraLinear)
+register_variant("LORA", "use_dora", DoraLinear, readers=("peft", "deltatune"))  # vLLM serves no DoRA
