@@ -320,3 +320,11 @@ def test_progress_tensorboard_missing_names_the_package(tmp_path, monkeypatch):
 def test_plot_metrics_without_data(tmp_path):
     plot_metrics(tmp_path / "missing.jsonl", tmp_path / "empty.png")
     assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("peft_type", "lr"), [("LORA", 2e-4), ("IA3", 3e-3), ("PROMPT_TUNING", 3e-2), ("FULL", 2e-5)])
+def test_each_method_trains_at_its_recommended_lr_unless_one_is_given(peft_type, lr):
+    assert dt.TrainConfig(adapter={"peft_type": peft_type}).optim.lr == pytest.approx(lr)
+    assert dt.TrainConfig(adapter={"peft_type": peft_type}, optim={"lr": 1e-2}).optim.lr == 1e-2
+    model = dt.attach(make_tiny_llama(), dt.IA3Config())
+    assert build_optimizer(model, OptimConfig()).param_groups[0]["lr"] == pytest.approx(3e-3)

@@ -40,6 +40,7 @@ class AdapterConfig:
     """
 
     peft_type: ClassVar[str] = ""
+    recommended_lr: ClassVar[float] = 2e-4  # the training loop's lr when optim.lr is not set
     # Keys peft writes for this method that deltatune does not model: accepted on load only at these values.
     peft_only_defaults: ClassVar[Mapping[str, Any]] = {}
     # model_type -> the targets used when target_modules is None (peft's per-architecture tables)

@@ -63,6 +63,7 @@ class BitFitConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "BITFIT"
+    recommended_lr: ClassVar[float] = 1e-3  # BitFit paper: 1e-4 to 1e-3; biases need the high end
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
     variant_flags: ClassVar[tuple[str, ...]] = ("add_biases",)
 

@@ -57,6 +57,7 @@ class BottleneckConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK"
+    recommended_lr: ClassVar[float] = 1e-3  # Houlsby et al.: 1e-4 to 1e-3
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
 
     reduction_factor: int = 16

@@ -42,6 +42,7 @@ class FullConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "FULL"
+    recommended_lr: ClassVar[float] = 2e-5  # about LoRA's / 10 ("LoRA Without Regret")
 
 
 def base_parameters(model: nn.Module) -> dict[str, str]:

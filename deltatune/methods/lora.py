@@ -65,6 +65,7 @@ class LoraConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    recommended_lr: ClassVar[float] = 2e-4  # peft's and most recipes' default; the demo's 12 steps use 1e-3
     peft_only_defaults: ClassVar[Mapping[str, Any]] = _PEFT_ONLY
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
     variant_flags: ClassVar[tuple[str, ...]] = ("use_dora",)

@@ -66,6 +66,7 @@ class PromptTuningConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
+    recommended_lr: ClassVar[float] = 3e-2  # virtual tokens need a far higher lr than weights (Lester et al. used 0.3)
 
     task_type: str | None = "CAUSAL_LM"  # what peft's PeftModel.from_pretrained dispatches on
     num_virtual_tokens: int = 20

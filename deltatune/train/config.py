@@ -68,7 +68,7 @@ class DataConfig(_Section):
 @dataclass(frozen=True)
 class OptimConfig(_Section):
     _prefix: ClassVar[str] = "optim."
-    lr: float = 2e-4
+    lr: float | None = None  # None: the adapter method's recommended lr (LoRA 2e-4, IA3 3e-3, prompt tuning 3e-2, ...)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -80,7 +80,8 @@ class OptimConfig(_Section):
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B matrices = ratio x lr (Hayou et al. 2024 suggest 16)
 
     def _check_ranges(self) -> None:
-        _positive("optim.lr", self.lr)
+        if self.lr is not None:
+            _positive("optim.lr", self.lr)
         _at_least("optim.weight_decay", self.weight_decay, 0.0)
         for i, beta in enumerate(self.betas):
             _in_range(f"optim.betas[{i}]", beta, 0.0, 1.0)
@@ -135,7 +136,9 @@ class TrainConfig(_Section):
         if self.optim.warmup_steps > self.max_steps or round(self.optim.warmup_ratio * self.max_steps) > self.max_steps:
             raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds max_steps ({self.max_steps}); "
                               "lower it so the warmup fits the run")
-        self.adapter_config()  # the method's own checks, naming its keys
+        adapter = self.adapter_config()  # the method's own checks, naming its keys
+        if self.optim.lr is None:  # each method trains at its own recommended lr unless one is given
+            object.__setattr__(self, "optim", dataclasses.replace(self.optim, lr=type(adapter).recommended_lr))
 
     def adapter_config(self) -> AdapterConfig:
         data = dict(self.adapter)

@@ -26,7 +26,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..core.model import parameter_roles
+from ..core.config import AdapterConfig
+from ..core.model import active_adapters, adapter_configs, parameter_roles
 from .config import OptimConfig
 
 LORAPLUS_EMBEDDING_LR = 1e-6  # peft's loraplus_lr_embedding default
@@ -38,10 +39,20 @@ def _kind(param: nn.Parameter, roles: dict[int, str], loraplus: bool) -> str:
     return role if role in ("lora_B", "lora_embedding") else "default"
 
 
+def base_lr(model: nn.Module, cfg: OptimConfig) -> float:
+    """optim.lr, or (unset) the recommended lr of the model's first active adapter's method."""
+    if cfg.lr is not None:
+        return cfg.lr
+    configs = adapter_configs(model)
+    active = [configs[n] for n in active_adapters(model)]
+    return type(active[0]).recommended_lr if active else AdapterConfig.recommended_lr
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     """AdamW parameter groups of the trainable parameters (shared tensors once), as the table above."""
     loraplus = cfg.loraplus_lr_ratio is not None
-    lrs = {"default": cfg.lr, "lora_B": cfg.lr * (cfg.loraplus_lr_ratio or 1.0), "lora_embedding": LORAPLUS_EMBEDDING_LR}
+    lr = base_lr(model, cfg)
+    lrs = {"default": lr, "lora_B": lr * (cfg.loraplus_lr_ratio or 1.0), "lora_embedding": LORAPLUS_EMBEDDING_LR}
     groups: dict[str, dict] = {}
     roles = parameter_roles(model)
     for name, param in model.named_parameters():
@@ -78,7 +89,7 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """AdamW (betas, eps, weight decay from `cfg`), fused where the device and dtype allow, else foreach."""
     groups = param_groups(model, cfg)
-    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    kwargs = dict(lr=base_lr(model, cfg), betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if _fused_supported([p for g in groups for p in g["params"]]):
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
