@@ -145,7 +145,7 @@ class Engine:
         self._ids = itertools.count()
         self._checked: dict[str, int] = {}  # adapter name -> id of the Adapter object found servable
         self._blend = blend
-        self._eval_for: tuple = ()
+        self._eval_for: set[tuple] = set()  # (model, its adapters) seen in eval mode
         self.fused = FusedLora(model) if fused_lora else _Unfused()
         self._blends: dict[tuple, str] = {}
 
@@ -250,8 +250,8 @@ class Engine:
         # causal mask; a row's padding comes after its prompt, so no real token ever attends to it
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
         last = torch.tensor([len(r.prompt_ids) - 1 for r in new])
-        self.cache.prepare(slice(start, start + len(new)), None, width)
-        logits = self._forward(ids, positions, allowed, [r.adapter for r in new], last)
+        self._prepare(slice(start, start + len(new)), None, width)
+        logits = self._logits(ids, positions, allowed, [r.adapter for r in new], last)
         for request in new:
             request.length = len(request.prompt_ids)
         return outputs + self._advance(new, logits)
@@ -266,39 +266,54 @@ class Engine:
         positions = torch.tensor([[r.length] for r in running])  # (B, 1): where each row's new token goes
         kv_len = int(positions.max()) + 1
         allowed = (torch.arange(kv_len)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, kv_len)
-        self.cache.prepare(slice(0, len(running)), positions.to(self.device), kv_len)
-        logits = self._forward(ids, positions, allowed, [r.adapter for r in running], None)
+        self._prepare(slice(0, len(running)), positions.to(self.device), kv_len)
+        logits = self._logits(ids, positions, allowed, [r.adapter for r in running], None)
         for request in running:
             request.length += 1
         return self._advance(running, logits)
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
-                 names: list[str | None], last: torch.Tensor | None) -> torch.Tensor:
-        """Logits (B, vocab) in fp32 at position `last` of each row (None: the only position)."""
-        inner, device = self.model.model, self.device
-        attached = tuple(map(id, attached_adapters(self.model).values()))
-        if attached != self._eval_for:  # adapters attach in training mode: dropout would be live
-            self.model.eval()
-            self._eval_for = attached
+    def _caches(self) -> list[SlotKVCache]:
+        """Every KV cache whose slots follow the running batch (one per model the engine drives)."""
+        return [self.cache]
+
+    def _prepare(self, rows: slice, positions: torch.Tensor | None, kv_len: int) -> None:
+        for cache in self._caches():
+            cache.prepare(rows, positions, kv_len)
+
+    def _logits(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                names: list[str | None], last: torch.Tensor | None) -> torch.Tensor:
+        """The logits to sample from, (B, vocab) fp32; a generation mode (Proxy-tuning) overrides this."""
+        return self._forward(self.model, self.cache, ids, positions, allowed, names, last)
+
+    def _forward(self, model: nn.Module, cache: SlotKVCache, ids: torch.Tensor, positions: torch.Tensor,
+                 allowed: torch.Tensor, names: list[str | None], last: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, vocab) in fp32 of `model` at position `last` of each row (None: the only position)."""
+        inner, device = model.model, self.device
+        attached = (id(model), *map(id, attached_adapters(model).values()))
+        if attached not in self._eval_for:  # adapters attach in training mode: dropout would be live
+            model.eval()
+            self._eval_for = {a for a in self._eval_for if a[0] != id(model)} | {attached}
+        fused = self.fused if model is self.model else _Unfused()
         ids, positions = ids.to(device), positions.to(device)
-        with self.fused.apply(names) as routed, route(self.model, routed):
+        with fused.apply(names) as routed, route(model, routed):
             h = inner.embed_tokens(ids)
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill_(
                 ~allowed.to(device), torch.finfo(h.dtype).min)  # additive: read alike by sdpa and eager attention
             position_embeddings = inner.rotary_emb(h, positions)
-            for layer in inner.layers[: self.model.config.num_hidden_layers]:
-                out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+            for layer in inner.layers[: model.config.num_hidden_layers]:
+                out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True, position_embeddings=position_embeddings)
                 h = out[0] if isinstance(out, tuple) else out
             h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=device), last.to(device)]
-            return self.model.lm_head(inner.norm(h)).float()  # (B, vocab)
+            return model.lm_head(inner.norm(h)).float()  # (B, vocab)
 
     def fail_all(self) -> list[StepOutput]:
         """End every waiting and running request with finish_reason "error" (after a failed step) and reset."""
         with self._lock:
             failed, self.waiting = [*self.waiting, *self.running], deque()
         self.running = []
-        self.cache.clear()
+        for cache in self._caches():
+            cache.clear()
         for request in failed:
             request.finish_reason, request.slot, request.finished_at = "error", None, time.perf_counter()
         return [StepOutput(r, [], "", True) for r in failed]
@@ -370,7 +385,8 @@ class Engine:
             return
         last = self.running.pop()
         if last is not request:
-            self.cache.move(last.slot, slot, last.length)
+            for cache in self._caches():
+                cache.move(last.slot, slot, last.length)
             last.slot, self.running[slot] = slot, last
         request.slot = None
 

@@ -1,0 +1,195 @@
+"""Multi-adapter serving throughput on the embedded SmolLM2-135M: deltatune's engine against the alternatives.
+
+    python bench/bench_serve.py                                  # the issue's workload (slow on 2 shared cores)
+    python bench/bench_serve.py --requests 32 --new-tokens 32    # smaller
+    python bench/bench_serve.py --config all16                   # rank 16 on all linear layers
+
+Workload: `--requests` requests arriving together, prompts of 64-128 random tokens, `--new-tokens` tokens each
+(end-of-sequence ignored, so every request generates exactly that many), greedy; adapters of rank 8 on q_proj
+and v_proj (`--config qv8`) or rank 16 on all linear layers (`all16`), random nonzero B; bf16 base weights where
+the CPU computes bf16 natively, else fp32 (adapters fp32, as peft keeps them). Rows:
+
+  base            the engine, every request on the base model
+  mixed K         the engine, request i on adapter i mod K, all in one continuous batch (stacked LoRA)
+  mixed K routed  the same, through the core's per-adapter routed path (Engine(fused_lora=False))
+  turns K         the engine on one adapter's requests at a time (what serving without mixing does)
+  peft K          peft's mixed-adapter generate(adapter_names=...), one left-padded batch
+
+Throughput is generated tokens per wall-clock second; TTFT (arrival to first token) and TPOT (mean time per
+later token) are per request, p50/p99. The load of other processes is sampled during each row: on a shared
+machine, figures are only comparable within a run. Results: bench/results/serve_<config>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import _common as C  # noqa: E402
+import deltatune as dt  # noqa: E402
+from deltatune.models import load_model  # noqa: E402
+from deltatune.serve import Engine  # noqa: E402
+from deltatune.serve.registry import AdapterRegistry  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CONFIGS = {"qv8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+           "all16": dict(r=16, lora_alpha=32, target_modules="all-linear")}
+
+
+def make_adapters(model, config: str, count: int, root: Path) -> list[str]:
+    """Save `count` random LoRA adapters under root/ (deltatune's format = peft's); returns their names."""
+    names = [f"ad{i}" for i in range(count)]
+    for i, name in enumerate(names):
+        torch.manual_seed(i)
+        dt.attach(model, dt.LoraConfig(init_lora_weights=False, **CONFIGS[config]), name, activate=False)
+        with torch.no_grad():
+            for _, delta in dt.adapters(model)[name].deltas(model):
+                delta.lora_B.weight.normal_(0, 0.01)
+        dt.save_adapter(model, root / name, name)
+        dt.delete_adapter(model, name)
+    return names
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def run_engine(engine: Engine, prompts, names, new_tokens: int) -> dict:
+    with C.LoadMonitor() as load:
+        start = time.perf_counter()
+        outs = engine.generate(prompts, names, max_new_tokens=new_tokens, ignore_eos=True)
+        wall = time.perf_counter() - start
+    ttft = [o.first_token_s for o in outs]
+    tpot = [(o.total_s - o.first_token_s) / (len(o.token_ids) - 1) for o in outs]
+    tokens = sum(len(o.token_ids) for o in outs)
+    return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "ttft_p50": pct(ttft, .5),
+            "ttft_p99": pct(ttft, .99), "tpot_p50": pct(tpot, .5), "tpot_p99": pct(tpot, .99), "load": load.mean}
+
+
+def run_turns(engine: Engine, prompts, names, new_tokens: int) -> dict:
+    """One adapter's requests at a time; a request's TTFT counts from the start (it waited for the others)."""
+    with C.LoadMonitor() as load:
+        start = time.perf_counter()
+        ttft, tpot, tokens = [], [], 0
+        for name in dict.fromkeys(names):
+            group = [p for p, n in zip(prompts, names) if n == name]
+            begun = time.perf_counter() - start
+            for o in engine.generate(group, [name] * len(group), max_new_tokens=new_tokens, ignore_eos=True):
+                ttft.append(begun + o.first_token_s)
+                tpot.append((o.total_s - o.first_token_s) / (len(o.token_ids) - 1))
+                tokens += len(o.token_ids)
+        wall = time.perf_counter() - start
+    return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "ttft_p50": pct(ttft, .5),
+            "ttft_p99": pct(ttft, .99), "tpot_p50": pct(tpot, .5), "tpot_p99": pct(tpot, .99), "load": load.mean}
+
+
+def run_peft(dtype, root: Path, adapters: list[str], prompts, names, new_tokens: int) -> dict:
+    import peft
+
+    base, _ = load_model(None, dtype=dtype)
+    model = peft.PeftModel.from_pretrained(base, str(root / adapters[0]), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.load_adapter(str(root / name), adapter_name=name)
+    model.eval()
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding, as generate() wants for a decoder
+        ids[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
+    adapter_names = ["__base__" if n is None else n for n in names]
+    with C.LoadMonitor() as load, torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=adapter_names, do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+        wall = time.perf_counter() - start
+    tokens = (out.shape[1] - width) * len(prompts)
+    return {"wall_s": wall, "tokens": tokens, "tok_per_s": tokens / wall, "load": load.mean}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="qv8")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--adapters", default="1,8,32", help="distinct adapters per mixed row, comma-separated")
+    parser.add_argument("--threads", type=int, default=0, help="0: one per idle core (deltatune.threads)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--skip", default="", help="rows to leave out: any of routed,turns,peft")
+    args = parser.parse_args()
+    from deltatune.threads import choose_threads
+
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cpu._is_avx512_bf16_supported())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    counts = [int(k) for k in args.adapters.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    model, tokenizer = load_model(None, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.config.vocab_size, (int(torch.randint(64, 129, (1,), generator=gen)),),
+                             generator=gen).tolist() for _ in range(args.requests)]
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        adapters = make_adapters(model, args.config, max(counts), root)
+        registry = AdapterRegistry(model, adapter_dirs=[root])
+        internal = {n: registry.acquire(n) for n in adapters}
+        engine = Engine(model, tokenizer, max_batch_size=args.requests)
+        engine.generate(prompts[:4], [None, internal[adapters[0]], None, internal[adapters[-1]]], max_new_tokens=4)  # warm-up
+
+        def report(label: str, row: dict) -> None:
+            rows[label] = row
+            print(f"{label:<18} {row['tok_per_s']:7.1f} tok/s  wall {row['wall_s']:6.1f}s  other load {row['load']:.1f}"
+                  + (f"  TTFT p50 {row['ttft_p50']:.2f}s p99 {row['ttft_p99']:.2f}s  TPOT p50 {row['tpot_p50'] * 1e3:.0f}ms "
+                     f"p99 {row['tpot_p99'] * 1e3:.0f}ms" if "ttft_p50" in row else ""), flush=True)
+
+        report("base", run_engine(engine, prompts, [None] * len(prompts), args.new_tokens))
+        for k in counts:
+            names = [internal[adapters[i % k]] for i in range(len(prompts))]
+            report(f"mixed {k}", run_engine(engine, prompts, names, args.new_tokens))
+        k = max(counts)
+        names = [internal[adapters[i % k]] for i in range(len(prompts))]
+        if "routed" not in skip:
+            routed = Engine(model, tokenizer, max_batch_size=args.requests, fused_lora=False)
+            report(f"mixed {k} routed", run_engine(routed, prompts, names, args.new_tokens))
+        if "turns" not in skip:
+            report(f"turns {k}", run_turns(engine, prompts, names, args.new_tokens))
+        if "peft" not in skip:
+            del engine, registry
+            model = None
+            report(f"peft {k}", run_peft(dtype, root, adapters, prompts, [adapters[i % k] for i in range(len(prompts))],
+                                         args.new_tokens))
+    meta = {"cpu": C.cpu_name(), "threads": threads, "threads_why": why, "dtype": str(dtype).removeprefix("torch."),
+            "config": args.config, "requests": args.requests, "new_tokens": args.new_tokens,
+            "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"serve_{args.config}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"serve_{args.config}.md").write_text(table(meta, rows))
+    print(table(meta, rows))
+
+
+def table(meta: dict, rows: dict) -> str:
+    base = rows["base"]["tok_per_s"]
+    lines = [f"{meta['config']}: {meta['requests']} requests x {meta['new_tokens']} new tokens, prompts 64-128, greedy, "
+             f"{meta['dtype']} base, {meta['threads']} thread(s), {meta['cpu']}, torch {meta['torch']}, {meta['when']}", "",
+             "| row | tok/s | vs base | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | other load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, row in rows.items():
+        timing = (f"{row['ttft_p50']:.2f} s | {row['ttft_p99']:.2f} s | {row['tpot_p50'] * 1e3:.0f} ms | "
+                  f"{row['tpot_p99'] * 1e3:.0f} ms" if "ttft_p50" in row else "- | - | - | -")
+        lines.append(f"| {label} | {row['tok_per_s']:.1f} | {row['tok_per_s'] / base:.2f}x | {timing} | {row['load']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
