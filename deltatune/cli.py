@@ -351,6 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output directory (adapter, metrics.jsonl, loss.png)")
     p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
     p.set_defaults(func=_cmd_demo)
+
+    from .serve.cli import add_arguments as add_serve_arguments, serve_main
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters in one batch",
+                       allow_abbrev=False)
+    add_serve_arguments(p, model_help)
+    p.set_defaults(func=serve_main)
     return parser
 
 

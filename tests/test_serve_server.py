@@ -13,11 +13,13 @@ import torch
 import deltatune as dt
 from deltatune.serve import Engine
 from deltatune.serve.registry import AdapterRegistry
-from deltatune.serve.server import Server
 from serve_helpers import add_lora, byte_tokenizer, hf_greedy, running_server, tiny_llama
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
+pytest.importorskip("prometheus_client")
+from deltatune.serve.server import Server  # noqa: E402
 
 ADAPTERS = [f"ad{i}" for i in range(16)]
 KEY, ADMIN = "sk-test", "admin-secret"

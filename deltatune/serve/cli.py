@@ -1,0 +1,114 @@
+"""`deltatune serve`: one base model and many adapters behind an OpenAI-compatible HTTP API.
+
+    deltatune serve --adapter support=runs/support/adapter --adapter-dir adapters/ --max-adapter-memory 512MB
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def byte_size(text: str) -> int:
+    """'512MB', '2GiB', '1000000' -> bytes."""
+    match = _SIZE.fullmatch(text.strip())
+    unit = (match.group(2) or "").upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"--max-adapter-memory takes a size such as 512MB, 2GiB or 1000000 (bytes), got {text!r}")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _named_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--adapter takes NAME=PATH (e.g. support=runs/support/adapter), got {text!r}")
+    return name, path
+
+
+def _positive(flag: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {text!r}")
+        return value
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    p.add_argument("--base", default=None, help=model_help)
+    p.add_argument("--served-model-name", default=None,
+                   help="the `model` value that selects the base alone (default: the base's directory name)")
+    p.add_argument("--adapter", action="append", type=_named_path, default=[], metavar="NAME=PATH",
+                   help="an adapter served under NAME, loaded at start (repeatable)")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="DIR",
+                   help="a directory whose adapter subdirectories load on first request, by name (repeatable)")
+    p.add_argument("--max-adapter-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="bytes of resident adapters at most (e.g. 512MB); least recently used ones are evicted")
+    p.add_argument("--pin", action="append", default=[], metavar="NAME", help="never evict this adapter (repeatable)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DELTATUNE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $DELTATUNE_API_KEY, else open)")
+    p.add_argument("--admin-token", default=os.environ.get("DELTATUNE_ADMIN_TOKEN"),
+                   help="enable /admin/adapters (load/unload from --adapter-dir) guarded by this token "
+                   "(default: $DELTATUNE_ADMIN_TOKEN, else the admin endpoints do not exist)")
+    p.add_argument("--max-batch-size", type=_positive("--max-batch-size"), default=64)
+    p.add_argument("--max-model-len", type=_positive("--max-model-len"), default=None,
+                   help="prompt + generated tokens at most (default: the model's context length)")
+    p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=4096,
+                   help="padded prompt tokens prefilled per step (bounds how long new requests stall running ones)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 weights where the CPU computes bf16 natively (AVX512-BF16/AMX), else fp32")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: one per idle core)")
+
+
+def serve_main(args: argparse.Namespace) -> None:
+    import torch
+    import uvicorn
+
+    from ..cli import CommandError
+    from ..models import load_model
+    from ..threads import apply_threads
+    from .engine import Engine, check_servable
+    from .registry import AdapterRegistry
+    from .sampling import RequestError
+    from .server import Server
+
+    line = apply_threads(args.threads)
+    if line:
+        print(line, flush=True)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cpu._is_avx512_bf16_supported())
+    model, tokenizer = load_model(args.base, dtype=torch.bfloat16 if bf16 else torch.float32)
+    try:
+        check_servable(model)
+    except TypeError as exc:
+        raise CommandError(f"--base: {exc}") from None
+    try:
+        registry = AdapterRegistry(model, adapter_dirs=args.adapter_dir, max_bytes=args.max_adapter_memory)
+    except FileNotFoundError as exc:
+        raise CommandError(str(exc)) from None
+    for name, path in args.adapter:
+        try:
+            registry.add(name, path, pin=name in args.pin)
+        except (RequestError, ValueError) as exc:
+            raise CommandError(f"--adapter {name}={path}: {exc}") from None
+    for name in args.pin:
+        try:
+            registry.pin(name)
+        except RequestError as exc:
+            raise CommandError(f"--pin {name}: {exc}") from None
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                    max_prefill_tokens=args.max_prefill_tokens)
+    base_name = args.served_model_name or os.path.basename(os.path.normpath(args.base or "smollm2-135m-instruct"))
+    server = Server(engine, registry, base_name=base_name, api_key=args.api_key, admin_token=args.admin_token)
+    print(f"deltatune serve: {base_name} ({'bf16' if bf16 else 'fp32'}) with {len(registry.entries)} adapters loaded, "
+          f"{len(registry.available())} available; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")

@@ -1,0 +1,78 @@
+"""`deltatune serve`: flags, one-line errors, and a real server process answering the openai client."""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+import deltatune as dt
+from deltatune.cli import build_parser, main
+from deltatune.serve.cli import byte_size
+from serve_helpers import add_lora, byte_tokenizer, tiny_llama
+
+
+def test_sizes_and_flags():
+    assert byte_size("512MB") == 512 * 10**6 and byte_size("2GiB") == 2 * 2**30 and byte_size("1000") == 1000
+    with pytest.raises(argparse.ArgumentTypeError, match="--max-adapter-memory"):
+        byte_size("lots")
+    args = build_parser().parse_args(["serve", "--adapter", "a=x/y", "--adapter", "b=z", "--pin", "a", "--port", "9"])
+    assert args.adapter == [("a", "x/y"), ("b", "z")] and args.pin == ["a"] and args.port == 9
+
+
+def test_bad_flags_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--adapter", "no-equals-sign"])
+    assert exit_.value.code == 2 and "--adapter takes NAME=PATH" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-cli")
+    model = tiny_llama()
+    model.save_pretrained(root / "tiny")
+    byte_tokenizer().save_pretrained(root / "tiny")
+    add_lora(model, "a", 4, seed=1)
+    dt.save_adapter(model, root / "adapters" / "helper", "a")
+    return root
+
+
+def test_missing_adapter_is_a_one_line_error(base_dir, capsys):
+    code = main(["serve", "--base", str(base_dir / "tiny"), "--adapter", f"x={base_dir / 'nowhere'}",
+                 "--precision", "fp32", "--threads", "1"])
+    assert code == 2 and "error: --adapter x=" in capsys.readouterr().err
+
+
+def test_serve_process_answers_the_openai_client(base_dir):
+    openai = pytest.importorskip("openai")
+    for module in ("uvicorn", "starlette", "prometheus_client"):
+        pytest.importorskip(module)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "deltatune.cli", "serve", "--base", str(base_dir / "tiny"), "--adapter-dir",
+           str(base_dir / "adapters"), "--port", str(port), "--precision", "fp32", "--threads", "1",
+           "--served-model-name", "tiny"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                assert time.monotonic() < deadline, "the server did not start in 90 s"
+                time.sleep(0.3)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny", "helper"]
+        out = client.completions.create(model="helper", prompt="hi", max_tokens=5, temperature=0)
+        assert out.usage.completion_tokens == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
