@@ -170,3 +170,14 @@ def test_stacked_lora_and_routed_adapters_share_a_batch(served):
         assert fused == expected and routed == expected
     finally:
         dt.delete_adapter(model, "saved")
+
+
+def test_a_4bit_base_serves_too():
+    quant = pytest.importorskip("deltatune.quant")
+    model = tiny_llama()
+    quant.quantize_model(model, compute_dtype=torch.float32)
+    add_lora(model, "a", 4, seed=1)
+    add_lora(model, "b", 2, seed=2)
+    prompts, names = _prompts(3, seed=2), ["a", None, "b"]
+    outs = Engine(model, byte_tokenizer()).generate(prompts, names, max_new_tokens=6)
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, n, 6) for p, n in zip(prompts, names)]

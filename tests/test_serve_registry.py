@@ -116,6 +116,9 @@ def test_blend_is_built_once_and_counts_against_the_budget(adapter_dir):
     assert blend.nbytes == registry.entries["a"].nbytes + registry.entries["b"].nbytes  # rank 4 + 4
     with pytest.raises(RequestError, match="must be a number"):
         registry.acquire({"a": "x"})
+    with pytest.raises(RequestError, match="does not exist"):
+        registry.acquire({"c": 0.5, "zz": 0.5})
+    assert registry.entries["c"].refs == 0  # the part held while building is released when the blend fails
 
 
 def test_named_adapter_outside_the_dirs_and_reload_after_eviction(adapter_dir):

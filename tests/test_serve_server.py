@@ -128,6 +128,8 @@ def test_blends_by_name_and_by_extra_body(setup, client):
     (dict(max_tokens=10**9), openai.BadRequestError, "context_length_exceeded"),
     (dict(temperature=5), openai.BadRequestError, None),
     (dict(n=2), openai.BadRequestError, None),
+    (dict(model="ad1:0.5+zz:0.5"), openai.NotFoundError, "model_not_found"),
+    (dict(stream=True, stream_options=[1]), openai.BadRequestError, None),
 ])
 def test_bad_requests_get_openai_errors(client, kwargs, error, code):
     with pytest.raises(error) as err:

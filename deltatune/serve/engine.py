@@ -143,18 +143,20 @@ class Engine:
         self._lock = threading.Lock()  # add_request/abort may come from other threads than step()
         self._aborts: set[str] = set()
         self._ids = itertools.count()
-        self._checked: dict[str, int] = {}  # adapter name -> id of the Adapter object found servable
+        self._checked: dict[str, object] = {}  # adapter name -> the Adapter object found servable
         self._blend = blend
         self._eval_for: set[tuple] = set()  # (model, its adapters) seen in eval mode
         self.fused = FusedLora(model) if fused_lora else _Unfused()
         self._blends: dict[tuple, str] = {}
 
     # ---- requests ------------------------------------------------------------------------------------
-    def encode(self, prompt: Prompt) -> list[int]:
+    def encode(self, prompt: Prompt, *, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of a text prompt as the tokenizer makes them by default (a BOS where it adds one); a chat
+        template's text passes add_special_tokens=False, since the template wrote its own."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise RequestError("a text prompt needs a tokenizer; give Engine(model, tokenizer) or token ids")
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
         return [int(t) for t in prompt]
 
     def add_request(self, prompt: Prompt, adapter: AdapterSpec = None, params: SamplingParams | None = None,
@@ -198,7 +200,7 @@ class Engine:
         if found is None:
             raise RequestError(f"no adapter named {name!r} is loaded; loaded: {sorted(attached_adapters(self.model))}",
                                param="model", code="model_not_found", status=404)
-        if self._checked.get(name) == id(found):
+        if self._checked.get(name) is found:
             return
         if found.part(self.model) is not None:
             raise RequestError(f"adapter {name!r} ({found.config.peft_type}) adds model-level parts (virtual tokens) "
@@ -211,7 +213,7 @@ class Engine:
         if bypassed:
             raise RequestError(f"adapter {name!r} wraps {bypassed[0] or 'the whole model'}, which the serving engine "
                                "does not call as a module", param="model")
-        self._checked[name] = id(found)
+        self._checked[name] = found
 
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe); its slot is freed at the start of the next step."""

@@ -235,8 +235,10 @@ class AdapterRegistry:
             if name in self.entries:
                 self.metrics.adapter_hit(name)
                 return self.entries[name]
-        parts = {n: self.acquire(n) for n in weights}  # held while the blend is built
+        parts: dict[str, str] = {}
         try:
+            for n in weights:  # held while the blend is built; released however it ends
+                parts[n] = self.acquire(n)
             with self.lock:
                 sizes = [self.entries[n].nbytes for n in weights]
                 self._make_room(sum(sizes))

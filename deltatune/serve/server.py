@@ -155,7 +155,7 @@ class Server:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError("this model's tokenizer has no chat template; use /v1/completions", param="messages")
         text = self.tokenizer.apply_chat_template(plain, add_generation_prompt=True, tokenize=False)
-        return self.engine.encode(text)
+        return self.engine.encode(text, add_special_tokens=False)
 
     def _model_spec(self, body: dict) -> tuple[str | dict | None, str]:
         """(what the registry acquires: None for the base, a name or a blend; the metrics label)."""
@@ -199,7 +199,10 @@ class Server:
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("stream must be true or false", param="stream")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict):
+            raise RequestError("stream_options must be an object, e.g. {\"include_usage\": true}", param="stream_options")
+        include_usage = bool(options.get("include_usage")) if stream else False
         adapter = await run_in_threadpool(self.registry.acquire, spec) if spec is not None else None
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
