@@ -26,7 +26,6 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -37,6 +36,7 @@ from ..core.model import route
 from ..core.sites import hosts
 from .fused_lora import FusedLora
 from .kv import SlotKVCache
+from .request import Completion, Request, StepOutput, new_text
 from .sampling import RequestError, SamplingParams, choose
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -63,54 +63,6 @@ def check_servable(model: nn.Module) -> None:
     if bypassed:
         raise TypeError(f"an adapter wraps {bypassed[0] or 'the whole model'}, which the serving engine does not call as "
                         "a module; serve adapters placed on layers inside the decoder blocks")
-
-
-@dataclass
-class Completion:
-    """The result of one request. finish_reason: "stop" (end-of-sequence token or a stop string), "length"
-    (max_new_tokens) or "abort". Times in seconds from the request's arrival."""
-
-    text: str
-    token_ids: list[int]
-    prompt_tokens: int
-    finish_reason: str | None
-    adapter: str | None
-    first_token_s: float | None
-    total_s: float | None
-
-
-class Request:
-    """One generation in flight. `slot` is its row in the running batch and the KV cache (None: not running)."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], adapter: str | None, params: SamplingParams) -> None:
-        self.id, self.prompt_ids, self.adapter, self.params = request_id, prompt_ids, adapter, params
-        self.generator = params.generator()
-        self.output_ids: list[int] = []
-        self.text = ""  # decoded output, cut at a stop string
-        self.sent = 0  # characters of `text` already handed out as deltas
-        self.slot: int | None = None
-        self.length = 0  # tokens whose K/V are in the cache
-        self.finish_reason: str | None = None
-        self.arrival = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.finished_at: float | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def completion(self) -> Completion:
-        since = lambda t: None if t is None else t - self.arrival  # noqa: E731
-        return Completion(self.text, list(self.output_ids), len(self.prompt_ids), self.finish_reason, self.adapter,
-                          since(self.first_token_at), since(self.finished_at))
-
-
-@dataclass
-class StepOutput:
-    request: Request
-    token_ids: list[int]  # tokens generated in this step
-    text: str  # new text safe to show (held back while it could still become a stop string)
-    finished: bool
 
 
 class Engine:
@@ -222,11 +174,6 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
-
-    def in_use(self) -> set[str]:
-        """Adapters of waiting and running requests."""
-        with self._lock:
-            return {r.adapter for r in itertools.chain(self.waiting, self.running) if r.adapter is not None}
 
     # ---- stepping ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -353,30 +300,11 @@ class Engine:
                 request.finish_reason = "stop"
             elif len(request.output_ids) >= request.params.max_new_tokens:
                 request.finish_reason = "length"
-            text = self._new_text(request)
+            text = new_text(request, self.tokenizer)
             if request.finished:
                 self._finish(request, request.finish_reason)
             outputs.append(StepOutput(request, [token], text, request.finished))
         return outputs
-
-    def _new_text(self, request: Request) -> str:
-        """Decode the output so far, end it at a stop string, and return the part not handed out yet."""
-        if self.tokenizer is None:
-            return ""
-        ids = request.output_ids[:-1] if request.finish_reason == "stop" else request.output_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s) for s in request.params.stop) if i >= 0]
-        if hits:
-            text, request.finish_reason = text[: min(hits)], "stop"
-        request.text = text
-        safe = len(text)
-        if not request.finished:  # a partial character, or the start of a stop string, may still change
-            safe -= max((len(s) - 1 for s in request.params.stop), default=0)
-            while safe > 0 and text[safe - 1] == "\ufffd":
-                safe -= 1
-        piece = text[request.sent: max(safe, request.sent)]
-        request.sent += len(piece)
-        return piece
 
     def _finish(self, request: Request, reason: str) -> None:
         """Mark `request` finished and give its slot to the last running request (one copy of its K/V)."""

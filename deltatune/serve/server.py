@@ -29,7 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Engine, StepOutput
+from .engine import Engine
+from .request import StepOutput
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from .registry import AdapterRegistry, blend_name
 from .sampling import RequestError, SamplingParams

@@ -11,7 +11,8 @@ import logging
 import threading
 from typing import Callable
 
-from .engine import Engine, StepOutput
+from .engine import Engine
+from .request import StepOutput
 from .sampling import SamplingParams
 
 log = logging.getLogger("deltatune.serve")
