@@ -102,3 +102,25 @@ def logits_alone(model, ids, name):
         out = no_grad_logits(model, ids)
     dt.set_active(model, previous)
     return out
+
+
+def assert_mixed_equals_alone(model, ids, names, atol: float = 1e-5) -> None:
+    """A batch routed by `names` equals each row run alone with only its adapter active (None: the base).
+
+    Compares the last ids.shape[1] positions of the logits: prompt tuning prepends virtual positions.
+    """
+    def logits(x):
+        return no_grad_logits(model, x)[:, -x.shape[1]:]
+
+    with dt.route(model, names):
+        mixed = logits(ids)
+    previous = dt.active_adapters(model)
+    for row, name in enumerate(names):
+        if name is None:
+            with dt.disable_adapters(model):
+                alone = logits(ids[row:row + 1])
+        else:
+            dt.set_active(model, name)
+            alone = logits(ids[row:row + 1])
+        torch.testing.assert_close(mixed[row], alone[0], atol=atol, rtol=atol, msg=f"row {row} ({name})")
+    dt.set_active(model, previous)

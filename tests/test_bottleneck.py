@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
-from conftest import assert_unchanged, attach_random, capture_state, make_tiny_llama, no_grad_logits
+from conftest import assert_mixed_equals_alone, assert_unchanged, attach_random, capture_state, make_tiny_llama, no_grad_logits
 from deltatune.methods.bottleneck import BottleneckAdapter
 
 SITES = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp")]
@@ -179,17 +179,7 @@ def test_mixed_batch_with_lora_and_base_rows_equals_each_row_alone():
     _perturb(model, "bn1", seed=1)
     _perturb(model, "bn2", seed=2)
     ids = torch.randint(0, 256, (5, 9), generator=torch.Generator().manual_seed(5))
-    names = ["bn2", "lora", None, "bn1", "bn2"]
-    with dt.route(model, names):
-        mixed = no_grad_logits(model, ids)
-    for row, name in enumerate(names):
-        if name is None:
-            with dt.disable_adapters(model):
-                alone = no_grad_logits(model, ids[row:row + 1])
-        else:
-            dt.set_active(model, name)
-            alone = no_grad_logits(model, ids[row:row + 1])
-        torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5)
+    assert_mixed_equals_alone(model, ids, ["bn2", "lora", None, "bn1", "bn2"])
 
 
 @pytest.mark.parametrize("lora_first", [True, False])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import make_tiny_llama
+from conftest import assert_mixed_equals_alone, make_tiny_llama
 
 
 @dataclass(frozen=True)
@@ -198,17 +198,7 @@ def test_mixed_batch_equals_separate_runs(peft_type, case):
     dt.attach(model, case.make_config(), "b")
     _perturb(model, "b", seed=2)
     ids = torch.randint(0, 256, (4, 10), generator=torch.Generator().manual_seed(3))
-    names = ["b", None, "a", "b"]
-    with dt.route(model, names):
-        mixed = _logits(model, ids)
-    for row, name in enumerate(names):
-        if name is None:
-            with dt.disable_adapters(model):
-                alone = _logits(model, ids[row:row + 1])
-        else:
-            dt.set_active(model, name)
-            alone = _logits(model, ids[row:row + 1])
-        torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5)
+    assert_mixed_equals_alone(model, ids, ["b", None, "a", "b"])
 
 
 @pytest.mark.parametrize(("peft_type", "case"), _params())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from conftest import assert_unchanged, capture_state, make_tiny_llama
+from conftest import assert_mixed_equals_alone, assert_unchanged, capture_state, make_tiny_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "down_proj"]  # shared by every method below (IA3 scales down_proj's input)
 
@@ -60,18 +60,7 @@ def test_lora_ia3_dora_on_the_same_modules_each_saves_and_reloads_alone(tmp_path
 
 def test_a_batch_mixing_every_method_and_the_base_equals_each_row_alone():
     model = _model()
-    ids = _ids()
-    names = ["prompt", "lora", None, "ia3", "dora"]
-    with dt.route(model, names):
-        mixed = _logits(model, ids)
-    for row, name in enumerate(names):
-        if name is None:
-            with dt.disable_adapters(model):
-                alone = _logits(model, ids[row:row + 1])
-        else:
-            dt.set_active(model, name)
-            alone = _logits(model, ids[row:row + 1])
-        torch.testing.assert_close(mixed[row], alone[0], atol=1e-5, rtol=1e-5, msg=f"row {row} ({name})")
+    assert_mixed_equals_alone(model, _ids(), ["prompt", "lora", None, "ia3", "dora"])
 
 
 def test_stacked_lora_dora_ia3_merge_to_their_forward():
