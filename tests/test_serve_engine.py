@@ -181,3 +181,18 @@ def test_a_4bit_base_serves_too():
     prompts, names = _prompts(3, seed=2), ["a", None, "b"]
     outs = Engine(model, byte_tokenizer()).generate(prompts, names, max_new_tokens=6)
     assert [o.token_ids for o in outs] == [hf_greedy(model, p, n, 6) for p, n in zip(prompts, names)]
+
+
+def test_per_layer_ranks_and_scales(served):
+    """rank_pattern/alpha_pattern: ranks and scales differ by site, in both kernels (prefill and decode)."""
+    model, tok = served
+    torch.manual_seed(6)
+    config = dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False,
+                           rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3.0})
+    dt.attach(model, config, "patterned", activate=False)
+    try:
+        prompts, names = _prompts(4, seed=31), ["patterned", "r4", None, "patterned"]
+        outs = Engine(model, tok).generate(prompts, names, max_new_tokens=6)
+        assert [o.token_ids for o in outs] == [hf_greedy(model, p, n, 6) for p, n in zip(prompts, names)]
+    finally:
+        dt.delete_adapter(model, "patterned")

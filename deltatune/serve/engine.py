@@ -173,7 +173,8 @@ class Engine:
             self._aborts.add(request_id)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        """Whether a step has work: waiting or running requests, or aborts to apply."""
+        return bool(self.waiting or self.running or self._aborts)
 
     # ---- stepping ------------------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:

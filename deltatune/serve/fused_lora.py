@@ -1,22 +1,22 @@
-"""Many plain LoRA adapters in one batch as one stacked low-rank product per site.
+"""Many plain LoRA adapters in one batch: every row gets its own adapter's sᵢ·Bᵢ·Aᵢ·x, in a few ops per site.
 
-For the adapters a batch uses at a site, with ranks r₁…rₖ, the engine keeps
+For the adapters a batch uses at a site (ranks r₁…rₖ, no padding between them) two kernels read the factors:
 
-    A_cat = [A₁; …; Aₖ]   (Σr, d_in)       B_cat = [B₁ … Bₖ]   (d_out, Σr)       s_cat: sᵢ on block i
+- **stacked** (decode, one token per row): A_cat = [A₁; …; Aₖ] (Σr, d_in), B_cat = [B₁ … Bₖ] (d_out, Σr), and
 
-and adds to the base output, for every row b at once,
+      y_b += B_cat · (m_b ⊙ A_cat·x_b)        m_b = sᵢ on the block of row b's adapter i, 0 elsewhere
 
-    y_b += B_cat · (m_b ⊙ s_cat ⊙ A_cat·x_b)        m_b = 1 on the block of row b's adapter, 0 elsewhere
+  two matmuls whatever the number of adapters; the other blocks add exact zeros, so row b gets exactly
+  sᵢBᵢAᵢx_b. Each token pays Σr instead of rᵢ, cheap for one token per row, not for a prompt.
+- **gathered** (prefill, many tokens per row; Punica's BGMV): each row's own Aᵢ, Bᵢ gathered, one batched
+  matmul per distinct rank, so a token pays only its own rᵢ.
 
-which is exactly sᵢ·Bᵢ·Aᵢ·x_b for row b (the other blocks contribute exact zeros) and base output for base
-rows. Two matmuls per site whatever the number of adapters, and mixed ranks without padding to the largest
-(Punica/S-LoRA gather per row instead; on a CPU the stacked product is cheaper, measured in docs/serving.md).
-The core's routed path runs one small product per adapter per site: measured on SmolLM2-135M, 32 adapters
-made a decode step of 32 rows 2.2x slower than the base; stacked, see docs/serving.md.
+Measured (bench/bench_serve.py, docs/serving.md): the core's routed path, one small product per adapter per
+site, made 32 adapters of rank 8 cost about half the base's throughput; these kernels keep most of it.
 
-The stacks are built once per set of adapters and cached (least recently used, a few sets); a later batch
-whose adapters are a subset of a cached set reuses it. Adapters other than plain LoRA on linear layers
-(DoRA, IA3, bottleneck, prompt tuning) are left to `deltatune.route`, in the same forward.
+Stacks are built once per set of adapters and cached (a few sets, least recently used); a batch whose adapters
+are a subset of a cached set reuses it. Adapters other than plain LoRA on linear layers (DoRA, IA3, bottleneck,
+prompt tuning) are left to `deltatune.route` in the same forward.
 """
 from __future__ import annotations
 
@@ -31,27 +31,98 @@ from ..core.model import adapters as attached_adapters
 from ..methods.lora import LoraLinear
 
 
+class _SiteStack:
+    """One site's factors for a set of adapters, in the layouts of the two kernels."""
+
+    def __init__(self, site: nn.Module, parts: list[tuple[int, LoraLinear]], count: int, device: torch.device) -> None:
+        self.site = site
+        rank = lambda d: d.lora_A.weight.shape[0]  # noqa: E731
+        # sites with the same key share per-forward row data (masks, row selections)
+        self.key = tuple((i, rank(d), float(d.scaling)) for i, d in parts)
+        f32 = dict(dtype=torch.float32, device=device)
+        # stacked (decode): A_cat (d_in, Σr), B_cat (Σr, d_out); owner and scale of each of the Σr columns
+        self.A = torch.cat([d.lora_A.weight for _, d in parts]).to(**f32).T.contiguous()
+        self.B = torch.cat([d.lora_B.weight for _, d in parts], dim=1).to(**f32).T.contiguous()
+        self.owner = torch.cat([torch.full((rank(d),), i, device=device) for i, d in parts])
+        self.scale = torch.cat([torch.full((rank(d),), float(d.scaling), **f32) for _, d in parts])
+        # gathered (prefill), one group per rank: At (k, d_in, r), Bt (k, r, d_out), scales (k,), and each
+        # adapter's index in its group (-1: not in the group)
+        self.groups = []
+        for r in sorted({rank(d) for _, d in parts}):
+            members = [(i, d) for i, d in parts if rank(d) == r]
+            local = torch.full((count,), -1, dtype=torch.long, device=device)
+            local[[i for i, _ in members]] = torch.arange(len(members), device=device)
+            self.groups.append((
+                torch.stack([d.lora_A.weight.T for _, d in members]).to(**f32).contiguous(),
+                torch.stack([d.lora_B.weight.T for _, d in members]).to(**f32).contiguous(),
+                torch.tensor([float(d.scaling) for _, d in members], **f32), local, r))
+
+
 class _Stack:
-    """The stacked factors of a set of adapters at every site any of them targets."""
+    """The factors of a set of adapters at every site any of them targets."""
 
     def __init__(self, model: nn.Module, names: list[str]) -> None:
-        self.names = names
         self.adapters = [attached_adapters(model)[n] for n in names]  # held: a stack is valid for these objects only
         self.index = {n: i for i, n in enumerate(names)}
-        self.rank = 0
         by_site: dict[str, list[tuple[int, LoraLinear]]] = {}
-        for i, name in enumerate(names):
-            for path, delta in attached_adapters(model)[name].deltas(model):
+        for i, adapter in enumerate(self.adapters):
+            for path, delta in adapter.deltas(model):
                 by_site.setdefault(path, []).append((i, delta))
-        self.sites: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        device = next(model.parameters()).device
         with torch.no_grad():
-            for path, parts in by_site.items():
-                A = torch.cat([d.lora_A.weight for _, d in parts]).float()  # (Σr, d_in)
-                B = torch.cat([d.lora_B.weight for _, d in parts], dim=1).float()  # (d_out, Σr)
-                owner = torch.cat([torch.full((d.lora_A.weight.shape[0],), i) for i, d in parts])  # (Σr,) adapter index
-                scale = torch.cat([torch.full((d.lora_A.weight.shape[0],), float(d.scaling)) for _, d in parts])
-                self.sites.append((model.get_submodule(path), A.T.contiguous(), B.T.contiguous(), owner, scale))
-                self.rank = max(self.rank, A.shape[0])
+            self.sites = [_SiteStack(model.get_submodule(p), parts, len(names), device) for p, parts in by_site.items()]
+
+
+class _Kernel:
+    """The forward hook of one site for one forward: adds each row's own sᵢBᵢAᵢx to the site's output."""
+
+    def __init__(self, stack: _SiteStack, rows: torch.Tensor, shared: dict) -> None:
+        self.stack, self.rows, self.shared = stack, rows, shared  # rows: (B,) adapter index, -1 for none
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (B, T, d_in)
+        if x.dim() == 3 and x.shape[1] > 1:
+            return self._gathered(x, output)
+        return self._stacked(x, output)
+
+    def _stacked(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Few tokens per row (decode): two matmuls over all the adapters' columns, masked per row."""
+        st = self.stack
+        mask = self._shared("mask", lambda: torch.where(self.rows[:, None] == st.owner[None, :], st.scale, 0.0))
+        h = torch.matmul(x.to(st.A.dtype), st.A)  # (B, T, Σr)
+        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
+        return output.add_(torch.matmul(h, st.B).to(output.dtype))
+
+    def _gathered(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Many tokens per row (prefill): each row's own factors gathered, one batched matmul per rank; the
+        stacked product would multiply every token by every adapter's columns."""
+        for g, (At, Bt, scales, local, r) in enumerate(self.stack.groups):
+            sel, ids = self._shared(("group", g), lambda: _selection(local[self.rows.clamp(min=0)], self.rows))
+            if ids.numel() == 0:
+                continue
+            xs = x if sel is None else x.index_select(0, sel)
+            h = torch.bmm(xs.to(At.dtype), At.index_select(0, ids)) * scales.index_select(0, ids)[:, None, None]
+            out = torch.bmm(h, Bt.index_select(0, ids)).to(output.dtype)  # (rows, T, d_out)
+            if sel is None:
+                output.add_(out)
+            else:
+                output.index_add_(0, sel, out)
+        return output
+
+    def _shared(self, name, make):
+        key = (self.stack.key, name)
+        if key not in self.shared:
+            self.shared[key] = make()
+        return self.shared[key]
+
+
+def _selection(local: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(positions of the rows in a rank group, None when that is every row; their indices in the group)."""
+    member = (local >= 0) & (rows >= 0)
+    if bool(member.all()):
+        return None, local
+    sel = member.nonzero().flatten()
+    return sel, local.index_select(0, sel)
 
 
 class FusedLora:
@@ -85,13 +156,8 @@ class FusedLora:
         stack = self._stack(sorted(fused))
         device = next(self.model.parameters()).device
         rows = torch.tensor([stack.index[n] if n in fused else -1 for n in names], device=device)
-        handles = []
-        masks: dict[int, torch.Tensor] = {}
-        for site, A, B, owner, scale in stack.sites:
-            key = id(owner)
-            if key not in masks:  # (B, Σr): sᵢ on the block of the row's adapter, 0 elsewhere
-                masks[key] = torch.where(rows[:, None] == owner.to(device)[None, :], scale.to(device), 0.0)
-            handles.append(site.register_forward_hook(_adder(A.to(device), B.to(device), masks[key])))
+        shared: dict = {}  # per-forward row data, shared by the sites with the same adapters and ranks
+        handles = [site.site.register_forward_hook(_Kernel(site, rows, shared)) for site in stack.sites]
         try:
             yield [None if n in fused else n for n in names]
         finally:
@@ -115,12 +181,3 @@ class FusedLora:
     def clear(self) -> None:
         self._stacks.clear()
         self._eligible.clear()
-
-
-def _adder(A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor):
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-        x = args[0]  # (rows, T, d_in)
-        h = torch.matmul(x.to(A.dtype), A)  # (rows, T, Σr)
-        h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
-        return output.add_(torch.matmul(h, B).to(output.dtype))
-    return hook

@@ -58,7 +58,7 @@ class EngineWorker:
     def _run(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            if not self.engine.has_unfinished() and not self.engine._aborts:
+            if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
                 continue
             try:
