@@ -10,7 +10,7 @@ import dataclasses
 import re
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 PEFT_VERSION_WRITTEN = "0.21.2"  # the peft release whose file layout we write; peft reads older and newer alike
 

@@ -77,7 +77,8 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         config = method.resolve(model, config)
     adapter = Adapter(name, config, method)
     try:
-        targets = _place_deltas(model, adapter) if method.delta_classes(config) else []
+        if method.delta_classes(config):
+            _place_deltas(model, adapter)
         for target in find_modules_to_save(model, config.modules_to_save) if config.modules_to_save else []:
             _save_module(model, adapter, target)
         if method.select is not None:
