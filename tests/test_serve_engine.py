@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.core.adapter import resolve
 from deltatune.serve import Engine, RequestError, SamplingParams
 from deltatune.serve.registry import blend_lora
 from serve_helpers import add_lora, byte_tokenizer, hf_greedy, tiny_llama
@@ -138,7 +139,7 @@ def test_blend_is_the_weighted_sum_of_deltas(served):
     name = blend_lora(model, {"r2": 0.7, "r8": -0.5}, "blend_test")
     try:
         for path, delta in dt.adapters(model)[name].deltas(model):
-            site = model.get_submodule(path)
+            site = model.get_submodule(resolve(model, path))
             expected = 0.7 * site.deltas["r2"].delta_weight() - 0.5 * site.deltas["r8"].delta_weight()
             torch.testing.assert_close(delta.delta_weight(), expected, rtol=1e-5, atol=1e-6)
         engine = Engine(model, tok)
@@ -196,3 +197,35 @@ def test_per_layer_ranks_and_scales(served):
         assert [o.token_ids for o in outs] == [hf_greedy(model, p, n, 6) for p, n in zip(prompts, names)]
     finally:
         dt.delete_adapter(model, "patterned")
+
+
+def test_dora_ia3_and_bottleneck_adapters_share_a_batch_with_lora(served):
+    """Every method the core can mix serves in one batch (through deltatune.route); prompt tuning is refused."""
+    model, tok = served
+    torch.manual_seed(8)
+    configs = {
+        "dora": dt.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj"],
+                              init_lora_weights=False),
+        "ia3": dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
+                            init_ia3_weights=False),
+        "bottleneck": dt.BottleneckConfig(reduction_factor=8),
+    }
+    for name, config in configs.items():
+        dt.attach(model, config, name, activate=False)
+    with torch.no_grad():
+        for path, delta in dt.adapters(model)["bottleneck"].deltas(model):
+            for p in delta.parameters():
+                p.normal_(0, 0.3)  # far from the identity, so the adapter changes tokens
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=3), "prompt", activate=False)
+    try:
+        engine = Engine(model, tok)
+        names = ["dora", "ia3", "r4", None, "bottleneck", "dora", "r2"]
+        prompts = _prompts(len(names), seed=41)
+        outs = engine.generate(prompts, names, max_new_tokens=6)
+        assert [o.token_ids for o in outs] == [hf_greedy(model.eval(), p, n, 6) for p, n in zip(prompts, names)]
+        assert len({tuple(o.token_ids) for o in outs[:5]}) == 5
+        with pytest.raises(RequestError, match="virtual tokens"):
+            engine.add_request([1, 2, 3], "prompt")
+    finally:
+        for name in [*configs, "prompt"]:
+            dt.delete_adapter(model, name)

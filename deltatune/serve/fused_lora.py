@@ -27,6 +27,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+from ..core.adapter import resolve
 from ..core.model import adapters as attached_adapters
 from ..methods.lora import LoraLinear
 
@@ -70,7 +71,8 @@ class _Stack:
                 by_site.setdefault(path, []).append((i, delta))
         device = next(model.parameters()).device
         with torch.no_grad():
-            self.sites = [_SiteStack(model.get_submodule(p), parts, len(names), device) for p, parts in by_site.items()]
+            self.sites = [_SiteStack(model.get_submodule(resolve(model, p)), parts, len(names), device)
+                          for p, parts in by_site.items()]
 
 
 class _Kernel:

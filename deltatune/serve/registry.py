@@ -28,7 +28,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..core.adapter import logical_name
+from ..core.adapter import logical_name, resolve
 from ..core.io import WEIGHTS_NAME, AdapterFileError, adapter_tensors, load_adapter, read_adapter
 from ..core.model import adapters as attached_adapters
 from ..core.model import attach, delete_adapter
@@ -295,7 +295,7 @@ def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str) -> str
     attach(model, config, name, activate=False)
     with torch.no_grad():
         for path, parts in sites.items():
-            target = model.get_submodule(path).deltas[name]
+            target = model.get_submodule(resolve(model, path)).deltas[name]
             A, B = target.lora_A.weight, target.lora_B.weight
             A.zero_(), B.zero_()
             start = 0
