@@ -199,8 +199,9 @@ def test_per_layer_ranks_and_scales(served):
         dt.delete_adapter(model, "patterned")
 
 
-def test_dora_ia3_and_bottleneck_adapters_share_a_batch_with_lora(served):
-    """Every method the core can mix serves in one batch (through deltatune.route); prompt tuning is refused."""
+def test_dora_ia3_bottleneck_and_prompt_tuning_share_a_batch_with_lora(served):
+    """Every method the core can mix serves in one batch: weight and block adapters through deltatune.route,
+    prompt tuning's virtual tokens prepended by the engine (3 and 5 of them: rows of different widths)."""
     model, tok = served
     torch.manual_seed(8)
     configs = {
@@ -217,15 +218,14 @@ def test_dora_ia3_and_bottleneck_adapters_share_a_batch_with_lora(served):
             for p in delta.parameters():
                 p.normal_(0, 0.3)  # far from the identity, so the adapter changes tokens
     dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=3), "prompt", activate=False)
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=5), "prompt5", activate=False)
     try:
         engine = Engine(model, tok)
-        names = ["dora", "ia3", "r4", None, "bottleneck", "dora", "r2"]
+        names = ["dora", "ia3", "r4", None, "bottleneck", "prompt", "dora", "prompt5", "r2"]
         prompts = _prompts(len(names), seed=41)
         outs = engine.generate(prompts, names, max_new_tokens=6)
         assert [o.token_ids for o in outs] == [hf_greedy(model.eval(), p, n, 6) for p, n in zip(prompts, names)]
-        assert len({tuple(o.token_ids) for o in outs[:5]}) == 5
-        with pytest.raises(RequestError, match="virtual tokens"):
-            engine.add_request([1, 2, 3], "prompt")
+        assert len({tuple(o.token_ids) for o in outs[:6]}) == 6
     finally:
-        for name in [*configs, "prompt"]:
+        for name in [*configs, "prompt", "prompt5"]:
             dt.delete_adapter(model, name)

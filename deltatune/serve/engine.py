@@ -128,6 +128,12 @@ class Engine:
                 param="max_tokens" if len(ids) < self.max_model_len else "prompt", code="context_length_exceeded")
         name = self.resolve_adapter(adapter)
         request = Request(request_id or f"req-{next(self._ids)}", ids, name, params)
+        request.virtual = 0 if self.virtual_tokens(name) is None else self.virtual_tokens(name).shape[0]
+        if request.virtual and len(ids) + request.virtual + params.max_new_tokens > self.max_model_len:
+            raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; adapter "
+                               f"{adapter!r} adds {request.virtual} virtual tokens to the prompt's {len(ids)} and "
+                               f"max_tokens asks for {params.max_new_tokens} more", param="max_tokens",
+                               code="context_length_exceeded")
         with self._lock:
             self.waiting.append(request)
         return request
@@ -154,9 +160,10 @@ class Engine:
                                param="model", code="model_not_found", status=404)
         if self._checked.get(name) is found:
             return
-        if found.part(self.model) is not None:
-            raise RequestError(f"adapter {name!r} ({found.config.peft_type}) adds model-level parts (virtual tokens) "
-                               "that the serving engine does not run yet; generate with model.generate()", param="model")
+        part = found.part(self.model)
+        if part is not None and not _is_prompt(part):
+            raise RequestError(f"adapter {name!r} ({found.config.peft_type}) adds a model-level part the serving engine "
+                               "does not run (it runs virtual tokens: `prompt_embeddings`)", param="model")
         if found.in_place():
             raise RequestError(f"adapter {name!r} ({found.config.peft_type}) changes base parameters in place, which "
                                "cannot differ per row of a shared batch; merge it into its own model to serve it",
@@ -166,6 +173,14 @@ class Engine:
             raise RequestError(f"adapter {name!r} wraps {bypassed[0] or 'the whole model'}, which the serving engine "
                                "does not call as a module", param="model")
         self._checked[name] = found
+
+    def virtual_tokens(self, name: str | None) -> torch.Tensor | None:
+        """The (p, e) virtual-token embeddings a prompt-tuning adapter puts before a row's prompt, else None.
+
+        The engine prepends them itself (as the adapter's hook on the decoder would) and numbers the row's
+        positions from its first virtual token, as deltatune's mixed batches and peft do."""
+        part = None if name is None else attached_adapters(self.model)[name].part(self.model)
+        return part.prompt_embeddings if part is not None and _is_prompt(part) else None
 
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe); its slot is freed at the start of the next step."""
@@ -192,18 +207,21 @@ class Engine:
         for i, request in enumerate(new):
             request.slot = start + i
         self.running.extend(new)
-        width = max(len(r.prompt_ids) for r in new)
-        ids = torch.zeros(len(new), width, dtype=torch.long)
+        width = max(r.virtual + len(r.prompt_ids) for r in new)
+        ids = torch.zeros(len(new), width, dtype=torch.long)  # a row: [its virtual tokens] prompt [padding]
+        prefixes = {}
         for i, request in enumerate(new):
-            ids[i, : len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+            ids[i, request.virtual: request.virtual + len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+            if request.virtual:
+                prefixes[i] = self.virtual_tokens(request.adapter)
         positions = torch.arange(width).expand(len(new), width)
         # causal mask; a row's padding comes after its prompt, so no real token ever attends to it
         allowed = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
-        last = torch.tensor([len(r.prompt_ids) - 1 for r in new])
+        last = torch.tensor([r.virtual + len(r.prompt_ids) - 1 for r in new])
         self._prepare(slice(start, start + len(new)), None, width)
-        logits = self._logits(ids, positions, allowed, [r.adapter for r in new], last)
+        logits = self._logits(ids, positions, allowed, [r.adapter for r in new], last, prefixes)
         for request in new:
-            request.length = len(request.prompt_ids)
+            request.length = request.virtual + len(request.prompt_ids)
         return outputs + self._advance(new, logits)
 
     @torch.inference_mode()
@@ -217,7 +235,7 @@ class Engine:
         kv_len = int(positions.max()) + 1
         allowed = (torch.arange(kv_len)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, kv_len)
         self._prepare(slice(0, len(running)), positions.to(self.device), kv_len)
-        logits = self._logits(ids, positions, allowed, [r.adapter for r in running], None)
+        logits = self._logits(ids, positions, allowed, [r.adapter for r in running], None, {})
         for request in running:
             request.length += 1
         return self._advance(running, logits)
@@ -231,13 +249,15 @@ class Engine:
             cache.prepare(rows, positions, kv_len)
 
     def _logits(self, ids: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
-                names: list[str | None], last: torch.Tensor | None) -> torch.Tensor:
+                names: list[str | None], last: torch.Tensor | None, prefixes: dict) -> torch.Tensor:
         """The logits to sample from, (B, vocab) fp32; a generation mode (Proxy-tuning) overrides this."""
-        return self._forward(self.model, self.cache, ids, positions, allowed, names, last)
+        return self._forward(self.model, self.cache, ids, positions, allowed, names, last, prefixes)
 
     def _forward(self, model: nn.Module, cache: SlotKVCache, ids: torch.Tensor, positions: torch.Tensor,
-                 allowed: torch.Tensor, names: list[str | None], last: torch.Tensor | None) -> torch.Tensor:
-        """Logits (B, vocab) in fp32 of `model` at position `last` of each row (None: the only position)."""
+                 allowed: torch.Tensor, names: list[str | None], last: torch.Tensor | None,
+                 prefixes: dict | None = None) -> torch.Tensor:
+        """Logits (B, vocab) in fp32 of `model` at position `last` of each row (None: the only position);
+        `prefixes` (row -> (p, e) embeddings) replace the first p input embeddings of those rows."""
         inner, device = model.model, self.device
         attached = (id(model), *map(id, attached_adapters(model).values()))
         if attached not in self._eval_for:  # adapters attach in training mode: dropout would be live
@@ -247,6 +267,8 @@ class Engine:
         ids, positions = ids.to(device), positions.to(device)
         with fused.apply(names) as routed, route(model, routed):
             h = inner.embed_tokens(ids)
+            for row, prefix in (prefixes or {}).items():
+                h[row, : prefix.shape[0]] = prefix.to(h.dtype)
             mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill_(
                 ~allowed.to(device), torch.finfo(h.dtype).min)  # additive: read alike by sdpa and eager attention
             position_embeddings = inner.rotary_emb(h, positions)
@@ -284,7 +306,7 @@ class Engine:
         new: list[Request] = []
         with self._lock:
             while self.waiting and len(self.running) + len(new) < self.max_batch_size:
-                width = max(len(r.prompt_ids) for r in [*new, self.waiting[0]])
+                width = max(r.virtual + len(r.prompt_ids) for r in [*new, self.waiting[0]])
                 if new and width * (len(new) + 1) > self.max_prefill_tokens:
                     break
                 new.append(self.waiting.popleft())
@@ -343,6 +365,11 @@ class _Unfused:
     @contextlib.contextmanager
     def apply(self, names):
         yield list(names)
+
+
+def _is_prompt(part: nn.Module) -> bool:
+    embeddings = getattr(part, "prompt_embeddings", None)
+    return isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

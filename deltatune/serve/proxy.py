@@ -24,6 +24,7 @@ from torch import nn
 from ..core.model import adapters as attached_adapters
 from .engine import Engine, check_servable
 from .kv import SlotKVCache
+from .sampling import RequestError
 
 Side = tuple[nn.Module, str | None]  # a model and the adapter it runs with (None: the model alone)
 
@@ -53,7 +54,13 @@ class ProxyEngine(Engine):
     def _caches(self) -> list[SlotKVCache]:
         return [self.cache, *(cache for _, _, cache in self.sides)]
 
-    def _logits(self, ids, positions, allowed, names, last) -> torch.Tensor:
+    def virtual_tokens(self, name: str | None) -> torch.Tensor | None:
+        if super().virtual_tokens(name) is not None:  # the expert and anti-expert would read other positions
+            raise RequestError(f"adapter {name!r} adds virtual tokens; Proxy-tuning serves weight adapters only",
+                               param="model")
+        return None
+
+    def _logits(self, ids, positions, allowed, names, last, prefixes) -> torch.Tensor:
         """s_M + α·(s_M⁺ − s_M⁻) for every row, in fp32."""
         base = self._forward(self.model, self.cache, ids, positions, allowed, names, last)
         (expert, e_adapter, e_cache), (anti, a_adapter, a_cache) = self.sides

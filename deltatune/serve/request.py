@@ -32,7 +32,8 @@ class Request:
         self.text = ""  # decoded output, cut at a stop string
         self.sent = 0  # characters of `text` already handed out as deltas
         self.slot: int | None = None
-        self.length = 0  # tokens whose K/V are in the cache
+        self.virtual = 0  # virtual tokens (prompt tuning) before the prompt
+        self.length = 0  # tokens whose K/V are in the cache (virtual ones included)
         self.finish_reason: str | None = None
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
