@@ -14,6 +14,8 @@ the CPU computes bf16 natively, else fp32 (adapters fp32, as peft keeps them). R
   mixed K routed  the same, through the core's per-adapter routed path (Engine(fused_lora=False))
   turns K         the engine on one adapter's requests at a time (what serving without mixing does)
   peft K          peft's mixed-adapter generate(adapter_names=...), one left-padded batch
+  paired          decode steps of base, mixed K and mixed K routed in strict alternation, median each: the
+                  ratio that other processes' load cannot tilt
 
 Engine rows run `--rounds` interleaved rounds and keep the best (a burst of other load hits one round); the
 slow `turns` and `peft` rows run once. Throughput is generated tokens per wall-clock second; TTFT (arrival to first token) and TPOT (mean time per
@@ -38,7 +40,7 @@ import torch  # noqa: E402
 import _common as C  # noqa: E402
 import deltatune as dt  # noqa: E402
 from deltatune.models import load_model  # noqa: E402
-from deltatune.serve import Engine  # noqa: E402
+from deltatune.serve import Engine, SamplingParams  # noqa: E402
 from deltatune.serve.registry import AdapterRegistry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -94,6 +96,26 @@ def run_turns(engine: Engine, prompts, names, new_tokens: int) -> dict:
             "ttft_p99": pct(ttft, .99), "tpot_p50": pct(tpot, .5), "tpot_p99": pct(tpot, .99), "load": load.mean}
 
 
+def paired_decode(model, tokenizer, prompts, configs: dict[str, tuple[list, bool]], steps: int) -> dict[str, float]:
+    """Median decode-step seconds of each configuration, steps taken in strict alternation on the same prompts,
+    so that other processes' load falls on every configuration alike (the rows above ran minutes apart)."""
+    engines = {}
+    for label, (row_names, fused) in configs.items():
+        engine = Engine(model, tokenizer, max_batch_size=len(prompts), max_prefill_tokens=1 << 30, fused_lora=fused)
+        for prompt, name in zip(prompts, row_names):
+            engine.add_request(prompt, name, SamplingParams(max_new_tokens=steps + 3, ignore_eos=True))
+        engine.prefill_step()
+        engine.decode_step()  # warm-up
+        engines[label] = engine
+    times: dict[str, list[float]] = {label: [] for label in configs}
+    for _ in range(steps):
+        for label, engine in engines.items():
+            start = time.perf_counter()
+            engine.decode_step()
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
 def run_peft(dtype, root: Path, adapters: list[str], prompts, names, new_tokens: int) -> dict:
     import peft
 
@@ -125,8 +147,9 @@ def main() -> None:
     parser.add_argument("--adapters", default="1,8,32", help="distinct adapters per mixed row, comma-separated")
     parser.add_argument("--threads", type=int, default=0, help="0: one per idle core (deltatune.threads)")
     parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    parser.add_argument("--out", default=None, help="results file stem (default serve_CONFIG)")
     parser.add_argument("--rounds", type=int, default=2, help="engine rows: best of this many interleaved rounds")
-    parser.add_argument("--skip", default="", help="rows to leave out: any of routed,turns,peft")
+    parser.add_argument("--skip", default="", help="rows to leave out: any of routed,paired,turns,peft")
     args = parser.parse_args()
     from deltatune.threads import choose_threads
 
@@ -170,6 +193,14 @@ def main() -> None:
                     best[label] = row
         for label, _, _ in engine_rows:
             report(label, best[label])
+        if "paired" not in skip:
+            configs = {"base": ([None] * len(prompts), True), f"mixed {k}": (names, True)}
+            if "routed" not in skip:
+                configs[f"mixed {k} routed"] = (names, False)
+            paired = paired_decode(model, tokenizer, prompts, configs, steps=8)
+            for label, seconds in paired.items():
+                rows.setdefault(label, {})["paired_step_s"] = seconds
+            print("paired decode steps: " + ", ".join(f"{l} {t * 1e3:.0f} ms" for l, t in paired.items()), flush=True)
         if "turns" not in skip:
             report(f"turns {k}", run_turns(engine, prompts, names, args.new_tokens))
         if "peft" not in skip:
@@ -181,8 +212,9 @@ def main() -> None:
             "config": args.config, "requests": args.requests, "new_tokens": args.new_tokens, "rounds": args.rounds,
             "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M")}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"serve_{args.config}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (RESULTS / f"serve_{args.config}.md").write_text(table(meta, rows))
+    stem = args.out or f"serve_{args.config}"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(table(meta, rows))
     print(table(meta, rows))
 
 
@@ -193,9 +225,15 @@ def table(meta: dict, rows: dict) -> str:
              "| row | tok/s | vs base | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | other load |",
              "|---|---|---|---|---|---|---|---|"]
     for label, row in rows.items():
+        if "tok_per_s" not in row:
+            continue
         timing = (f"{row['ttft_p50']:.2f} s | {row['ttft_p99']:.2f} s | {row['tpot_p50'] * 1e3:.0f} ms | "
                   f"{row['tpot_p99'] * 1e3:.0f} ms" if "ttft_p50" in row else "- | - | - | -")
         lines.append(f"| {label} | {row['tok_per_s']:.1f} | {row['tok_per_s'] / base:.2f}x | {timing} | {row['load']:.1f} |")
+    paired = {label: row["paired_step_s"] for label, row in rows.items() if "paired_step_s" in row}
+    if paired:
+        lines += ["", "Decode steps of the full batch taken in strict alternation (median of 8 each; other load falls on all "
+                  "alike): " + ", ".join(f"{label} {t * 1e3:.0f} ms ({paired['base'] / t:.2f}x base)" for label, t in paired.items())]
     return "\n".join(lines) + "\n"
 
 
