@@ -49,6 +49,56 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print("targetable modules (use these names in target_modules; shapes as PyTorch prints them):")
     for (leaf, kind, note), count in kinds.items():
         print(f"  {leaf:<16} x{count:<4} {kind:<40} {note}")
+    _print_footprint(model)
+
+
+def _print_footprint(model: Any) -> None:
+    """What --quantize nf4 (QLoRA) would store: the quantizable linear layers in fp32, bf16, NF4, NF4 + DQ."""
+    from .quant import footprint
+
+    plan = footprint(model)
+    if not plan.layers:
+        print("--quantize nf4: not available for this model (no nn.Linear layers to quantize)")
+        return
+    print("--quantize nf4 (QLoRA) stores the linear layers but the head in 4 bits:")
+    print("\n".join("  " + line for line in plan.table().splitlines()))
+
+
+def _base_quantization(args: argparse.Namespace) -> str | None:
+    """--quantize: "nf4", "none", or "auto": the base the adapter was trained on, as its file records."""
+    if args.quantize != "auto":
+        return None if args.quantize == "none" else args.quantize
+    if not args.adapter:
+        return None
+    from safetensors import safe_open
+
+    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME
+
+    try:
+        with safe_open(str(Path(args.adapter) / WEIGHTS_NAME), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(BASE_QUANTIZATION_KEY, "")
+    except Exception:  # no or no readable file: load_adapter says what is wrong with it
+        return None
+    if not recorded.startswith("nf4"):
+        return None
+    print(f"deltatune: {args.adapter} was trained on an NF4 base ({recorded}): loading the base in NF4 "
+          "(--quantize none for the full-precision base)", file=sys.stderr, flush=True)
+    return "nf4"
+
+
+def _load_base(args: argparse.Namespace, compute_dtype: Any = None) -> tuple[Any, Any]:
+    """The base model (NF4 linear layers with --quantize, see `_base_quantization`) with --adapter loaded."""
+    import torch
+
+    from .core.io import load_adapter
+    from .models import load_model
+
+    if compute_dtype is None and getattr(args, "precision", "auto") != "auto":  # of the NF4 layers' matmuls
+        compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model, tokenizer = load_model(args.base, quantize=_base_quantization(args), compute_dtype=compute_dtype)
+    if args.adapter:
+        load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
+    return model, tokenizer
 
 
 def _shape(module: Any) -> str:
@@ -63,7 +113,7 @@ def _shape(module: Any) -> str:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
-    from .core.io import WEIGHTS_NAME, read_adapter
+    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME, read_adapter
     from .core.registry import method_of
 
     config, tensors, metadata = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
@@ -83,20 +133,26 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(f"parameters   {params:,} in {len(tensors)} tensors")
     print(f"file size    {size / 1e6:.2f} MB ({WEIGHTS_NAME if (root / WEIGHTS_NAME).exists() else 'pickle'})")
     print(f"written by   deltatune {metadata['deltatune_version']}" if "deltatune_version" in metadata else "written by   peft (or another tool)")
+    if metadata.get(BASE_QUANTIZATION_KEY):
+        print(f"trained on   a {metadata[BASE_QUANTIZATION_KEY]} base (QLoRA); loads onto the full-precision base too")
     print(f"readable by  {', '.join(method_of(config).readers_for(config))}")
 
 
 def _cmd_merge(args: argparse.Namespace) -> None:
-    from .core.io import load_adapter
-    from .core.model import merge_and_unload
-    from .models import load_model
+    import torch
 
-    model, tokenizer = load_model(args.base)
-    load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
+    from .core.model import merge_and_unload
+    from .quant import check_full_precision, dequantize_model
+
+    # An NF4 base dequantizes in fp32: the adapter's delta is added to the weights it was trained on, exactly.
+    model, tokenizer = _load_base(args, compute_dtype=torch.float32)
     try:
         merged = merge_and_unload(model, safe=True)
     except (ValueError, RuntimeError) as exc:  # a NaN/Inf merged weight, a method that cannot merge
         raise CommandError(f"--adapter {args.adapter}: cannot merge: {exc}") from None
+    dequantize_model(merged, torch.float32)  # NF4 layers the adapter did not touch
+    check_full_precision(merged, "deltatune merge")
+    merged.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     out = Path(args.out)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -106,13 +162,9 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 def _cmd_generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
-    from .core.io import load_adapter
-    from .models import load_model
     from .train.evaluate import bf16_available, generate_batch, prompt_ids
 
-    model, tokenizer = load_model(args.base)
-    if args.adapter:
-        load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
+    model, tokenizer = _load_base(args)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
     if args.system is not None and (args.raw or not tokenizer.chat_template):
         raise CommandError("--system needs the chat template: drop --raw" if args.raw else
@@ -154,15 +206,11 @@ def _without_resume(argv: Sequence[str]) -> list[str]:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from .core.io import load_adapter
     from .data import load_records, tokenize
-    from .models import load_model
     from .train.evaluate import bf16_available, eval_generation, eval_loss
 
     records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
-    model, tokenizer = load_model(args.base)
-    if args.adapter:
-        load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
+    model, tokenizer = _load_base(args)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
     examples, report = tokenize(records, tokenizer, format=args.format, max_length=args.max_length, source=args.data)
     print(report.summary(), flush=True)
@@ -280,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_help = "a local transformers directory or hub id (default: the embedded SmolLM2-135M-Instruct)"
     threads_help = "CPU threads (default 0: one per idle core, as the demo does)"
+    quantize_help = ("nf4: the base's linear layers in 4-bit NF4 (QLoRA); auto (default): NF4 if the adapter was "
+                     "trained on an NF4 base, as its file records; none: full precision")
 
     p = sub.add_parser("info", help="parameters and targetable module names of a model", allow_abbrev=False)
     p.add_argument("model", nargs="?", default=None, help=model_help)
@@ -296,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True, help="adapter directory")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
+    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=quantize_help +
+                   "; an NF4 base is merged into its dequantized weights, written in full precision")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the merged model's weights")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("generate", help="generate from a prompt (chat template applied), streamed", allow_abbrev=False)
@@ -309,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast where the hardware computes bf16 natively, else fp32")
+    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=quantize_help)
     p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
     p.set_defaults(func=_cmd_generate)
 
@@ -316,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="train an adapter: deltatune train [CONFIG.yaml] [--key.sub value ...]", allow_abbrev=False,
         description="Train an adapter. CONFIG is a YAML file of TrainConfig keys (optional); every key can be set "
         "or overridden as --key value or --section.key value, e.g. --data.train sft.jsonl --optim.lr 1e-4 "
-        "--adapter.r 8 --max_steps 200 --init_adapter runs/cpt/adapter --resume true. See examples/sft.yaml. "
+        "--adapter.r 8 --max_steps 200 --init_adapter runs/cpt/adapter --resume true --quantize nf4 (QLoRA: a 4-bit "
+        "base). See examples/sft.yaml. "
         "--threads N sets the CPU threads (default: one per idle core).",
     )
     p.add_argument("config", nargs="?", default=None, help="YAML config file (optional)")
@@ -341,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast where the hardware computes bf16 natively")
+    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=quantize_help)
     p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
     p.set_defaults(func=_cmd_eval)
 

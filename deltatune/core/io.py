@@ -31,6 +31,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+BASE_QUANTIZATION_KEY = "deltatune_base_quantization"  # safetensors metadata: e.g. "nf4-dq" for a QLoRA adapter
 
 
 class AdapterFileError(ValueError):
@@ -74,7 +75,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt", "deltatune_version": __version__}))
+    metadata = {"format": "pt", "deltatune_version": __version__}
+    quantization = getattr(model, "deltatune_quantization", None) or {}  # deltatune.quant's: {"name": "nf4-dq", ...}
+    if quantization.get("name"):  # the base it was trained on; the file loads onto a full-precision base all the same
+        metadata[BASE_QUANTIZATION_KEY] = str(quantization["name"])
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
     return out
 

@@ -48,8 +48,8 @@ class _DequantizedLinear(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         ctx.saved_tensors  # noqa: B018  (raises if the codes were modified since the forward)
         grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ ctx.layer.dequantize_weight()  # (..., out) @ (out, in)
+        if ctx.needs_input_grad[0]:  # in grad_out's dtype: bf16 under autocast even for an fp32 compute dtype
+            grad_x = grad_out @ ctx.layer.dequantize_weight().to(grad_out.dtype)  # (..., out) @ (out, in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None
@@ -148,8 +148,12 @@ class Linear4bit(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
+        """Under autocast the result has the autocast dtype, as nn.Linear's would (an fp32 result would make
+        every activation after it fp32: twice the memory, slower elementwise ops); else x's dtype."""
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _DequantizedLinear.apply(x.to(self.compute_dtype), bias, self).to(x.dtype)
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _DequantizedLinear.apply(x.to(self.compute_dtype), bias, self).to(out_dtype)
 
     def _apply(self, fn, recurse=True):
         """`.to(dtype)` / `.half()` move the codes and constants but never cast them: a bf16 absmax would

@@ -19,7 +19,7 @@ from torch import nn
 from .linear4bit import Linear4bit
 from .nf4 import BLOCKSIZE, nf4_bytes
 
-DEFAULT_SKIP = ("lm_head",)
+DEFAULT_SKIP = ("lm_head", "score", "classifier")  # output heads (causal LM, sequence classification)
 
 
 class QuantizationError(ValueError):
@@ -28,6 +28,11 @@ class QuantizationError(ValueError):
 
 def _name_matches(name: str, patterns: Iterable[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def _is_output_head(model: nn.Module, module: nn.Linear) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return callable(get) and get() is module
 
 
 def _tied_to_embedding(model: nn.Module, module: nn.Linear) -> bool:
@@ -40,13 +45,27 @@ def _tied_to_embedding(model: nn.Module, module: nn.Linear) -> bool:
 
 def quantizable_linears(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
     """Names of the linear layers `quantize_model` replaces: every nn.Linear except those named in `skip`
-    (exact name or dotted suffix) and any whose weight is the input embedding's (a tied output head).
+    (exact name or dotted suffix), the model's output embeddings and any whose weight is the input
+    embedding's (a tied output head).
     Subclasses of nn.Linear (e.g. MultiheadAttention's out_proj, read through `.weight`) are left alone."""
     skip = tuple(skip)
     names = []
     for name, module in model.named_modules():
-        if type(module) is nn.Linear and not _name_matches(name, skip) and not _tied_to_embedding(model, module):
+        if type(module) is nn.Linear and not _name_matches(name, skip) and not _is_output_head(model, module) \
+                and not _tied_to_embedding(model, module):
             names.append(name)
+    return names
+
+
+def require_quantizable(model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP) -> list[str]:
+    """`quantizable_linears(model, skip)`, or a QuantizationError naming the model's layer types if it is empty."""
+    names = quantizable_linears(model, skip)
+    if not names:
+        kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "weight")})
+        raise QuantizationError(
+            f"{type(model).__name__} has no nn.Linear layer to quantize (skip={tuple(skip)}); modules with weights: "
+            f"{', '.join(kinds) or 'none'}. Only nn.Linear is supported (GPT-2's Conv1D is not yet): load it "
+            "without quantization.")
     return names
 
 
@@ -66,12 +85,7 @@ def quantize_model(model: nn.Module, *, compute_dtype: torch.dtype = torch.bfloa
     Returns the names of the replaced layers. Call it before attaching adapters.
     """
     _check_no_adapters(model)
-    names = quantizable_linears(model, skip)
-    if not names:
-        kinds = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "weight")})
-        raise QuantizationError(
-            f"{type(model).__name__} has no nn.Linear layer to quantize (skip={tuple(skip)}); modules with weights: "
-            f"{', '.join(kinds) or 'none'}. Only nn.Linear is supported (GPT-2's Conv1D is not yet).")
+    names = require_quantizable(model, skip)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -86,7 +100,9 @@ def quantize_model(model: nn.Module, *, compute_dtype: torch.dtype = torch.bfloa
 def _mark(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool, blocksize: int, names: list[str]):
     # What the adapter file's metadata and `deltatune info` report; not a transformers quantization_config,
     # so save_pretrained does not pretend the checkpoint can be reloaded by transformers.
-    model.deltatune_quantization = {"quant_type": "nf4", "blocksize": blocksize, "double_quant": double_quant,
+    # "name" is what the core's save_adapter writes into the adapter file's metadata.
+    model.deltatune_quantization = {"name": "nf4-dq" if double_quant else "nf4", "quant_type": "nf4",
+                                    "blocksize": blocksize, "double_quant": double_quant,
                                     "compute_dtype": str(compute_dtype).removeprefix("torch."),
                                     "modules": len(names)}
 
@@ -110,6 +126,24 @@ def check_full_precision(model: nn.Module, what: str = "saving the model") -> No
             f"{what}: the model has {len(names)} NF4 layers (e.g. {names[0]!r}), which a full-precision checkpoint "
             "cannot hold. Dequantize first (deltatune.quant.dequantize_model(model, dtype=torch.bfloat16)), or save "
             "only the adapter.")
+
+
+def check_quantized_training(model: nn.Module) -> None:
+    """Refuse an adapter that trains whole base weight matrices in place (full fine-tuning) on a model with NF4
+    layers: their weights are frozen codes, not parameters, so it would silently train everything but them.
+    Adapters on top of the base (LoRA, DoRA, IA3, ...) and in-place biases (BitFit) are fine."""
+    from ..core.model import adapters
+
+    if not is_quantized_model(model):
+        return
+    for adapter in adapters(model).values():
+        matrices = [name for name, (param, _) in adapter.selected.items() if param.ndim >= 2]
+        if matrices:
+            raise QuantizationError(
+                f"adapter {adapter.name!r} ({adapter.config.peft_type}) trains base weight matrices in place (e.g. "
+                f"{matrices[0]}), but the model's {sum(1 for _ in quantized_layers(model))} NF4 layers hold frozen "
+                "4-bit codes that cannot be trained; train it on the full-precision base (quantize: null), or "
+                "train an adapter on top of the 4-bit base (LoRA, DoRA, IA3)")
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -152,6 +186,11 @@ class Footprint:
 
     def bits_per_weight(self, kind: str = "nf4_dq") -> float:
         return 8 * getattr(self, kind) / self.params
+
+    def summary(self) -> str:
+        """One line: the quantized layers' memory now, against bf16."""
+        return (f"{self.layers} linear layers, {self.stored / 2**20:.1f} MiB ({8 * self.stored / self.params:.3f} "
+                f"bits/weight; {self.bf16 / 2**20:.1f} MiB in bf16), rest of the model {self.other / 2**20:.1f} MiB")
 
     def table(self) -> str:
         mb = lambda b: f"{b / 2**20:8.1f} MiB"  # noqa: E731

@@ -45,8 +45,12 @@ NF4_ZERO = 7  # the code of 0.0
 BLOCKSIZE = 64  # QLoRA / bnb default; the NF4 absmax block
 BLOCKSIZE2 = 256  # the DQ block of absmax constants
 
-# byte -> (value of high nibble, value of low nibble): one gather decodes two weights.
+# byte -> (value of high nibble, value of low nibble): one gather decodes two weights. Stored as one int64
+# per byte (the two fp32 bit patterns side by side): `index_select` on a 1-D table of 8-byte elements is ~3x
+# faster on CPU than gathering rows of two floats, and viewing the result as fp32 gives the same values.
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
+_NF4_PAIR_BITS = _NF4_PAIRS.contiguous().view(torch.int64).view(256)  # (256,) int64
+_CHUNK = 1 << 16  # packed bytes per dequantization pass on CPU: 256 KiB of int32 codes + 512 KiB of fp32 values
 
 
 def dynamic_map(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> Tensor:
@@ -140,11 +144,12 @@ def dequantize_blockwise(codes: Tensor, absmax: Tensor, code: Tensor, blocksize:
     return _scale_blocks(values, absmax, blocksize)
 
 
-def _scale_blocks(values: Tensor, absmax: Tensor, blocksize: int) -> Tensor:
+def _scale_blocks(values: Tensor, absmax: Tensor, blocksize: int, *, inplace: bool = False) -> Tensor:
     n = values.numel()
     n_blocks = absmax.numel()
     if n == n_blocks * blocksize:
-        return (values.view(n_blocks, blocksize) * absmax.unsqueeze(1)).view(n)
+        blocks = values.view(n_blocks, blocksize)
+        return (blocks.mul_(absmax.unsqueeze(1)) if inplace else blocks * absmax.unsqueeze(1)).view(n)
     padded = torch.nn.functional.pad(values, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
     return (padded * absmax.unsqueeze(1)).view(-1)[:n]
 
@@ -189,10 +194,32 @@ def block_absmax(state: NF4Tensor) -> Tensor:
 
 
 def dequantize_nf4(state: NF4Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """NF4[q] · absmax in float32 (as bnb computes it), cast to `dtype` (default: the original dtype)."""
-    pairs = _NF4_PAIRS.to(state.packed.device)[state.packed.long()]  # (ceil(n/2), 2)
-    values = _scale_blocks(pairs.view(-1)[: state.numel], block_absmax(state), state.blocksize)
-    return values.view(state.shape).to(dtype or state.dtype)
+    """NF4[q] · absmax in float32 (as bnb computes it), cast to `dtype` (default: the original dtype).
+
+    Per chunk of the packed bytes: one 8-byte gather per byte (its two fp32 values), the block scales multiplied
+    in place, the cast into the result. Rounding once from the exact fp32 product, a bf16 result is bit for bit
+    bnb's fp32 dequantization cast to bf16. On CPU the chunks keep the fp32 intermediates in the L2 cache: 15-30%
+    faster than whole-tensor passes, which write and read ~20 bytes per weight through memory (measured,
+    docs/qlora.md)."""
+    dtype = dtype or state.dtype
+    packed, n, blocksize = state.packed, state.numel, state.blocksize
+    table = _NF4_PAIR_BITS if packed.device.type == "cpu" else _NF4_PAIR_BITS.to(packed.device)
+    absmax = block_absmax(state)
+    chunk = _CHUNK if packed.device.type == "cpu" else packed.numel()
+    if n % blocksize or (2 * chunk) % blocksize:  # a ragged last block, or chunks that would split a block
+        values = table.index_select(0, packed.int()).view(torch.float32)  # (2·ceil(n/2),)
+        return _scale_blocks(values[:n], absmax, blocksize, inplace=True).view(state.shape).to(dtype)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    codes = torch.empty(min(chunk, packed.numel()), dtype=torch.int32, device=packed.device)
+    pairs = torch.empty(codes.numel(), dtype=torch.int64, device=packed.device)
+    for start in range(0, packed.numel(), chunk):
+        stop = min(start + chunk, packed.numel())
+        index, values = codes[: stop - start], pairs[: stop - start]
+        index.copy_(packed[start:stop])
+        torch.index_select(table, 0, index, out=values)
+        scales = absmax[2 * start // blocksize: 2 * stop // blocksize, None]  # (blocks in the chunk, 1)
+        out[2 * start: 2 * stop].copy_(values.view(torch.float32).view(-1, blocksize).mul_(scales).view(-1))
+    return out.view(state.shape)
 
 
 def nf4_bytes(numel: int, *, blocksize: int = BLOCKSIZE, double_quant: bool = True,

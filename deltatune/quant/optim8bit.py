@@ -32,20 +32,33 @@ def adamw8bit(params: Iterable[torch.Tensor] | Iterable[dict], *, lr: float = 1e
 
     Same arguments and update as torch.optim.AdamW (decoupled weight decay); parameter groups work as there.
     """
+    return bnb_adamw(params, bits=8, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, paged=paged,
+                     min_8bit_size=min_8bit_size)
+
+
+def bnb_adamw(params: Iterable[torch.Tensor] | Iterable[dict], *, bits: int = 8, lr: float = 1e-3,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+              paged: bool = False, min_8bit_size: int = MIN_8BIT_SIZE) -> torch.optim.Optimizer:
+    """bitsandbytes' AdamW with `bits` (8 or 32) states, paged (CUDA unified memory) or not: `AdamW8bit`,
+    `PagedAdamW8bit`, `PagedAdamW32bit` (QLoRA's `paged_adamw_32bit`) or `AdamW32bit`."""
+    if bits not in (8, 32):
+        raise ValueError(f"bits must be 8 or 32, got {bits}")
     params = list(params)
     if paged:
         devices = {p.device.type for p in _tensors(params)}
         if devices != {"cuda"}:
             raise OptimizerUnavailableError(
-                f"paged optimizers need CUDA (their states live in CUDA unified memory), but the parameters are on "
-                f"{', '.join(sorted(devices))}: drop `paged` (on CPU the states are already in host RAM).")
+                f"paged optimizers need CUDA (their states live in CUDA unified memory, paged to host RAM under "
+                f"memory pressure), but the parameters are on {', '.join(sorted(devices))}: on CPU the states "
+                "already live in host RAM, so use the unpaged optimizer (optim.name: adamw_8bit or adamw).")
     try:
         import bitsandbytes as bnb
     except ImportError as err:
         raise OptimizerUnavailableError(
             "8-bit AdamW uses bitsandbytes: pip install 'bitsandbytes>=0.50' (0.50 runs on CPU too), or use the "
             "32-bit AdamW") from err
-    cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
+    cls = {(8, True): bnb.optim.PagedAdamW8bit, (8, False): bnb.optim.AdamW8bit,
+           (32, True): bnb.optim.PagedAdamW32bit, (32, False): bnb.optim.AdamW32bit}[bits, paged]
     return cls(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, min_8bit_size=min_8bit_size)
 
 

@@ -78,6 +78,9 @@ class OptimConfig(_Section):
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
     min_lr_ratio: float = 0.0  # cosine/linear decay floor, as a fraction of lr
     loraplus_lr_ratio: float | None = None  # LoRA+: lr of B matrices = ratio x lr (Hayou et al. 2024 suggest 16)
+    # adamw: torch's; adamw_8bit: bitsandbytes' 8-bit blockwise states (Dettmers et al. 2022), 1/4 of the state
+    # memory; paged_*: states in CUDA unified memory (QLoRA §3), CUDA only. Names as transformers' `optim`.
+    name: Literal["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"] = "adamw"
 
     def _check_ranges(self) -> None:
         if self.lr is not None:
@@ -112,6 +115,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False  # memory mode: recompute each layer in the backward instead of storing it
     frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products; also
     # in a model passed to train(model=...))
+    quantize: Literal["nf4"] | None = None  # QLoRA: the base's linear layers stored in NF4 + double quantization
+    # (~4.13 bits/weight), the adapter trained on top (docs/qlora.md); also applied to a model passed in
     loss_chunk_size: int = 0  # tokens per cross-entropy chunk (never all fp32 logits at once); 0 = by vocabulary size
     seed: int = 0
     output_dir: str = "runs/default"

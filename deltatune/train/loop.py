@@ -40,6 +40,7 @@ from ..core.config import ConfigError
 from ..core.io import load_adapter, save_adapter
 from ..core.model import attach
 from ..data import batch_order, collate, load_records, pack, split_eval, tokenize
+from ..quant import check_quantized_training, footprint, is_quantized_model, quantize_model
 from .checkpoint import DataPosition, latest_checkpoint, nonfinite_tensor, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig, config_to_dict, load_config
 from .distributed import World, all_reduce_sum, barrier, init_distributed, maybe_no_sync, shard, shutdown, wrap
@@ -113,7 +114,7 @@ def train(
 def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Iterable[Any], world: World) -> TrainResult:
     _seed(cfg.seed)
     autocast = _autocast(cfg.precision, world)
-    model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world)
+    model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world, autocast)
     data = _load_data(cfg, tokenizer, world)
     _attach_adapter(model, cfg, world)
     _prepare_base(model, cfg, autocast, world)
@@ -204,12 +205,17 @@ def _autocast(precision: str, world: World) -> Callable[[], ContextManager[Any]]
     return functools.partial(torch.autocast, device, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def _model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, world: World) -> tuple[nn.Module, Any]:
+def _model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, world: World,
+                         autocast: functools.partial) -> tuple[nn.Module, Any]:
+    compute_dtype = torch.bfloat16 if autocast.keywords["enabled"] else torch.float32  # of NF4 layers' matmuls
     if model is None:
         from ..models import load_model
 
-        model, loaded_tokenizer = load_model(cfg.model, dtype=torch.float32)  # bf16 is autocast, weights stay fp32
+        model, loaded_tokenizer = load_model(cfg.model, dtype=torch.float32, quantize=cfg.quantize,
+                                             compute_dtype=compute_dtype)  # bf16 is autocast, weights stay fp32
         tokenizer = tokenizer or loaded_tokenizer
+    elif cfg.quantize and not is_quantized_model(model):
+        quantize_model(model, compute_dtype=compute_dtype)
     elif tokenizer is None:
         raise ConfigError("train(model=...) also needs tokenizer=...: the data is tokenized with the model's tokenizer")
     return model.to(world.device), tokenizer  # no use_cache change needed: the loss runs with use_cache=False
@@ -258,7 +264,11 @@ def _attach_adapter(model: nn.Module, cfg: TrainConfig, world: World) -> None:
 
 
 def _prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial, world: World) -> None:
-    """The frozen base in bf16 under bf16 autocast (frozen_bf16), and gradient checkpointing (memory mode)."""
+    """The frozen base in bf16 under bf16 autocast (frozen_bf16; NF4 layers stay as they are), and gradient
+    checkpointing (memory mode)."""
+    if is_quantized_model(model):
+        check_quantized_training(model)
+        _main_print(world, f"quantized base: {footprint(model).summary()}")
     if cfg.frozen_bf16 and autocast.keywords["enabled"] and autocast.keywords["dtype"] == torch.bfloat16:
         count = store_frozen_linears_in_bf16(model)
         copy_out_of_file_mappings(model)

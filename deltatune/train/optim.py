@@ -86,10 +86,20 @@ def _fused_supported(params: list[torch.Tensor]) -> bool:
     return True
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW (betas, eps, weight decay from `cfg`), fused where the device and dtype allow, else foreach."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW (betas, eps, weight decay from `cfg`), fused where the device and dtype allow, else foreach; with
+    optim.name adamw_8bit / paged_adamw_8bit / paged_adamw_32bit, bitsandbytes' (deltatune.quant.bnb_adamw)."""
     groups = param_groups(model, cfg)
     kwargs = dict(lr=base_lr(model, cfg), betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name != "adamw":
+        from ..core.config import ConfigError
+        from ..quant import OptimizerUnavailableError, bnb_adamw
+
+        try:
+            return bnb_adamw(groups, bits=8 if cfg.name.endswith("8bit") else 32,
+                             paged=cfg.name.startswith("paged"), **kwargs)
+        except OptimizerUnavailableError as exc:  # no bitsandbytes; a paged optimizer off CUDA
+            raise ConfigError(f"optim.name {cfg.name}: {exc}") from None
     if _fused_supported([p for g in groups for p in g["params"]]):
         try:
             return torch.optim.AdamW(groups, fused=True, **kwargs)
