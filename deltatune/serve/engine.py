@@ -14,9 +14,9 @@ one forward belong to different adapters, or to the base model (adapter None): t
 
 The forward is the model's own modules driven by the engine (embeddings, each decoder layer with the
 engine's slot KV cache and mask, final norm, head), so every site inside a decoder layer (LoRA, DoRA, IA3 on
-linear layers; bottleneck adapters on an MLP or attention block) serves as it trains. Only Llama-family
-models are served (their decoder layer takes `position_embeddings`, `attention_mask` and `past_key_values`);
-anything else is refused. Greedy decoding in fp32 gives each request the tokens it gets alone.
+linear layers; bottleneck adapters on an MLP or attention block) serves as it trains. Only Llama models are
+served (their decoder layer takes `position_embeddings`, `attention_mask` and `past_key_values`); anything
+else is refused. Greedy decoding in fp32 gives each request the tokens it gets alone.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from .kv import SlotKVCache
 from .request import Completion, Request, StepOutput, new_text
 from .sampling import RequestError, SamplingParams, choose
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama",)  # Mistral (sliding window) and Qwen2 share the layout but are untested
 _BYPASSED = re.compile(r"(model)?")  # the modules the engine runs around rather than calls: the model, its body
 
 Prompt = str | Sequence[int]

@@ -7,9 +7,9 @@ that request's K/V), so a decode step attends over the views K[:n, :, :L] with n
 cache. Newly admitted requests take slots n..n+m-1 and are prefilled together. Buffers grow by doubling
 (slots) and by 256 positions (capacity), so memory is what the largest batch and longest request need.
 
-Measured alternative: keeping each request's K/V apart and assembling a padded batch cache every step copies
-the whole cache once per step (566 MB for 64 requests of 192 tokens on SmolLM2-135M in fp32), which costs
-about as much as the decode step itself on a 2-core CPU.
+The alternative, keeping each request's K/V apart and assembling a padded batch cache every step, copies the
+whole cache once per step (566 MB for 64 requests of 192 tokens on SmolLM2-135M in fp32): by the sizes, of
+the order of a whole decode step on a 2-core CPU.
 
 The object is handed to the model's attention layers as `past_key_values`: transformers' Llama attention
 only calls `update(key, value, layer_idx)` and attends over what it returns.
