@@ -338,3 +338,10 @@ def test_adapter_files_follow_the_umask(tmp_path):
         os.umask(old)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
+def test_an_adapter_attached_to_an_eval_model_runs_no_dropout(input_ids):
+    model = make_tiny_llama().eval()
+    dt.attach(model, dt.LoraConfig(r=4, lora_dropout=0.5, init_lora_weights=False))
+    assert not any(m.training for m in model.modules())
+    torch.testing.assert_close(no_grad_logits(model, input_ids), no_grad_logits(model, input_ids), atol=0, rtol=0)

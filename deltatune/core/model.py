@@ -84,7 +84,7 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
         if method.select is not None:
             _select(model, adapter, method.select(model, config, [resolve(model, p) for p in adapter.sites]))
         if method.inject is not None:
-            add_part(model, name, method.inject(model, config, name))
+            add_part(model, name, method.inject(model, config, name).train(model.training))
     except BaseException:
         adapter.remove(model)
         raise
@@ -137,6 +137,7 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
             replace_module(model, path, site)
         delta = cls(Target(model, target, base, getattr(site, "base_weight", None)), config)
         delta.to(_device_of(base))
+        delta.train(model.training)  # an adapter attached to a model in eval mode must not run its dropout
         site.add(adapter.name, delta)
         adapter.sites.append(target)
     return targets
