@@ -134,7 +134,7 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
         cls = method.delta_for(base, config)
         if site is None:
             site = WeightSite(base) if weight_kind(base) is not None else BlockSite(base)
-            site.training = base.training  # a new wrapper takes its module's mode (nn.Module starts in training)
+            site.train(base.training)  # a new wrapper takes its module's mode (an nn.Module starts in training)
             replace_module(model, path, site)
         delta = cls(Target(model, target, base, getattr(site, "base_weight", None)), config)
         delta.to(_device_of(base))
@@ -169,6 +169,7 @@ def _save_module(model: nn.Module, adapter: Adapter, target: str) -> None:
                 "a module is either adapted or trained in full, not both"
             )
         module = ModulesToSave(module)
+        module.modules_to_save.train(module.original_module.training)
         module.training = module.original_module.training
         replace_module(model, target, module)
     module.add(adapter.name)
