@@ -235,3 +235,16 @@ def test_ia3_adapters_save_alone_from_a_stack(tmp_path):
     reloaded = dt.load_adapter(make_tiny_llama(), tmp_path)
     assert isinstance(reloaded.model.layers[0].mlp.down_proj.deltas["default"], IA3Linear)
     torch.testing.assert_close(no_grad_logits(reloaded, _ids()), no_grad_logits(alone, _ids()))
+
+
+def test_four_bit_base_merges_into_a_dequantized_copy():
+    from deltatune.quant import quantize_model
+
+    model = make_tiny_llama()
+    quantize_model(model, compute_dtype=torch.float32)
+    dt.attach(model, dt.IA3Config())
+    _randomise(model)
+    expected = no_grad_logits(model, _ids())
+    with pytest.raises(dt.NotMergeableError, match="quantized"):
+        dt.merge(model)
+    torch.testing.assert_close(no_grad_logits(dt.merge_and_unload(model), _ids()), expected, atol=1e-5, rtol=1e-5)

@@ -17,9 +17,10 @@ How it is computed (peft 0.21 computes the same h as y + (g − 1) ⊙ (Wx) + g 
 - n without forming W + s·B·A: ‖W + sΔ‖² = ‖W‖² + 2s·rowdot(W, BA) + s²·‖BA‖², with ‖W‖² of the frozen base
   cached, rowdot(W, BA) = rowsum(B ⊙ W·Aᵀ) (one (d_out, r) product) and ‖BA‖² = rowsum((B·AAᵀ) ⊙ B). n is
   cached too, keyed on the versions of A, B and the base tensors, so serving computes it once.
-- the output z + (g − 1) ⊙ (z − b), z = y + s·B·A·x, in one autograd node that saves its own output instead of
-  z (the next layer usually keeps that tensor anyway) and recovers z = (out − b)/g for m's gradient. (g − 1)
-  is small, so it keeps its precision in bf16, where g itself would round to 1.
+- the output y + (g − 1) ⊙ (y − b) + u·(g ⊙ B)ᵀ, u = s·A·x, in one autograd node: one elementwise pass and the
+  rank-r product accumulated in place, as many passes over (tokens, d_out) as LoRA's y + B·u. It saves its own
+  output (which the next layer usually keeps anyway), not y, and recovers what m's gradient needs from it.
+  (g − 1) is small, so it keeps its precision in bf16, where g itself would round to 1 ± 0.4%.
 - with lora_dropout active in training the correction uses W·dropout(x), as peft and the paper's code do
   (one more matmul per layer): h = y + (g − 1) ⊙ W·drop(x) + g ⊙ s·B·A·drop(x).
 
@@ -45,29 +46,43 @@ def _versions(tensors: Iterable[torch.Tensor]) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
-class _Rescale(torch.autograd.Function):
-    """out = g ⊙ (y − b + l) + b, computed as z + (g − 1) ⊙ (z − b) with z = y + l; saves out, not z."""
+class _DoraOutput(torch.autograd.Function):
+    """out = g ⊙ (y − b) + b + u·(g ⊙ B)ᵀ, with u = s·A·x (tokens, r): DoRA's output from the stack's output y.
+
+    Forward: out = y + (g − 1) ⊙ (y − b), then the rank-r product accumulates into it (addmm_): no more passes
+    over (tokens, d_out) than LoRA's y + B·u. Saves its output, not y: m's gradient needs Σ_t grad ⊙ (y − b),
+    and g ⊙ (y − b) = out − b − u·(g ⊙ B)ᵀ, whose last term sums to rowsum(B ⊙ gradᵀu) and cancels.
+    """
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, bias: torch.Tensor | None):  # type: ignore[override]
-        gm1 = (g - 1).to(y.dtype)  # (d_out,)
-        z = y + lora  # (..., d_out)
-        out = z.addcmul_(z if bias is None else z - bias.to(z.dtype), gm1)
-        ctx.save_for_backward(out, g, bias)
-        return out
+    def forward(ctx, y, u, B, g, bias):  # type: ignore[override]
+        d_out, r = B.shape
+        y2, u2 = y.reshape(-1, d_out), u.reshape(-1, r).to(y.dtype)  # (tokens, d_out), (tokens, r)
+        gB = (g[:, None] * B).to(y.dtype)  # (d_out, r)
+        out = torch.addcmul(y2, y2 if bias is None else y2 - bias.to(y.dtype), (g - 1).to(y.dtype))
+        out.addmm_(u2, gB.T)
+        ctx.save_for_backward(out, u2, B, g, gB, bias)
+        ctx.shapes = (y.shape, u.shape, u.dtype)
+        return out.view(y.shape)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        out, g, bias = ctx.saved_tensors
-        grad_z = grad.addcmul(grad, (g - 1).to(grad.dtype))  # ∂out/∂y = ∂out/∂l = g
-        grad_g = None
-        if ctx.needs_input_grad[2]:  # Σ_tokens grad ⊙ z, z = (out − b)/g
-            # summed in grad's dtype (fp32 accumulation inside); sum(dtype=float32) would first copy all of it
-            dot = (grad * out).flatten(0, -2).sum(0).float()
+    def backward(ctx, grad):  # type: ignore[override]
+        out, u2, B, g, gB, bias = ctx.saved_tensors
+        y_shape, u_shape, u_dtype = ctx.shapes
+        grad2 = grad.reshape(-1, B.shape[0]).to(out.dtype)
+        grad_y = grad_u = grad_B = grad_g = None
+        if ctx.needs_input_grad[0]:
+            grad_y = grad2.addcmul(grad2, (g - 1).to(grad2.dtype)).view(y_shape)  # g ⊙ grad
+        if ctx.needs_input_grad[1]:
+            grad_u = (grad2 @ gB).view(u_shape).to(u_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_B = ((grad2.T @ u2).float() * g[:, None]).to(B.dtype)
+        if ctx.needs_input_grad[3]:  # Σ_t grad ⊙ (y − b) = (Σ_t grad ⊙ out − b ⊙ Σ_t grad) / g
+            dot = (grad2 * out).sum(0).float()  # summed in bf16 with fp32 accumulation: no fp32 copy first
             if bias is not None:
-                dot = dot - bias.float() * grad.flatten(0, -2).sum(0).float()
+                dot = dot - bias.float() * grad2.sum(0).float()
             grad_g = (dot / g).to(g.dtype)
-        return grad_z, grad_z, grad_g, None
+        return grad_y, grad_u, grad_B, grad_g, None
 
 
 class DoraLinear(LoraLinear):
@@ -95,9 +110,9 @@ class DoraLinear(LoraLinear):
         with torch.no_grad(), torch.autocast(weight.device.type, enabled=False):
             wa = F.linear(A.to(weight.dtype), weight).float()  # (r, d_out) = A·Wᵀ
             Bf, Af = B.float(), A.float()
-            cross = (Bf * wa.T).sum(1)  # rowdot(W, BA)
-            ba_sq = ((Bf @ (Af @ Af.T)) * Bf).sum(1)  # ‖BA‖² per row
-            return (squared_rows + (2 * s) * cross + (s * s) * ba_sq).clamp_min(0).sqrt()
+            # rowdot(W, BA) = rowsum(B ⊙ W·Aᵀ) and ‖BA‖² = rowsum(B ⊙ B·AAᵀ), both in one (d_out, r) product
+            both = torch.addmm(wa.T, Bf, Af @ Af.T, beta=2 * s, alpha=s * s)
+            return (squared_rows + torch.linalg.vecdot(Bf, both)).clamp_min(0).sqrt()
 
     def _cached(self, slot: str, key: tuple, compute) -> Any:
         hit = self._norm_cache.get(slot)
@@ -131,7 +146,8 @@ class DoraLinear(LoraLinear):
         g = self.lora_magnitude_vector.float() / norm  # (d_out,); gradient to m only
         if self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0:
             return self._forward_dropout(x, y, stage, g)
-        return _Rescale.apply(y, self.lora_output(x).to(y.dtype), g, bias)
+        u = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype))) * self.scaling  # (..., r)
+        return _DoraOutput.apply(y, u, self.lora_B.weight, g, bias)
 
     def _forward_dropout(self, x: torch.Tensor, y: torch.Tensor, stage: Stage, g: torch.Tensor) -> torch.Tensor:
         """peft's training path with dropout: y + (g − 1) ⊙ W·drop(x) + g ⊙ s·B·A·drop(x)."""
@@ -152,7 +168,7 @@ class DoraLinear(LoraLinear):
     def unmerge(self, weight, bias):
         if self._merged_norm is None:
             raise RuntimeError("this DoRA delta was never merged, so there is nothing to unmerge")
-        g = self.lora_magnitude_vector.detach().float() / self._merged_norm
+        g = self.lora_magnitude_vector.detach().float() / self._merged_norm.to(weight.device)
         restored = weight.float() / g[:, None] - self.delta_weight().detach().float()
         return restored.to(weight.dtype), bias
 

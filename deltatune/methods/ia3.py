@@ -74,6 +74,7 @@ class IA3Config(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "IA3"
+    recommended_lr: ClassVar[float] = 3e-3  # T-Few
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
 
     feedforward_modules: str | tuple[str, ...] | None = None
