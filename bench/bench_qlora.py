@@ -3,11 +3,16 @@ forward + backward time of the base with and without NF4 (the backward reaches t
 adapters). Not a test. Writes bench/results/qlora.json and prints a markdown summary.
 
     python bench/bench_qlora.py            # ~2 minutes on 2 cores
+    python bench/bench_qlora.py --threads 1
+
+The whole training step (QLoRA against 16-bit LoRA and peft + bitsandbytes, batch 4x256) is measured by
+bench/bench_qlora_step.py, the quality on the demo task by bench/bench_qlora_quality.py.
 """
 from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
 import resource
 import sys
@@ -22,8 +27,7 @@ from deltatune.quant import (
 )
 from deltatune.quant.optim8bit import lora_shapes
 
-TOKENS = (1, 256)  # forward/backward batch; the 4x256 LoRA comparison comes with the training-loop wiring
-THREADS = 2
+TOKENS = (1, 256)  # forward/backward batch of the base alone (the 4x256 LoRA step: bench_qlora_step.py)
 
 
 def rss_mib() -> float:
@@ -58,9 +62,9 @@ def layer_timings() -> list[dict]:
             w = layer.dequantize_weight()
             x = torch.randn(1024, in_f, dtype=dtype)
             rows.append(dict(shape=[out_f, in_f], dtype=str(dtype).removeprefix("torch."),
-                             dequantize_ms=1e3 * best_of(layer.dequantize_weight, 5),
-                             matmul_ms=1e3 * best_of(lambda: x @ w.T, 5),
-                             layer_forward_ms=1e3 * best_of(lambda: layer(x), 5)))
+                             dequantize_ms=1e3 * best_of(layer.dequantize_weight, 20),
+                             matmul_ms=1e3 * best_of(lambda: x @ w.T, 20),
+                             layer_forward_ms=1e3 * best_of(lambda: layer(x), 20)))
     return rows
 
 
@@ -72,13 +76,19 @@ def step_time(model, ids) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(THREADS)
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    threads = parser.parse_args().threads
+    torch.set_num_threads(threads)
     from deltatune.models import load_model
 
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     flags = Path("/proc/cpuinfo").read_text()
-    result: dict = dict(cpu=cpu, amx_bf16="amx_bf16" in flags, threads=THREADS, torch=torch.__version__)
+    result: dict = dict(cpu=cpu, amx_bf16="amx_bf16" in flags, threads=threads, torch=torch.__version__,
+                        load_avg=" ".join(f"{x:.1f}" for x in os.getloadavg()))
 
     model, _ = load_model()
     model.eval()
@@ -116,7 +126,8 @@ def main() -> None:
     out = Path(__file__).parent / "results" / "qlora.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"CPU: {cpu} (AMX-BF16: {result['amx_bf16']}), {THREADS} threads, torch {torch.__version__}\n")
+    print(f"CPU: {cpu} (AMX-BF16: {result['amx_bf16']}), {threads} threads, torch {torch.__version__}, load "
+          f"{result['load_avg']}\n")
     print(done.table(), "\n")
     print(memory.table(), "\n")
     print(f"quantize_model: {result['quantize_s']:.2f} s; RSS {result['rss_after_fp32_load_mib']:.0f} MiB after fp32 "
