@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .registry import Method
-from .sites import BlockSite, ModulesToSave, Site
+from .sites import BlockSite
 
 PARTS_ATTR = "deltatune_parts"  # root-level nn.ModuleDict: adapter name -> injected part
 
@@ -136,7 +136,3 @@ def add_part(model: nn.Module, name: str, part: nn.Module) -> None:
     if not hasattr(model, PARTS_ATTR):
         model.add_module(PARTS_ATTR, nn.ModuleDict())
     getattr(model, PARTS_ATTR)[name] = part
-
-
-def is_host(module: nn.Module) -> bool:
-    return isinstance(module, (Site, ModulesToSave))

@@ -18,12 +18,12 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter import Adapter, add_part, is_host, logical_name, replace_module, resolve
+from .adapter import Adapter, add_part, logical_name, replace_module, resolve
 from .config import AdapterConfig, ConfigError
 from .delta import NotMergeableError
 from .registry import method_of
 from .routing import RoutingPlan, using
-from .sites import BlockSite, ModulesToSave, Site, Target, WeightSite, hosts, weight_kind
+from .sites import HOSTS, BlockSite, ModulesToSave, Site, Target, WeightSite, hosts, weight_kind
 from .targets import find_modules_to_save, find_targets
 
 STATE_ATTR = "deltatune_adapters"
@@ -42,11 +42,6 @@ def adapter_configs(model: nn.Module) -> dict[str, AdapterConfig]:
 
 def active_adapters(model: nn.Module) -> list[str]:
     return list(getattr(model, ACTIVE_ATTR, []))
-
-
-def wrappers(model: nn.Module) -> Iterator[tuple[str, Site | ModulesToSave]]:
-    """(module name, host) for every site and modules_to_save wrapper."""
-    return hosts(model)
 
 
 def _check_name(model: nn.Module, name: str) -> None:
@@ -163,7 +158,7 @@ def _select(model: nn.Module, adapter: Adapter, names: list[str]) -> None:
 def _save_module(model: nn.Module, adapter: Adapter, target: str) -> None:
     module = model.get_submodule(target)
     if not isinstance(module, ModulesToSave):
-        if any(is_host(m) for m in module.modules()):
+        if any(isinstance(m, HOSTS) for m in module.modules()):
             raise ConfigError(
                 f"modules_to_save names {target!r}, which holds another adapter's layers; "
                 "a module is either adapted or trained in full, not both"

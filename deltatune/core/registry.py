@@ -65,15 +65,20 @@ class Method:
         missing = [flag for flag in flags if getattr(config, flag, False) and flag not in self.variants]
         if missing:
             raise ConfigError(f"{self.peft_type} with {missing[0]}=True needs that variant, and none is registered")
+        flag = self._variant(config)
+        return self.variants[flag] if flag else self.deltas
+
+    def _variant(self, config: AdapterConfig) -> str | None:
+        """The registered variant flag set in `config`, if any."""
         chosen = [flag for flag in self.variants if getattr(config, flag, False)]
         if len(chosen) > 1:
             raise ConfigError(f"{self.peft_type}: {' and '.join(chosen)} cannot be combined")
-        return self.variants[chosen[0]] if chosen else self.deltas
+        return chosen[0] if chosen else None
 
     def readers_for(self, config: AdapterConfig) -> tuple[str, ...]:
         """The tools that read this config's files: a variant's own list where it has one (vLLM serves no DoRA)."""
-        chosen = [flag for flag in self.variants if getattr(config, flag, False)]
-        return self.variant_readers.get(chosen[0], self.readers) if chosen else self.readers
+        flag = self._variant(config)
+        return self.variant_readers.get(flag, self.readers) if flag else self.readers
 
     def delta_for(self, module: nn.Module, config: AdapterConfig) -> type[Delta] | None:
         return next((cls for cls in self.delta_classes(config) if cls.supports(module)), None)

@@ -275,10 +275,7 @@ class WeightSite(Site):
 
     def merged_value(self, names: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(W, b) after merging `names` on top of what is merged now; nothing is written."""
-        weight, bias = self.base_weight.value(), self.base_weight.bias()
-        for name in names:
-            weight, bias = self.deltas[name].merge(weight, bias)
-        return weight, bias
+        return self.affine([self.deltas[name] for name in names])
 
     def merge(self, names: list[str]) -> None:
         new = self.check_merge(names)
