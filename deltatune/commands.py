@@ -1,0 +1,238 @@
+"""The work of each `deltatune` subcommand (info, inspect, merge, generate, train, eval, demo), given parsed
+arguments. `deltatune.cli` builds the parser, dispatches here, and turns expected failures into one line.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+
+class CommandError(Exception):
+    """An expected failure of a command that no more specific deltatune error describes; printed as one line."""
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from torch import nn
+
+    from .core.targets import LINEAR_TYPES, output_head_names
+    from .models import load_model
+
+    model, _ = load_model(args.model)
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    config = model.config
+    print(f"model        {getattr(config, '_name_or_path', args.model)}")
+    print(f"architecture {type(model).__name__} ({getattr(config, 'model_type', '?')})")
+    print(f"parameters   {total:,} ({total / 1e6:.1f} M)")
+    heads = output_head_names(model)
+    kinds: Counter[tuple[str, str, str]] = Counter()
+    for name, module in model.named_modules():
+        if isinstance(module, LINEAR_TYPES + (nn.Embedding,)):
+            leaf = name.split(".")[-1]
+            note = "output head, excluded from all-linear" if name in heads else ""
+            kinds[(leaf, _shape(module), note)] += 1
+    print("targetable modules (use these names in target_modules; shapes as PyTorch prints them):")
+    for (leaf, kind, note), count in kinds.items():
+        print(f"  {leaf:<16} x{count:<4} {kind:<40} {note}")
+    _print_footprint(model)
+
+
+def _print_footprint(model: Any) -> None:
+    """What --quantize nf4 (QLoRA) would store: the quantizable linear layers in fp32, bf16, NF4, NF4 + DQ."""
+    from .quant import footprint
+
+    plan = footprint(model)
+    if not plan.layers:
+        print("--quantize nf4: not available for this model (no nn.Linear layers to quantize)")
+        return
+    print("--quantize nf4 (QLoRA) stores the linear layers but the head in 4 bits:")
+    print("\n".join("  " + line for line in plan.table().splitlines()))
+
+
+def _base_quantization(args: argparse.Namespace) -> str | None:
+    """--quantize: "nf4", "none", or "auto": the base the adapter was trained on, as its file records."""
+    if args.quantize != "auto":
+        return None if args.quantize == "none" else args.quantize
+    if not args.adapter:
+        return None
+    from safetensors import safe_open
+
+    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME
+
+    try:
+        with safe_open(str(Path(args.adapter) / WEIGHTS_NAME), framework="pt") as f:
+            recorded = (f.metadata() or {}).get(BASE_QUANTIZATION_KEY, "")
+    except Exception:  # no or no readable file: load_adapter says what is wrong with it
+        return None
+    if not recorded.startswith("nf4"):
+        return None
+    print(f"deltatune: {args.adapter} was trained on an NF4 base ({recorded}): loading the base in NF4 "
+          "(--quantize none for the full-precision base)", file=sys.stderr, flush=True)
+    return "nf4"
+
+
+def _load_base(args: argparse.Namespace, compute_dtype: Any = None) -> tuple[Any, Any]:
+    """The base model (NF4 linear layers with --quantize, see `_base_quantization`) with --adapter loaded."""
+    import torch
+
+    from .core.io import load_adapter
+    from .models import load_model
+
+    if compute_dtype is None and getattr(args, "precision", "auto") != "auto":  # of the NF4 layers' matmuls
+        compute_dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    model, tokenizer = load_model(args.base, quantize=_base_quantization(args), compute_dtype=compute_dtype)
+    if args.adapter:
+        load_adapter(model, args.adapter, allow_nonfinite=args.allow_nonfinite)
+    return model, tokenizer
+
+
+def _shape(module: Any) -> str:
+    """`Linear(in_features=576, out_features=1536)`, as PyTorch's repr, for Linear, Conv1D and Embedding alike."""
+    name = type(module).__name__
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return f"{name}(in_features={module.in_features}, out_features={module.out_features})"
+    if hasattr(module, "num_embeddings"):
+        return f"{name}({module.num_embeddings}, {module.embedding_dim})"
+    d_in, d_out = module.weight.shape  # transformers' Conv1D stores W as (in, out)
+    return f"{name}(in_features={d_in}, out_features={d_out})"
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME, read_adapter
+    from .core.registry import method_of
+
+    config, tensors, metadata = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and hasattr(v, "numel") for k, v in tensors.items()):
+        raise CommandError(f"{args.adapter}: the weights file does not hold a mapping of tensor names to tensors")
+    root = Path(args.adapter)
+    size = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
+    modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
+    params = sum(t.numel() for t in tensors.values())
+    print(f"method       {config.peft_type}")
+    for field in ("r", "lora_alpha", "use_rslora", "lora_dropout", "bias"):
+        if hasattr(config, field):
+            print(f"{field:<12} {getattr(config, field)}")
+    print(f"targets      {config.target_modules}")
+    print(f"base model   {config.base_model_name_or_path}")
+    print(f"modules      {len(modules)} adapted (e.g. {modules[0] if modules else '-'})")
+    print(f"parameters   {params:,} in {len(tensors)} tensors")
+    print(f"file size    {size / 1e6:.2f} MB ({WEIGHTS_NAME if (root / WEIGHTS_NAME).exists() else 'pickle'})")
+    print(f"written by   deltatune {metadata['deltatune_version']}" if "deltatune_version" in metadata else "written by   peft (or another tool)")
+    if metadata.get(BASE_QUANTIZATION_KEY):
+        print(f"trained on   a {metadata[BASE_QUANTIZATION_KEY]} base (QLoRA); loads onto the full-precision base too")
+    print(f"readable by  {', '.join(method_of(config).readers_for(config))}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    import torch
+
+    from .core.model import merge_and_unload
+    from .quant import check_full_precision, dequantize_model
+
+    # An NF4 base dequantizes in fp32: the adapter's delta is added to the weights it was trained on, exactly.
+    model, tokenizer = _load_base(args, compute_dtype=torch.float32)
+    try:
+        merged = merge_and_unload(model, safe=True)
+    except (ValueError, RuntimeError) as exc:  # a NaN/Inf merged weight, a method that cannot merge
+        raise CommandError(f"--adapter {args.adapter}: cannot merge: {exc}") from None
+    dequantize_model(merged, torch.float32)  # NF4 layers the adapter did not touch
+    check_full_precision(merged, "deltatune merge")
+    merged.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    out = Path(args.out)
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from transformers import TextStreamer
+
+    from .train.evaluate import bf16_available, generate_batch, prompt_ids
+
+    model, tokenizer = _load_base(args)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
+    if args.system is not None and (args.raw or not tokenizer.chat_template):
+        raise CommandError("--system needs the chat template: drop --raw" if args.raw else
+                           "--system: this model's tokenizer has no chat template; put the instruction in --prompt")
+    ids = prompt_ids(tokenizer, args.prompt, system=args.system, raw=args.raw)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    text = generate_batch(model, tokenizer, [ids], max_new_tokens=args.max_new_tokens, bf16=bf16,
+                          temperature=args.temperature, streamer=streamer)[0]
+    if not text.strip():
+        print("(the model generated no text)", file=sys.stderr)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .train.loop import TrainingInterrupted, train
+
+    config, overrides = _split_train_argv(args.argv)
+    try:
+        result = train(config, overrides=overrides)
+    except TrainingInterrupted as exc:
+        command = shlex.join(["deltatune", "train", *_without_resume(args.argv), "--resume", "true"])
+        where = f"the last checkpoint is {exc.checkpoint} (step {exc.step}); resume with: {command}" if exc.checkpoint \
+            else "no checkpoint was written yet"
+        raise TrainingInterrupted(f"interrupted; nothing else was saved; {where}", exc.step, exc.checkpoint) from None
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+        print(f"trained {result.steps} steps; adapter in {result.adapter_dir}, metrics in {result.metrics_path}")
+
+
+def _without_resume(argv: Sequence[str]) -> list[str]:
+    """The train arguments without any --resume flag (the resume command adds its own)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--resume":
+            skip = True
+        elif not token.startswith("--resume="):
+            out.append(token)
+    return out
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from .data import load_records, tokenize
+    from .train.evaluate import bf16_available, eval_generation, eval_loss
+
+    records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
+    model, tokenizer = _load_base(args)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
+    examples, report = tokenize(records, tokenizer, format=args.format, max_length=args.max_length, source=args.data)
+    print(report.summary(), flush=True)
+    stats = eval_loss(model, tokenizer, examples, batch_size=args.batch_size, bf16=bf16, progress=True)
+    print(f"loss         {stats['loss']:.4f} over {stats['tokens']:,} tokens")
+    print(f"perplexity   {stats['perplexity']:.3f}")
+    if report.format == "text":
+        return
+    result = eval_generation(model, tokenizer, records, max_new_tokens=args.max_new_tokens, match=args.match,
+                             batch_size=args.batch_size, bf16=bf16, progress=True)
+    if not result["n"]:
+        print("generation   skipped: no record has a reference answer")
+        return
+    correct = sum(s["correct"] for s in result["samples"])
+    print(f"{args.match + ' match':<12} {result['score']:.1%} ({correct}/{result['n']}, greedy, whitespace-normalised)")
+    for sample in result["samples"][: args.samples]:
+        print(f"  {'ok ' if sample['correct'] else 'no '} reference {sample['reference']!r}\n      output    {sample['output']!r}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(out=Path(args.out), steps=args.steps, model_name=args.model, threads=args.threads)
+
+
+def _split_train_argv(argv: Sequence[str]) -> tuple[str | None, list[str]]:
+    """`train [CONFIG] [--key.sub value ...]`: the config path (a first token that is not an option), then overrides.
+
+    Done by hand because argparse would take the value of `--data.train x.jsonl` for the positional CONFIG.
+    """
+    from .core.config import ConfigError
+
+    config, rest = (argv[0], list(argv[1:])) if argv and not argv[0].startswith("-") else (None, list(argv))
+    if rest and not rest[0].startswith("--"):
+        raise ConfigError(f"expected one CONFIG file, then options like --optim.lr 1e-4; got a second file {rest[0]!r}")
+    return config, rest
