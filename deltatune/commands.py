@@ -214,7 +214,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print("generation   skipped: no record has a reference answer")
         return
     correct = sum(s["correct"] for s in result["samples"])
-    print(f"{args.match + ' match':<12} {result['score']:.1%} ({correct}/{result['n']}, greedy, whitespace-normalised)")
+    path = "serving engine" if result["path"] == "engine" else "generate()"
+    print(f"{args.match + ' match':<12} {result['score']:.1%} ({correct}/{result['n']}, greedy through {path}, "
+          "whitespace-normalised)")
     for sample in result["samples"][: args.samples]:
         print(f"  {'ok ' if sample['correct'] else 'no '} reference {sample['reference']!r}\n      output    {sample['output']!r}")
 

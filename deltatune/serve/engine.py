@@ -17,6 +17,11 @@ engine's slot KV cache and mask, final norm, head), so every site inside a decod
 linear layers; bottleneck adapters on an MLP or attention block) serves as it trains. Only Llama models are
 served (their decoder layer takes `position_embeddings`, `attention_mask` and `past_key_values`); anything
 else is refused. Greedy decoding in fp32 gives each request the tokens it gets alone.
+
+Precision: the engine computes in the model's own dtype (an fp32 model, or one loaded in bf16 as `deltatune
+serve` does), or with `autocast=torch.bfloat16` under autocast over the weights as they are: the computation
+`deltatune eval` and training run, so an evaluation through the engine computes what `generate()` computes
+under the same autocast (up to the order of the bf16 sums). The KV cache keeps what the attention produces.
 """
 from __future__ import annotations
 
@@ -73,15 +78,18 @@ class Engine:
     step, which bounds how long one step stalls the running requests. `blend` turns a {name: weight} adapter
     spec into an attached adapter (deltatune.serve.registry.AdapterRegistry.blend; by default
     `blend_lora` with a cache). fused_lora: run plain LoRA adapters as one stacked product per site
-    (deltatune.serve.fused_lora) instead of the core's one product per adapter.
+    (deltatune.serve.fused_lora) instead of the core's one product per adapter. autocast: run every forward
+    under `torch.autocast` to this dtype (bf16 where the hardware computes it natively), weights untouched.
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch_size: int = 64,
                  max_model_len: int | None = None, max_prefill_tokens: int = 4096, blend=None,
-                 fused_lora: bool = True) -> None:
+                 fused_lora: bool = True, autocast: torch.dtype | None = None) -> None:
         check_servable(model)
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
+        if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast must be None, torch.bfloat16 or torch.float16, got {autocast!r}")
         self.model, self.tokenizer = model, tokenizer
         config = model.config
         limit = config.max_position_embeddings
@@ -89,6 +97,7 @@ class Engine:
         self.max_batch_size, self.max_prefill_tokens = max_batch_size, max_prefill_tokens
         self.eos_ids = _eos_ids(model, tokenizer)
         self.device = next(model.parameters()).device
+        self.autocast = autocast
         self.cache = SlotKVCache(config.num_hidden_layers)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # running[i].slot == i
@@ -98,7 +107,7 @@ class Engine:
         self._checked: dict[str, object] = {}  # adapter name -> the Adapter object found servable
         self._blend = blend
         self._eval_for: set[tuple] = set()  # (model, its adapters) seen in eval mode
-        self.fused = FusedLora(model) if fused_lora else _Unfused()
+        self.fused = FusedLora(model, dtype=autocast) if fused_lora else _Unfused()
         self._blends: dict[tuple, str] = {}
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -265,12 +274,14 @@ class Engine:
             self._eval_for = {a for a in self._eval_for if a[0] != id(model)} | {attached}
         fused = self.fused if model is self.model else _Unfused()
         ids, positions = ids.to(device), positions.to(device)
-        with fused.apply(names) as routed, route(model, routed):
+        amp = torch.autocast(device.type, dtype=self.autocast, enabled=self.autocast is not None)
+        with amp, fused.apply(names) as routed, route(model, routed):
             h = inner.embed_tokens(ids)
             for row, prefix in (prefixes or {}).items():
                 h[row, : prefix.shape[0]] = prefix.to(h.dtype)
-            mask = torch.zeros(allowed.shape, dtype=h.dtype, device=device).masked_fill_(
-                ~allowed.to(device), torch.finfo(h.dtype).min)  # additive: read alike by sdpa and eager attention
+            scores = self.autocast or h.dtype  # the dtype attention scores are computed in: the mask stays finite
+            mask = torch.zeros(allowed.shape, dtype=scores, device=device).masked_fill_(
+                ~allowed.to(device), torch.finfo(scores).min)  # additive: read alike by sdpa and eager attention
             position_embeddings = inner.rotary_emb(h, positions)
             for layer in inner.layers[: model.config.num_hidden_layers]:
                 out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache,

@@ -13,7 +13,9 @@ For the adapters a batch uses at a site (ranks r₁…rₖ, no padding between t
 
 Decode computes in fp32 (as peft keeps adapters; on this CPU a bf16 `(rows, 8) @ (8, 576)` product with few
 rows took 2-18 ms against 20-40 µs in fp32); prefill computes in the base's dtype (bf16 there is 3x faster
-than casting a prompt's activations to fp32 and back). On an fp32 base both are exact fp32.
+than casting a prompt's activations to fp32 and back). On an fp32 base both are exact fp32. Under autocast
+(an fp32 base run in bf16, as `deltatune eval` does) the kernels run outside it, in the same dtypes as on a
+bf16 base: autocast would turn the decode product into that slow bf16 one.
 
 Measured (bench/bench_serve.py, docs/serving.md): the core's routed path, one small product per adapter per
 site, made 32 adapters of rank 8 cost about half the base's throughput; these kernels keep most of it.
@@ -69,7 +71,7 @@ class _SiteStack:
 class _Stack:
     """The factors of a set of adapters at every site any of them targets."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
+    def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype | None) -> None:
         self.adapters = [attached_adapters(model)[n] for n in names]  # held: a stack is valid for these objects only
         self.index = {n: i for i, n in enumerate(names)}
         by_site: dict[str, list[tuple[int, LoraLinear]]] = {}
@@ -79,7 +81,7 @@ class _Stack:
         embeddings = model.get_input_embeddings().weight
         with torch.no_grad():
             self.sites = [_SiteStack(model.get_submodule(resolve(model, p)), parts, len(names), embeddings.device,
-                                     embeddings.dtype)
+                                     dtype or embeddings.dtype)
                           for p, parts in by_site.items()]
 
 
@@ -91,9 +93,10 @@ class _Kernel:
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # (B, T, d_in)
-        if x.dim() == 3 and x.shape[1] > 1:
-            return self._gathered(x, output)
-        return self._stacked(x, output)
+        with torch.autocast(x.device.type, enabled=False):
+            if x.dim() == 3 and x.shape[1] > 1:
+                return self._gathered(x, output)
+            return self._stacked(x, output)
 
     def _stacked(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Few tokens per row (decode): two matmuls over all the adapters' columns, masked per row."""
@@ -136,8 +139,10 @@ def _selection(local: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor | 
 
 
 class FusedLora:
-    def __init__(self, model: nn.Module, max_sets: int = 4) -> None:
-        self.model = model
+    """dtype: of the sites' activations when it is not the base's (the autocast dtype), for the prefill kernel."""
+
+    def __init__(self, model: nn.Module, max_sets: int = 4, dtype: torch.dtype | None = None) -> None:
+        self.model, self.dtype = model, dtype
         self.max_sets = max_sets
         self._stacks: OrderedDict[tuple, _Stack] = OrderedDict()
         self._eligible: dict[str, tuple[object, bool]] = {}
@@ -182,7 +187,7 @@ class FusedLora:
             if set(names) <= set(key) and len(key) <= 2 * len(names) and current(stack):
                 self._stacks.move_to_end(key)
                 return stack
-        stack = _Stack(self.model, names)
+        stack = _Stack(self.model, names, self.dtype)
         self._stacks[tuple(names)] = stack
         while len(self._stacks) > self.max_sets:
             self._stacks.popitem(last=False)

@@ -12,7 +12,9 @@ whole cache once per step (566 MB for 64 requests of 192 tokens on SmolLM2-135M 
 the order of a whole decode step on a 2-core CPU.
 
 The object is handed to the model's attention layers as `past_key_values`: transformers' Llama attention
-only calls `update(key, value, layer_idx)` and attends over what it returns.
+only calls `update(key, value, layer_idx)` and attends over what it returns. K and V are each stored in the dtype
+the attention hands over, as transformers' own cache does: under bf16 autocast over fp32 weights the keys come
+out of the rotary embedding in fp32 (bf16 projections times fp32 cos/sin) while the values stay bf16.
 """
 from __future__ import annotations
 
@@ -35,8 +37,9 @@ class SlotKVCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new (B, kv_heads, T, head_dim) keys and values; return the keys and values to attend over."""
-        self._fit(layer_idx, key)
-        rows, k, v = self._rows, self.k[layer_idx], self.v[layer_idx]
+        k = self._fit(self.k, layer_idx, key)
+        v = self._fit(self.v, layer_idx, value)
+        rows = self._rows
         if self._positions is None:  # prefill: positions 0..T-1 for every row
             k[rows, :, : key.shape[2]] = key
             v[rows, :, : key.shape[2]] = value
@@ -46,20 +49,20 @@ class SlotKVCache:
             v[slots, :, self._positions] = value.transpose(1, 2)
         return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
-    def _fit(self, layer_idx: int, key: torch.Tensor) -> None:
-        k = self.k[layer_idx]
+    def _fit(self, store: list[torch.Tensor | None], layer_idx: int, new: torch.Tensor) -> torch.Tensor:
+        """`store[layer_idx]`, grown to the rows and positions of this forward, in the dtype of `new`."""
+        t = store[layer_idx]
         slots, capacity = self._rows.stop, self._kv_len
-        if k is not None and k.shape[0] >= slots and k.shape[2] >= capacity and k.dtype == key.dtype:
-            return
-        old_slots, old_cap = (k.shape[0], k.shape[2]) if k is not None else (0, 0)
+        if t is not None and t.shape[0] >= slots and t.shape[2] >= capacity and t.dtype == new.dtype:
+            return t
+        old_slots, old_cap = (t.shape[0], t.shape[2]) if t is not None else (0, 0)
         new_slots = max(old_slots, 1 << max(slots - 1, 0).bit_length())
         new_cap = max(old_cap, -(-capacity // CAPACITY_STEP) * CAPACITY_STEP)
-        shape = (new_slots, key.shape[1], new_cap, key.shape[3])
-        for store in (self.k, self.v):
-            grown = torch.zeros(shape, dtype=key.dtype, device=key.device)
-            if store[layer_idx] is not None:
-                grown[:old_slots, :, :old_cap] = store[layer_idx]
-            store[layer_idx] = grown
+        grown = torch.zeros((new_slots, new.shape[1], new_cap, new.shape[3]), dtype=new.dtype, device=new.device)
+        if t is not None:
+            grown[:old_slots, :, :old_cap] = t
+        store[layer_idx] = grown
+        return grown
 
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy slot `src`'s first `length` positions into slot `dst` (compaction when a request leaves)."""

@@ -13,6 +13,12 @@ would make a short prompt continue from pad tokens). The prompt is the conversat
 assistant turn, rendered by the tokenizer's chat template with the generation prompt, exactly what
 `deltatune generate` and training use.
 
+Two generation paths give the same greedy tokens (in fp32; under bf16 autocast up to the order of bf16 sums):
+the serving engine (`deltatune.serve.Engine`: continuous batching, so a row that has ended makes room for the
+next prompt instead of idling until the longest row of its batch ends) wherever it runs the model as it
+stands, else `generate_batch` (transformers' `generate()` on left-padded batches). `_engine_requests` is the
+one place that chooses.
+
 Matching, after normalisation of both strings (strip the ends, collapse every whitespace run to one space;
 case and punctuation are kept, because for formatted answers they are the task):
 
@@ -198,15 +204,63 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="ex", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+def _engine_requests(model: nn.Module, prompts: Sequence[list[int]], *, max_new_tokens: int, batch_size: int,
+                     bf16: bool) -> tuple[Any, list[Any]] | None:
+    """The serving engine with a greedy request queued per prompt, running the model as it stands (its one
+    active adapter, or the base), or None where it cannot: not a Llama-family model or an adapter outside the
+    decoder blocks (`check_servable`), an adapter the engine refuses (trained in place, a model-level part
+    other than virtual tokens), several active adapters stacked, merged or disabled adapters, or a prompt
+    longer than the model's context. The one place evaluation chooses between the engine and `generate_batch`.
+    """
+    from ..core.model import active_adapters, adapters
+    from ..core.sites import hosts
+    from ..serve.engine import Engine, check_servable
+    from ..serve.sampling import RequestError, SamplingParams
+
+    active = active_adapters(model)
+    parts = [a.part(model) for a in adapters(model).values()]
+    if len(active) > 1 or any(h.merged_adapters or h.adapters_disabled for _, h in hosts(model)) \
+            or any(getattr(part, "disabled", False) for part in parts):
+        return None
+    try:
+        check_servable(model)
+        # no tokenizer: the engine then stops at the model's end-of-sequence ids, as generate() does
+        engine = Engine(model, None, max_batch_size=batch_size, autocast=torch.bfloat16 if bf16 else None)
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        return engine, [engine.add_request(ids, active[0] if active else None, params) for ids in prompts]
+    except (TypeError, RequestError):
+        return None
+
+
+def _generate_all(model: nn.Module, tokenizer: Any, prompts: list[list[int]], *, max_new_tokens: int, batch_size: int,
+                  bf16: bool, engine: bool, bar: Any) -> tuple[list[str], str]:
+    """(greedy continuation of every prompt, in order; "engine" or "generate_batch": the path that ran)."""
+    queued = _engine_requests(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, bf16=bf16) \
+        if engine else None
+    if queued is not None:
+        serving, requests = queued
+        while serving.has_unfinished():
+            bar.update(sum(out.finished for out in serving.step()))
+        return [tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in requests], "engine"
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        outputs += generate_batch(model, tokenizer, chunk, max_new_tokens=max_new_tokens, bf16=bf16)
+        bar.update(len(chunk))
+    return outputs, "generate_batch"
+
+
 def eval_generation(model: nn.Module, tokenizer: Any, records: Sequence[dict[str, Any]], *, max_new_tokens: int = 64,
-                    match: Match = "exact", batch_size: int = 16, bf16: bool = False,
-                    progress: bool = False) -> dict[str, Any]:
+                    match: Match = "exact", batch_size: int = 16, bf16: bool = False, progress: bool = False,
+                    engine: bool = True) -> dict[str, Any]:
     """Greedy generation for every record that has a reference answer, scored by `match` after `normalize`.
 
     Returns {"score": share matched (0..1; NaN when no record has a reference), "n": records scored,
-    "samples": [{"prompt", "reference", "output", "correct"}, ...] in record order}. Prompts are generated
-    in batches of similar length (less padding), each batch stopping when every row has ended or after
-    `max_new_tokens`.
+    "samples": [{"prompt", "reference", "output", "correct"}, ...] in record order, "path": "engine" or
+    "generate_batch"}. Prompts go shortest first (less padding), `batch_size` rows at a time: through the
+    serving engine where it runs the model (`_engine_requests`; engine=False: never), each row stopping at
+    its end-of-sequence or after `max_new_tokens` and its place taken by the next prompt; else in batches
+    of `generate_batch`, each stopping when every row has ended.
     """
     if match not in MATCHES:
         raise ValueError(f"match must be one of {', '.join(map(repr, MATCHES))}, got {match!r}")
@@ -220,15 +274,14 @@ def eval_generation(model: nn.Module, tokenizer: Any, records: Sequence[dict[str
     outputs: list[str] = [""] * len(items)
     order = sorted(range(len(items)), key=lambda i: len(items[i][2]))
     with _eval_mode(model), _bar(len(order), "generating", progress) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            texts = generate_batch(model, tokenizer, [items[i][2] for i in chunk], max_new_tokens=max_new_tokens, bf16=bf16)
-            for i, text in zip(chunk, texts):
-                outputs[i] = text.strip()
-            bar.update(len(chunk))
+        texts, path = _generate_all(model, tokenizer, [items[i][2] for i in order], max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, bf16=bf16, engine=engine, bar=bar)
+    for i, text in zip(order, texts):
+        outputs[i] = text.strip()
     samples = [
         {"prompt": prompt, "reference": reference, "output": output, "correct": is_match(output, reference, match)}
         for (prompt, reference, _), output in zip(items, outputs)
     ]
     correct = sum(s["correct"] for s in samples)
-    return {"score": correct / len(samples) if samples else math.nan, "n": len(samples), "samples": samples}
+    return {"score": correct / len(samples) if samples else math.nan, "n": len(samples), "samples": samples,
+            "path": path}
