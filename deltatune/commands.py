@@ -53,21 +53,26 @@ def _print_footprint(model: Any) -> None:
     print("\n".join("  " + line for line in plan.table().splitlines()))
 
 
+def recorded_base_quantization(adapter: str | os.PathLike) -> str:
+    """The base quantization an adapter's file records (e.g. "nf4-dq"; "" for none or an unreadable file)."""
+    from safetensors import safe_open
+
+    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME
+
+    try:
+        with safe_open(str(Path(adapter) / WEIGHTS_NAME), framework="pt") as f:
+            return (f.metadata() or {}).get(BASE_QUANTIZATION_KEY, "")
+    except Exception:  # no or no readable file: load_adapter says what is wrong with it
+        return ""
+
+
 def _base_quantization(args: argparse.Namespace) -> str | None:
     """--quantize: "nf4", "none", or "auto": the base the adapter was trained on, as its file records."""
     if args.quantize != "auto":
         return None if args.quantize == "none" else args.quantize
     if not args.adapter:
         return None
-    from safetensors import safe_open
-
-    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME
-
-    try:
-        with safe_open(str(Path(args.adapter) / WEIGHTS_NAME), framework="pt") as f:
-            recorded = (f.metadata() or {}).get(BASE_QUANTIZATION_KEY, "")
-    except Exception:  # no or no readable file: load_adapter says what is wrong with it
-        return None
+    recorded = recorded_base_quantization(args.adapter)
     if not recorded.startswith("nf4"):
         return None
     print(f"deltatune: {args.adapter} was trained on an NF4 base ({recorded}): loading the base in NF4 "

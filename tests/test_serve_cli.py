@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 import deltatune as dt
 from deltatune.cli import build_parser, main
@@ -76,3 +77,62 @@ def test_serve_process_answers_the_openai_client(base_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+# ---- --quantize: a 4-bit NF4 base ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def nf4_adapter(base_dir):
+    """An adapter trained (here: attached) on the NF4 base: its file records deltatune_base_quantization."""
+    from deltatune.quant import quantize_model
+
+    model = tiny_llama()
+    quantize_model(model, compute_dtype=torch.float32)
+    add_lora(model, "q", 4, seed=3)
+    dt.save_adapter(model, base_dir / "qlora", "q")
+    return base_dir / "qlora"
+
+
+def test_quantize_flag_and_auto_follow_the_adapters_files(base_dir, nf4_adapter, capsys):
+    from deltatune.serve.cli import base_quantization
+
+    parse = lambda *argv: build_parser().parse_args(["serve", *argv])  # noqa: E731
+    assert parse().quantize == "auto" and base_quantization(parse()) is None  # no adapter: full precision
+    assert base_quantization(parse("--quantize", "nf4")) == "nf4"
+    assert base_quantization(parse("--quantize", "none", "--adapter", f"q={nf4_adapter}")) is None
+    assert base_quantization(parse("--adapter", f"q={nf4_adapter}")) == "nf4"
+    assert "trained on an NF4 base" in capsys.readouterr().err
+    plain = base_dir / "adapters" / "helper"
+    assert base_quantization(parse("--adapter", f"q={nf4_adapter}", "--adapter", f"h={plain}")) is None  # mixed
+    with pytest.raises(SystemExit):
+        parse("--quantize", "int4")
+
+
+def test_serve_quantize_nf4_loads_a_4bit_base_the_engine_serves(base_dir, nf4_adapter, monkeypatch):
+    """serve_main up to uvicorn.run: the base loads in NF4 with the adapter, and the engine's greedy tokens
+    equal transformers' generate() on that same 4-bit model."""
+    import uvicorn
+
+    import deltatune.serve.engine as engine_module
+    from deltatune.quant import is_quantized_model
+    from serve_helpers import hf_greedy
+
+    engines = []
+
+    class Recorded(engine_module.Engine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(engine_module, "Engine", Recorded)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    code = main(["serve", "--base", str(base_dir / "tiny"), "--adapter", f"q={nf4_adapter}", "--precision", "fp32",
+                 "--threads", "1"])
+    assert code in (0, None) and len(engines) == 1
+    engine = engines[0]
+    assert is_quantized_model(engine.model)
+    prompt = byte_tokenizer()("hello there")["input_ids"]
+    [name] = dt.adapters(engine.model)  # the registry's internal name for "q"
+    out = engine.generate([prompt, prompt], [name, None], max_new_tokens=5)
+    assert [o.token_ids for o in out] == [hf_greedy(engine.model, prompt, n, 5) for n in (name, None)]
+    assert out[0].token_ids != out[1].token_ids

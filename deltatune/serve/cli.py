@@ -1,6 +1,7 @@
 """`deltatune serve`: one base model and many adapters behind an OpenAI-compatible HTTP API.
 
     deltatune serve --adapter support=runs/support/adapter --adapter-dir adapters/ --max-adapter-memory 512MB
+    deltatune serve --quantize nf4 --adapter support=runs/qlora/adapter      # a 4-bit NF4 base (QLoRA's)
 """
 from __future__ import annotations
 
@@ -67,7 +68,26 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="padded prompt tokens prefilled per step (bounds how long new requests stall running ones)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 weights where the CPU computes bf16 natively (AVX512-BF16/AMX), else fp32")
+    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto",
+                   help="nf4: the base's linear layers in 4-bit NF4 (QLoRA), computing in --precision; auto "
+                   "(default): NF4 if every --adapter was trained on an NF4 base, as their files record; none: "
+                   "the base as --precision loads it")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: one per idle core)")
+
+
+def base_quantization(args: argparse.Namespace) -> str | None:
+    """--quantize: "nf4", None (none), or for auto "nf4" when every --adapter NAME=PATH records an NF4 base
+    (adapters found later in --adapter-dir load onto whichever base is served: LoRA's file fits both)."""
+    from ..commands import recorded_base_quantization
+
+    if args.quantize != "auto":
+        return None if args.quantize == "none" else args.quantize
+    recorded = [recorded_base_quantization(path) for _, path in args.adapter]
+    if not recorded or not all(r.startswith("nf4") for r in recorded):
+        return None
+    print("deltatune serve: every --adapter was trained on an NF4 base: serving the base in NF4 (--quantize none "
+          "for the full-precision base)", file=sys.stderr, flush=True)
+    return "nf4"
 
 
 def serve_main(args: argparse.Namespace) -> None:
@@ -86,7 +106,9 @@ def serve_main(args: argparse.Namespace) -> None:
     if line:
         print(line, flush=True)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cpu._is_avx512_bf16_supported())
-    model, tokenizer = load_model(args.base, dtype=torch.bfloat16 if bf16 else torch.float32)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    quantize = base_quantization(args)
+    model, tokenizer = load_model(args.base, dtype=dtype, quantize=quantize, compute_dtype=dtype if quantize else None)
     try:
         check_servable(model)
     except TypeError as exc:
@@ -109,6 +131,7 @@ def serve_main(args: argparse.Namespace) -> None:
                     max_prefill_tokens=args.max_prefill_tokens)
     base_name = args.served_model_name or os.path.basename(os.path.normpath(args.base or "smollm2-135m-instruct"))
     server = Server(engine, registry, base_name=base_name, api_key=args.api_key, admin_token=args.admin_token)
-    print(f"deltatune serve: {base_name} ({'bf16' if bf16 else 'fp32'}) with {len(registry.entries)} adapters loaded, "
+    weights = ("NF4, computing in " if quantize else "") + ("bf16" if bf16 else "fp32")
+    print(f"deltatune serve: {base_name} ({weights}) with {len(registry.entries)} adapters loaded, "
           f"{len(registry.available())} available; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
