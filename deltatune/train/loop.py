@@ -39,11 +39,12 @@ from torch import nn
 from ..core.config import ConfigError
 from ..core.io import load_adapter, save_adapter
 from ..core.model import attach
-from ..data import batch_order, collate, load_records, pack, split_eval, tokenize
+from ..data import collate
 from ..quant import check_quantized_training, footprint, is_quantized_model, quantize_model
+from .batches import BatchStream, TrainData, load_data
 from .checkpoint import DataPosition, latest_checkpoint, nonfinite_tensor, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig, config_to_dict, load_config
-from .distributed import World, all_reduce_sum, barrier, init_distributed, maybe_no_sync, shard, shutdown, wrap
+from .distributed import World, all_reduce_sum, barrier, init_distributed, maybe_no_sync, shutdown, wrap
 from .lock import output_dir_lock
 from .resume import RESUMABLE, resume_position, run_record  # noqa: F401 (RESUMABLE: part of this module's story)
 from .hooks import run_before_step, run_on_step, step_hooks
@@ -115,14 +116,14 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
     _seed(cfg.seed)
     autocast = _autocast(cfg.precision, world)
     model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world, autocast)
-    data = _load_data(cfg, tokenizer, world)
+    data = load_data(cfg, tokenizer, world)
     _attach_adapter(model, cfg, world)
     _prepare_base(model, cfg, autocast, world)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
     hooks = step_hooks(model, hooks)
     step, position = resume_position(cfg, model, optimizer, scheduler, hooks, world, ADAPTER_NAME)
-    stream = _BatchStream(data.train, cfg, world, position)
+    stream = BatchStream(data.train, cfg, world, position)
     loss_module = wrap(_LossModule(model, cfg.loss_chunk_size), world)
     progress = Progress(cfg.max_steps, cfg.output_dir, tensorboard=cfg.tensorboard, enabled=world.is_main, start_step=step)
     try:
@@ -221,39 +222,6 @@ def _model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: A
     return model.to(world.device), tokenizer  # no use_cache change needed: the loss runs with use_cache=False
 
 
-@dataclass
-class _Data:
-    train: list[dict[str, Any]]
-    eval: list[dict[str, Any]]
-    pad_id: int
-
-
-def _load_data(cfg: TrainConfig, tokenizer: Any, world: World) -> _Data:
-    if cfg.data.train is None:
-        raise ConfigError("data.train is not set; give a .jsonl, .json or .parquet file (--data.train path)")
-    train_records = load_records(cfg.data.train)
-    eval_records: list[dict[str, Any]] = []
-    if cfg.data.eval:
-        eval_records = load_records(cfg.data.eval)
-    elif cfg.data.eval_fraction > 0:  # hold out records, not tokenized chunks, so no text lands on both sides
-        train_records, eval_records = split_eval(train_records, cfg.data.eval_fraction, cfg.seed)
-    train_set = _tokenized(train_records, cfg.data.train, cfg, tokenizer, world)
-    eval_set = _tokenized(eval_records, cfg.data.eval or f"{cfg.data.train} (held out)", cfg, tokenizer, world)
-    if cfg.data.packing:
-        train_set = pack(train_set, cfg.data.max_length)
-    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    return _Data(list(train_set), list(eval_set), pad_id)
-
-
-def _tokenized(records: list[dict[str, Any]], source: str, cfg: TrainConfig, tokenizer: Any, world: World) -> list[dict[str, Any]]:
-    if not records:
-        return []
-    examples, report = tokenize(records, tokenizer, format=cfg.data.format, max_length=cfg.data.max_length,
-                                overlong=cfg.data.overlong, source=source)
-    _main_print(world, report.summary())
-    return list(examples)
-
-
 def _attach_adapter(model: nn.Module, cfg: TrainConfig, world: World) -> None:
     """A new adapter from cfg.adapter, or the one in cfg.init_adapter, trainable (the adapter section is then unused)."""
     if cfg.init_adapter:
@@ -289,32 +257,6 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 # ---- one step -------------------------------------------------------------------------------------------
-class _BatchStream:
-    """This process's micro-batches (example indices), epoch after epoch, from a saved data position."""
-
-    def __init__(self, examples: list[dict[str, Any]], cfg: TrainConfig, world: World, position: DataPosition) -> None:
-        self.lengths = [len(e["input_ids"]) for e in examples]
-        self.cfg, self.world, self.position = cfg, world, position
-        self._order: tuple[int, list[list[int]]] | None = None
-
-    def _batches(self, epoch: int) -> list[list[int]]:
-        if self._order is None or self._order[0] != epoch:
-            order = batch_order(self.lengths, self.cfg.batch_size * self.world.size,
-                                group_by_length=self.cfg.data.group_by_length, seed=self.cfg.seed, epoch=epoch)
-            order = [b for b in order if len(b) >= self.world.size]  # every process needs an example
-            if not order:
-                raise ConfigError(f"data.train has {len(self.lengths)} examples, fewer than the {self.world.size} processes")
-            self._order = (epoch, order)
-        return self._order[1]
-
-    def next(self) -> list[int]:
-        epoch, index = self.position.epoch, self.position.batch
-        if index >= len(self._batches(epoch)):
-            epoch, index = epoch + 1, 0
-        self.position = DataPosition(epoch, index + 1)
-        return shard(self._batches(epoch)[index], self.world)
-
-
 class _LossModule(nn.Module):
     """Model and loss as one module, so DDP sees the whole forward (the chunked loss calls decoder and head apart)."""
 
@@ -326,7 +268,7 @@ class _LossModule(nn.Module):
         return causal_lm_loss(self.model, batch, self.chunk_size)
 
 
-def _micro_steps(loss_module: nn.Module, stream: _BatchStream, data: _Data, params: list[nn.Parameter],
+def _micro_steps(loss_module: nn.Module, stream: BatchStream, data: TrainData, params: list[nn.Parameter],
                  cfg: TrainConfig, world: World, autocast) -> tuple[float, int]:
     """Forward and backward of grad_accum micro-batches; the gradients become d(mean loss per target token)
     over the whole step on every process. Returns (that mean loss, input tokens of the step on all processes)."""
@@ -376,7 +318,7 @@ def _diverged_message(step: int, what: str, cfg: TrainConfig) -> str:
             "<a new directory> (resume: true would repeat the same settings)")
 
 
-def _evaluate(model: nn.Module, data: _Data, cfg: TrainConfig, world: World, autocast) -> dict[str, float]:
+def _evaluate(model: nn.Module, data: TrainData, cfg: TrainConfig, world: World, autocast) -> dict[str, float]:
     """Mean loss per target token over the eval split (each process takes every world_size-th example)."""
     model.eval()
     examples = data.eval[world.rank::world.size]
