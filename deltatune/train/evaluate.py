@@ -224,11 +224,14 @@ def _engine_requests(model: nn.Module, prompts: Sequence[list[int]], *, max_new_
         return None
     try:
         check_servable(model)
-        # no tokenizer: the engine then stops at the model's end-of-sequence ids, as generate() does
-        engine = Engine(model, None, max_batch_size=batch_size, autocast=torch.bfloat16 if bf16 else None)
-        params = SamplingParams(max_new_tokens=max_new_tokens)
+    except TypeError:
+        return None
+    # no tokenizer: the engine then stops at the model's end-of-sequence ids, as generate() does
+    engine = Engine(model, None, max_batch_size=batch_size, autocast=torch.bfloat16 if bf16 else None)
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    try:
         return engine, [engine.add_request(ids, active[0] if active else None, params) for ids in prompts]
-    except (TypeError, RequestError):
+    except RequestError:  # an adapter the engine refuses, a prompt too long for the context
         return None
 
 
