@@ -4,6 +4,8 @@ left-padded batches), on the embedded model with a LoRA adapter and the demo's 5
     python bench/bench_eval_engine.py                       # trains the demo's LoRA (12 steps) first
     python bench/bench_eval_engine.py --adapter runs/demo/adapter --rounds 3 --precision bf16,fp32
 
+Two workloads: "lora", the adapter (answers of 15-25 tokens, ending together), and "base", the same model with
+no adapter active (answers in prose, many cut at 64 tokens, some short: rows of a batch end far apart).
 Both paths run `deltatune.train.evaluate.eval_generation` with eval's defaults (batch size 16, 64 new tokens,
 greedy, exact match), one after the other in the same process, the order alternating every round, so both
 meet the same load on a shared machine. Reported per path: wall time and CPU time (time.process_time) of each
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 import _common as C  # noqa: E402
+import deltatune as dt  # noqa: E402
 from deltatune.core.io import load_adapter  # noqa: E402
 from deltatune.data import load_records  # noqa: E402
 from deltatune.demo import data_path, demo_config  # noqa: E402
@@ -58,6 +61,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12, help="training steps when no --adapter is given")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--precision", default="bf16,fp32", help="comma list of bf16 (autocast) and fp32")
+    p.add_argument("--workloads", default="lora,base", help="comma list of lora (the adapter active) and base")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
@@ -71,7 +75,8 @@ def main() -> None:
         load_adapter(model, adapter)
     test = load_records(data_path("test"))
     rows = []
-    for precision in args.precision.split(","):
+    for workload, precision in [(w, p) for w in args.workloads.split(",") for p in args.precision.split(",")]:
+        dt.set_active(model, [] if workload == "base" else list(dt.adapters(model)))
         bf16 = precision == "bf16"
         runs = {name: [] for name in PATHS}
         for r in range(args.rounds):
@@ -81,12 +86,12 @@ def main() -> None:
                               max_new_tokens=args.max_new_tokens)
                 assert run["path"] == name, run["path"]
                 runs[name].append(run)
-                print(f"{precision} round {r} {name:<15} wall {run['wall_s']:6.1f} s  cpu {run['cpu_s']:6.1f} s  "
+                print(f"{workload} {precision} round {r} {name:<15} wall {run['wall_s']:6.1f} s  cpu {run['cpu_s']:6.1f} s  "
                       f"exact {run['exact']:.0%}  other load {run['load']:.1f}", flush=True)
         same = [a == b for a, b in zip(runs["engine"][0]["outputs"], runs["generate_batch"][0]["outputs"])]
         for name, done in runs.items():
             rows.append({
-                "precision": precision, "path": name, "exact": done[0]["exact"],
+                "workload": workload, "precision": precision, "path": name, "exact": done[0]["exact"],
                 "wall_s": [d["wall_s"] for d in done], "cpu_s": [d["cpu_s"] for d in done],
                 "load": [d["load"] for d in done], "outputs_equal_to_other_path": sum(same),
                 "outputs": done[0]["outputs"],
@@ -105,14 +110,14 @@ def table(meta: dict, rows: list[dict]) -> str:
     head = (f"eval_generation on the demo's {meta['examples']} held-out examples, {meta['adapter']}, batch size "
             f"{meta['batch_size']}, {meta['max_new_tokens']} new tokens, greedy, {meta['threads']} thread(s), "
             f"{meta['rounds']} interleaved rounds, {meta['cpu']}, torch {meta['torch']}, {meta['date']}\n\n")
-    lines = ["| precision | path | exact match | same outputs | wall best | wall median | CPU best | CPU median "
-             "| speed-up over generate_batch (CPU medians) | other load |", "|" + "---|" * 10]
-    base = {r["precision"]: statistics.median(r["cpu_s"]) for r in rows if r["path"] == "generate_batch"}
+    lines = ["| workload | precision | path | exact match | same outputs | wall best | wall median | CPU best | CPU median "
+             "| speed-up over generate_batch (CPU medians) | other load |", "|" + "---|" * 11]
+    base = {(r["workload"], r["precision"]): statistics.median(r["cpu_s"]) for r in rows if r["path"] == "generate_batch"}
     for r in rows:
         cpu = statistics.median(r["cpu_s"])
-        lines.append(f"| {r['precision']} | {r['path']} | {r['exact']:.0%} | {r['outputs_equal_to_other_path']}/"
+        lines.append(f"| {r['workload']} | {r['precision']} | {r['path']} | {r['exact']:.0%} | {r['outputs_equal_to_other_path']}/"
                      f"{len(r['outputs'])} | {min(r['wall_s']):.1f} s | {statistics.median(r['wall_s']):.1f} s | "
-                     f"{min(r['cpu_s']):.1f} s | {cpu:.1f} s | {base[r['precision']] / cpu:.2f}x | "
+                     f"{min(r['cpu_s']):.1f} s | {cpu:.1f} s | {base[r['workload'], r['precision']] / cpu:.2f}x | "
                      f"{statistics.fmean(r['load']):.1f} |")
     return head + "\n".join(lines) + "\n"
 

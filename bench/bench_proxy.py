@@ -2,6 +2,7 @@
 
     python bench/bench_proxy.py                    # twin of 8 layers, 40 training steps
     python bench/bench_proxy.py --layers 20 --steps 40 --alpha 1,0.5
+    python bench/bench_proxy.py --layers 26 --steps 80 --alpha 1,0.5 --threads 1 --out proxy_26   # docs/serving.md
 
 The small pair is cut from SmolLM2-135M-Instruct itself (`truncated_twin`: its first k layers, final norm and
 head). The twin is tuned with LoRA on the demo task (deltatune/demo_data/train.jsonl, the demo's settings but
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--alpha", default="1", help="steering strengths, comma-separated (each one a row)")
     parser.add_argument("--full-lora", action="store_true", help="also tune the full model (the demo's 12 steps)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--out", default="proxy", help="results file name in bench/results (.json and .md)")
     args = parser.parse_args()
     from deltatune.threads import choose_threads
 
@@ -98,7 +100,7 @@ def main() -> None:
     meta = {"cpu": C.cpu_name(), "threads": threads, "layers": args.layers, "steps": args.steps, "alpha": args.alpha,
             "train_seconds": train_s, "held_out": len(test), "when": time.strftime("%Y-%m-%d %H:%M")}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "proxy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"Proxy-tuning on the demo task: twin = first {args.layers} layers + head of SmolLM2-135M-Instruct, LoRA "
              f"r=16 all-linear, {args.steps} steps ({train_s:.0f} s); {len(test)} held-out examples, greedy, fp32; "
              f"{meta['cpu']}, {threads} thread(s), {meta['when']}", "", "| system | exact match | JSON match |", "|---|---|---|"]
@@ -107,7 +109,7 @@ def main() -> None:
     for i in range(3):
         lines.append(f"- reference `{references[i]}`")
         lines += [f"  - {label}: `{row['outputs'][i][:100]}`" for label, row in rows.items()]
-    (RESULTS / "proxy.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
