@@ -2,6 +2,7 @@
 
     python bench/bench_qlora_quality.py                 # 2 bases x 3 seeds, ~15 min on 2 busy cores
     python bench/bench_qlora_quality.py --seeds 0,1 --steps 12
+    python bench/bench_qlora_quality.py --steps 40 --name qlora_quality_40   # one epoch of the demo data
 
 The demo's training budget for both (deltatune/demo.py: LoRA r=16 alpha=32 all-linear, 12 steps of 8 examples,
 lr 1e-3 cosine to 0.1, bf16 autocast where the CPU has it natively): once on the embedded SmolLM2-135M as
@@ -126,6 +127,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="qlora_quality", help="results file stem in bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -142,8 +144,8 @@ def main() -> None:
             rows.append(row)
     meta["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "qlora_quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (RESULTS / "qlora_quality.md").write_text(table(rows, meta))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(table(rows, meta))
     print(table(rows, meta))
 
 
