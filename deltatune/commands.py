@@ -153,13 +153,25 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
+def _inference_precision(model: Any, args: argparse.Namespace) -> bool:
+    """bf16 autocast (--precision bf16, or auto where the CPU/GPU computes bf16 natively), with the base's
+    weights stored for it (`store_for_bf16_inference`: same logits, a decode step ~2.7x faster on SmolLM2)."""
+    from .train.evaluate import bf16_available
+    from .train.memory import store_for_bf16_inference
+
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
+    if bf16:
+        store_for_bf16_inference(model)
+    return bf16
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from transformers import TextStreamer
 
-    from .train.evaluate import bf16_available, generate_batch, prompt_ids
+    from .train.evaluate import generate_batch, prompt_ids
 
     model, tokenizer = _load_base(args)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
+    bf16 = _inference_precision(model, args)
     if args.system is not None and (args.raw or not tokenizer.chat_template):
         raise CommandError("--system needs the chat template: drop --raw" if args.raw else
                            "--system: this model's tokenizer has no chat template; put the instruction in --prompt")
@@ -201,11 +213,11 @@ def _without_resume(argv: Sequence[str]) -> list[str]:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .data import load_records, tokenize
-    from .train.evaluate import bf16_available, eval_generation, eval_loss
+    from .train.evaluate import eval_generation, eval_loss
 
     records = load_records(args.data)[: args.limit] if args.limit else load_records(args.data)
     model, tokenizer = _load_base(args)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_available(model))
+    bf16 = _inference_precision(model, args)
     examples, report = tokenize(records, tokenizer, format=args.format, max_length=args.max_length, source=args.data)
     print(report.summary(), flush=True)
     stats = eval_loss(model, tokenizer, examples, batch_size=args.batch_size, bf16=bf16, progress=True)

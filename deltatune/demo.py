@@ -149,7 +149,9 @@ def _run(out: Path, steps: int, model_name: str | None) -> dict[str, Any]:
     from .core.io import load_adapter
     from .data import load_records, tokenize
     from .models import load_model
+    from .train.evaluate import bf16_available
     from .train.loop import train
+    from .train.memory import store_for_bf16_inference
 
     start = time.perf_counter()
     model, tokenizer = load_model(model_name)
@@ -167,6 +169,8 @@ def _run(out: Path, steps: int, model_name: str | None) -> dict[str, Any]:
     print("scoring the saved adapter, reloaded into a fresh base model ...", flush=True)
     fresh, _ = load_model(model_name)
     load_adapter(fresh, result.adapter_dir)
+    if bf16_available(fresh):
+        store_for_bf16_inference(fresh)  # only scored from here on: a faster decode, the same logits
     after = _score(fresh, tokenizer, test, None)
     after["loss"] = result.eval["eval_loss"]  # the loop's evaluation on the same held-out set, same loss
     times = {"train": train_time, "total": time.perf_counter() - start}

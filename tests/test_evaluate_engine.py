@@ -135,3 +135,26 @@ def test_what_the_engine_cannot_run_goes_through_generate_batch(tok):
 
     long = [{"prompt": "x" * 120, "completion": "y"}]  # 120 prompt + 10 new tokens > the 128 positions
     assert eval_generation(model, tok, long, max_new_tokens=10)["path"] == "generate_batch"
+
+
+def test_bf16_inference_storage_gives_the_same_logits_and_answers(tok):
+    """`store_for_bf16_inference` (what `deltatune eval`/`generate` do under bf16): base linears and a bf16 copy
+    of the tied head, adapters left in fp32; logits and answers on both paths as before, bit for bit."""
+    from deltatune.train.memory import store_for_bf16_inference
+
+    model = add_lora(tiny_llama(), "a", 4, seed=1)
+    dt.set_active(model, "a")
+    model.eval()
+    ids = torch.randint(0, 256, (3, 9))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids).logits
+    served, plain = both_paths(model, tok, bf16=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied before
+    assert store_for_bf16_inference(model) == 2 * 7 + 1  # 14 linear layers and the head
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.model.embed_tokens.weight.dtype == torch.float32
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert lora and all(p.dtype == torch.float32 for p in lora)  # the fused kernels read these in fp32
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(model(ids).logits, ref)
+    served_after, plain_after = both_paths(model, tok, bf16=True)
+    assert outputs(served_after) == outputs(served) and outputs(plain_after) == outputs(plain)

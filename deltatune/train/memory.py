@@ -7,17 +7,23 @@ Two measured sources of resident memory that have nothing to do with the adapter
   cast only for weights that require grad). `store_frozen_linears_in_bf16` stores those weights in bf16
   once: the products are bit-for-bit the ones autocast computed, without a cast per call, in half the
   memory. Embeddings, norms and a head tied to the embeddings keep their dtype.
+* Generating under bf16 autocast, the same casts dominate a decode step, and the largest is the output head
+  tied to the embeddings (49152x576 on SmolLM2). `store_for_bf16_inference` also gives such a head its own
+  bf16 weight: a 16-row decode forward of SmolLM2-135M went from 0.157 to 0.058 CPU s, same logits bit for bit.
 * A model loaded from safetensors is memory-mapped; touching its pages makes the whole file resident.
   Copying the remaining tensors out of the mapping lets it close.
 """
 from __future__ import annotations
 
+from collections.abc import Set
+
 import torch
 from torch import nn
 
 
-def store_frozen_linears_in_bf16(model: nn.Module) -> int:
+def store_frozen_linears_in_bf16(model: nn.Module, *, skip: Set[int] = frozenset(), frozen_only: bool = True) -> int:
     """Store every frozen `nn.Linear` weight and bias of `model` in bf16; returns how many layers changed.
+    `skip`: ids of modules to leave alone; frozen_only=False: trainable ones too (they are frozen first).
 
     Only for training under bf16 autocast (it changes fp32 results otherwise). A linear whose weight is
     also the input embedding (a tied output head) is left alone: the embedding's output would change dtype.
@@ -26,13 +32,36 @@ def store_frozen_linears_in_bf16(model: nn.Module) -> int:
     shared = embedding.weight if isinstance(embedding, nn.Module) else None
     changed = 0
     for module in model.modules():
-        if type(module) is not nn.Linear or module.weight.requires_grad or module.weight is shared:
+        if type(module) is not nn.Linear or id(module) in skip or module.weight is shared \
+                or (frozen_only and module.weight.requires_grad):
             continue
+        if not frozen_only:
+            module.requires_grad_(False)
         if module.weight.dtype != torch.bfloat16:
             module.weight.data = module.weight.data.to(torch.bfloat16)
             changed += 1
         if module.bias is not None and not module.bias.requires_grad:
             module.bias.data = module.bias.data.to(torch.bfloat16)
+    return changed
+
+
+def store_for_bf16_inference(model: nn.Module) -> int:
+    """For a model that will only run under bf16 autocast (evaluation, generation): store its base's linear
+    weights in bf16 (`store_frozen_linears_in_bf16`, adapters' own layers excluded, so that kernels that read
+    their fp32 factors are unaffected) and give an output head tied to the embeddings its own bf16 weight (the
+    embedding keeps its dtype: the residual stream stays as autocast keeps it). Logits are bit for bit those of
+    the model before the call under the same autocast; the model should not be trained or saved afterwards
+    (the head is untied). Returns how many layers changed."""
+    from ..core.sites import Site
+
+    adapter_layers = {id(m) for site in model.modules() if isinstance(site, Site) for m in site.deltas.modules()}
+    changed = store_frozen_linears_in_bf16(model, skip=adapter_layers, frozen_only=False)
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    embedding = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
+    if type(head) is nn.Linear and embedding is not None and head.weight is embedding.weight \
+            and head.weight.dtype != torch.bfloat16:
+        head.weight = nn.Parameter(head.weight.detach().to(torch.bfloat16), requires_grad=False)
+        changed += 1
     return changed
 
 
