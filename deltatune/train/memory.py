@@ -50,8 +50,10 @@ def store_for_bf16_inference(model: nn.Module) -> int:
     weights in bf16 (`store_frozen_linears_in_bf16`, adapters' own layers excluded, so that kernels that read
     their fp32 factors are unaffected) and give an output head tied to the embeddings its own bf16 weight (the
     embedding keeps its dtype: the residual stream stays as autocast keeps it). Logits are bit for bit those of
-    the model before the call under the same autocast; the model should not be trained or saved afterwards
-    (the head is untied). Returns how many layers changed."""
+    the model before the call under the same autocast, for the base and for adapters that use the weight only
+    through its product (LoRA, IA3, prompt tuning; DoRA's row norms then read the bf16 weight, as they do in
+    training under frozen_bf16). The model should not be trained or saved afterwards (the head is untied).
+    Returns how many layers changed."""
     from ..core.sites import Site
 
     adapter_layers = {id(m) for site in model.modules() if isinstance(site, Site) for m in site.deltas.modules()}
