@@ -3,6 +3,12 @@ left-padded batches), on the embedded model with a LoRA adapter and the demo's 5
 
     python bench/bench_eval_engine.py                       # trains the demo's LoRA (12 steps) first
     python bench/bench_eval_engine.py --adapter runs/demo/adapter --rounds 3 --precision bf16,fp32
+    python bench/bench_eval_engine.py --precision bf16,bf16-stored,fp32 --out eval_engine_stored
+
+Precisions: fp32; bf16 (autocast over the fp32 weights as loaded, what eval_generation gets from a caller);
+bf16-stored (autocast after `store_for_bf16_inference`, what `deltatune eval` and `generate` run: the same
+logits bit for bit, the base's linear weights and a copy of the tied head stored in bf16, on a second copy of
+the model).
 
 Two workloads: "lora", the adapter (answers of 15-25 tokens, ending together), and "base", the same model with
 no adapter active (answers in prose, many cut at 64 tokens, some short: rows of a batch end far apart).
@@ -34,6 +40,7 @@ from deltatune.demo import data_path, demo_config  # noqa: E402
 from deltatune.models import load_model  # noqa: E402
 from deltatune.train.evaluate import eval_generation  # noqa: E402
 from deltatune.train.loop import train  # noqa: E402
+from deltatune.train.memory import store_for_bf16_inference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PATHS = {"generate_batch": False, "engine": True}
@@ -60,7 +67,7 @@ def main() -> None:
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (default: train the demo's)")
     p.add_argument("--steps", type=int, default=12, help="training steps when no --adapter is given")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--precision", default="bf16,fp32", help="comma list of bf16 (autocast) and fp32")
+    p.add_argument("--precision", default="bf16,fp32", help="comma list of bf16 (autocast), bf16-stored and fp32")
     p.add_argument("--workloads", default="lora,base", help="comma list of lora (the adapter active) and base")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -73,16 +80,23 @@ def main() -> None:
         adapter = Path(args.adapter) if args.adapter else trained_adapter(args.steps, Path(tmp) / "run")
         model, tokenizer = load_model()
         load_adapter(model, adapter)
+        stored = None
+        if "bf16-stored" in args.precision.split(","):
+            stored, _ = load_model()
+            load_adapter(stored, adapter)
+            store_for_bf16_inference(stored)
     test = load_records(data_path("test"))
     rows = []
     for workload, precision in [(w, p) for w in args.workloads.split(",") for p in args.precision.split(",")]:
-        dt.set_active(model, [] if workload == "base" else list(dt.adapters(model)))
-        bf16 = precision == "bf16"
+        for m in filter(None, (model, stored)):
+            dt.set_active(m, [] if workload == "base" else list(dt.adapters(m)))
+        bf16 = precision.startswith("bf16")
+        chosen = stored if precision == "bf16-stored" else model
         runs = {name: [] for name in PATHS}
         for r in range(args.rounds):
             order = list(PATHS) if r % 2 == 0 else list(reversed(PATHS))
             for name in order:
-                run = one_run(model, tokenizer, test, engine=PATHS[name], bf16=bf16, batch_size=args.batch_size,
+                run = one_run(chosen, tokenizer, test, engine=PATHS[name], bf16=bf16, batch_size=args.batch_size,
                               max_new_tokens=args.max_new_tokens)
                 assert run["path"] == name, run["path"]
                 runs[name].append(run)
