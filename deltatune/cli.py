@@ -97,17 +97,33 @@ class _Parser(argparse.ArgumentParser):
         return action.choices.get(name)
 
 
+MODEL_HELP = "a local transformers directory or hub id (default: the embedded SmolLM2-135M-Instruct)"
+THREADS_HELP = "CPU threads (default 0: one per idle core, as the demo does)"
+QUANTIZE_HELP = ("nf4: the base's linear layers in 4-bit NF4 (QLoRA); auto (default): NF4 if the adapter was "
+                 "trained on an NF4 base, as its file records; none: full precision")
+
+
+def _base_and_adapter(p: argparse.ArgumentParser, adapter_help: str, *, required: bool = False,
+                      quantize_note: str = "", run: bool = True) -> None:
+    """The options of the commands that load a base and an adapter (merge, generate, eval); run: also the
+    precision and threads of commands that compute with it."""
+    p.add_argument("--base", default=None, help=MODEL_HELP)
+    p.add_argument("--adapter", required=required, default=None, help=adapter_help)
+    p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
+    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=QUANTIZE_HELP + quantize_note)
+    if run:
+        p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                       help="auto: bf16 autocast where the hardware computes bf16 natively, else fp32")
+        p.add_argument("--threads", type=_count("--threads", 0), default=0, help=THREADS_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="deltatune", description="Parameter-efficient fine-tuning for PyTorch.", allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"deltatune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    model_help = "a local transformers directory or hub id (default: the embedded SmolLM2-135M-Instruct)"
-    threads_help = "CPU threads (default 0: one per idle core, as the demo does)"
-    quantize_help = ("nf4: the base's linear layers in 4-bit NF4 (QLoRA); auto (default): NF4 if the adapter was "
-                     "trained on an NF4 base, as its file records; none: full precision")
 
     p = sub.add_parser("info", help="parameters and targetable module names of a model", allow_abbrev=False)
-    p.add_argument("model", nargs="?", default=None, help=model_help)
+    p.add_argument("model", nargs="?", default=None, help=MODEL_HELP)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("inspect", help="method, rank, targets, parameters and size of an adapter directory",
@@ -117,28 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("merge", help="write a merged model directory that plain transformers loads", allow_abbrev=False)
-    p.add_argument("--base", default=None, help=model_help)
-    p.add_argument("--adapter", required=True, help="adapter directory")
+    _base_and_adapter(p, "adapter directory", required=True, quantize_note="; an NF4 base is merged into its "
+                      "dequantized weights, written in full precision", run=False)
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
-    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=quantize_help +
-                   "; an NF4 base is merged into its dequantized weights, written in full precision")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the merged model's weights")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("generate", help="generate from a prompt (chat template applied), streamed", allow_abbrev=False)
-    p.add_argument("--base", default=None, help=model_help)
-    p.add_argument("--adapter", default=None, help="adapter directory to apply")
+    _base_and_adapter(p, "adapter directory to apply")
     p.add_argument("--prompt", required=True)
     p.add_argument("--system", default=None, help="a system prompt before the user's (as the adapter was trained with)")
     p.add_argument("--max-new-tokens", type=_count("--max-new-tokens", 1), default=128)
     p.add_argument("--temperature", type=_temperature, default=0.0, help="0 means greedy")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast where the hardware computes bf16 natively, else fp32")
-    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=quantize_help)
-    p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -155,8 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="loss/perplexity on a data file, and generation scored against reference answers",
                        allow_abbrev=False)
-    p.add_argument("--base", default=None, help=model_help)
-    p.add_argument("--adapter", default=None, help="adapter directory to apply (default: the base model alone)")
+    _base_and_adapter(p, "adapter directory to apply (default: the base model alone)")
     p.add_argument("--data", required=True, help="a .jsonl/.json/.parquet file of messages, prompt+completion or text records")
     p.add_argument("--match", choices=("exact", "contains", "json"), default="exact",
                    help="exact: output equals the reference; contains: the reference occurs in the output; json: the "
@@ -168,26 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("auto", "messages", "prompt_completion", "text"), default="auto")
     p.add_argument("--limit", type=_count("--limit", 0), default=0, help="only the first N records (0: all)")
     p.add_argument("--samples", type=_count("--samples", 0), default=3, help="generations to print")
-    p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast where the hardware computes bf16 natively")
-    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=quantize_help)
-    p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the demonstration: evaluate the base model, train LoRA, evaluate again on held-out data",
                        allow_abbrev=False)
-    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--model", default=None, help=MODEL_HELP)
     p.add_argument("--steps", type=_count("--steps", 1), default=None, help="optimizer steps (default: the tuned demo setting)")
     p.add_argument("--out", default="out/demo", help="output directory (adapter, metrics.jsonl, loss.png)")
-    p.add_argument("--threads", type=_count("--threads", 0), default=0, help=threads_help)
+    p.add_argument("--threads", type=_count("--threads", 0), default=0, help=THREADS_HELP)
     p.set_defaults(func=cmd_demo)
 
     from .serve.cli import add_arguments as add_serve_arguments, serve_main
 
     p = sub.add_parser("serve", help="an OpenAI-compatible server: one base model, many adapters in one batch",
                        allow_abbrev=False)
-    add_serve_arguments(p, model_help)
+    add_serve_arguments(p, MODEL_HELP)
     p.set_defaults(func=serve_main)
     return parser
 
