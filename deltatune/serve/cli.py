@@ -95,7 +95,7 @@ def serve_main(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..cli import CommandError
-    from ..models import load_model
+    from ..models import default_compute_dtype, load_model
     from ..threads import apply_threads
     from .engine import Engine, check_servable
     from .registry import AdapterRegistry
@@ -105,8 +105,8 @@ def serve_main(args: argparse.Namespace) -> None:
     line = apply_threads(args.threads)
     if line:
         print(line, flush=True)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and torch.cpu._is_avx512_bf16_supported())
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    dtype = default_compute_dtype() if args.precision == "auto" else \
+        torch.bfloat16 if args.precision == "bf16" else torch.float32
     quantize = base_quantization(args)
     model, tokenizer = load_model(args.base, dtype=dtype, quantize=quantize, compute_dtype=dtype if quantize else None)
     try:
@@ -131,7 +131,7 @@ def serve_main(args: argparse.Namespace) -> None:
                     max_prefill_tokens=args.max_prefill_tokens)
     base_name = args.served_model_name or os.path.basename(os.path.normpath(args.base or "smollm2-135m-instruct"))
     server = Server(engine, registry, base_name=base_name, api_key=args.api_key, admin_token=args.admin_token)
-    weights = ("NF4, computing in " if quantize else "") + ("bf16" if bf16 else "fp32")
+    weights = ("NF4, computing in " if quantize else "") + ("bf16" if dtype == torch.bfloat16 else "fp32")
     print(f"deltatune serve: {base_name} ({weights}) with {len(registry.entries)} adapters loaded, "
           f"{len(registry.available())} available; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")

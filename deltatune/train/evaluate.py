@@ -88,10 +88,10 @@ def bf16_available(model: nn.Module) -> bool:
 
     Elsewhere bf16 autocast is emulated: measured on an AVX2 CPU, a bf16 matmul ran ~40x slower than fp32.
     """
+    from ..models import default_compute_dtype
+
     device = _device(model)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return device.type in ("cpu", "cuda") and default_compute_dtype(device) == torch.bfloat16
 
 
 def _autocast(model: nn.Module, bf16: bool) -> contextlib.AbstractContextManager[Any]:

@@ -39,6 +39,7 @@ from torch import nn
 from ..core.config import ConfigError
 from ..core.io import load_adapter, save_adapter
 from ..core.model import attach
+from ..models import default_compute_dtype
 from ..data import collate
 from ..quant import check_quantized_training, footprint, is_quantized_model, quantize_model
 from .batches import BatchStream, TrainData, load_data
@@ -197,10 +198,10 @@ def _autocast(precision: str, world: World) -> Callable[[], ContextManager[Any]]
     if precision != "auto":
         use_bf16, reason = precision == "bf16", "set by the precision key"
     elif device == "cuda":
-        use_bf16 = torch.cuda.is_bf16_supported()
+        use_bf16 = default_compute_dtype(device) == torch.bfloat16
         reason = f"this GPU {'supports' if use_bf16 else 'lacks'} bf16"
     else:
-        use_bf16 = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+        use_bf16 = default_compute_dtype("cpu") == torch.bfloat16
         reason = f"this CPU {'has' if use_bf16 else 'lacks'} AVX512-BF16" + ("" if use_bf16 else "; bf16 would be emulated (slow)")
     _main_print(world, f"precision: {'bf16 autocast' if use_bf16 else 'fp32'} ({reason})")
     return functools.partial(torch.autocast, device, dtype=torch.bfloat16, enabled=use_bf16)
