@@ -15,7 +15,7 @@ one forward belong to different adapters, or to the base model (adapter None): t
 The forward is the model's own modules driven by the engine (embeddings, each decoder layer with the
 engine's slot KV cache and mask, final norm, head), so every site inside a decoder layer (LoRA, DoRA, IA3 on
 linear layers; bottleneck adapters on an MLP or attention block) serves as it trains. Only Llama models are
-served (their decoder layer takes `position_embeddings`, `attention_mask` and `past_key_values`); anything
+served (their decoder layer takes `position_embeddings`, `attention_mask` and the cache); anything
 else is refused. Greedy decoding in fp32 gives each request the tokens it gets alone.
 
 Precision: the engine computes in the model's own dtype (an fp32 model, or one loaded in bf16 as `deltatune
@@ -26,6 +26,7 @@ under the same autocast (up to the order of the bf16 sums). The KV cache keeps w
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import re
 import threading
@@ -284,7 +285,7 @@ class Engine:
                 ~allowed.to(device), torch.finfo(scores).min)  # additive: read alike by sdpa and eager attention
             position_embeddings = inner.rotary_emb(h, positions)
             for layer in inner.layers[: model.config.num_hidden_layers]:
-                out = layer(h, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                out = layer(h, attention_mask=mask, position_ids=positions, **{cache_kwarg(layer): cache},
                             use_cache=True, position_embeddings=position_embeddings)
                 h = out[0] if isinstance(out, tuple) else out
             h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=device), last.to(device)]
@@ -376,6 +377,19 @@ class _Unfused:
     @contextlib.contextmanager
     def apply(self, names):
         yield list(names)
+
+
+def cache_kwarg(layer: nn.Module) -> str:
+    """The keyword a decoder layer takes its KV cache by: `cache` from transformers 5.25 on (which deprecates
+    `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    kind = type(layer)
+    if kind not in _CACHE_KWARG:
+        params = inspect.signature(layer.forward).parameters  # follows the deprecation wrapper's __wrapped__
+        _CACHE_KWARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_KWARG[kind]
+
+
+_CACHE_KWARG: dict[type, str] = {}
 
 
 def _is_prompt(part: nn.Module) -> bool:
