@@ -344,3 +344,41 @@ def test_deltatune_train_with_prompt_tuning_then_eval(tmp_path, model_dir, chats
                           "--max-new-tokens", "3", "--match", "contains"], capsys)
     assert code == 0, err
     assert "perplexity" in out
+
+
+# ---- generation against its definition: greedy decoding by full forward passes --------------------------
+def greedy_by_full_forwards(model, ids, mask, steps: int) -> torch.Tensor:
+    """Greedy decoding as defined: each step one forward over the whole sequence, no cache, argmax appended."""
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ids = torch.cat((ids, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+        mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+    return ids
+
+
+def test_generate_equals_greedy_decoding_by_full_forward_passes():
+    """The oracle is the definition, not peft's generate() (which prepended the prompt at every decode step
+    under transformers 5.25, as deltatune did): cached decoding must give the tokens of full forwards."""
+    model = dt.attach(lively_llama(), dt.PromptTuningConfig(num_virtual_tokens=P))
+    perturb(model, "default", seed=3)
+    ids, mask, _ = padded_batch()
+    got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, greedy_by_full_forwards(model, ids, mask, 10))
+
+
+@pytest.mark.parametrize("key", ["past_key_values", "cache"])
+def test_a_decode_step_prepends_nothing_whatever_the_cache_is_called(key):
+    """transformers 5.25 hands the decoder its cache as `cache=`; either name marks a decode step."""
+    from transformers import DynamicCache
+
+    model = dt.attach(lively_llama(), dt.PromptTuningConfig(num_virtual_tokens=P))
+    decoder, part = model.get_decoder(), model.deltatune_parts["default"]
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == P + 3
+    _, kwargs = part._decoder_hook(model, decoder, (), {"input_ids": torch.tensor([[4]]), key: cache,
+                                                        "attention_mask": torch.ones(1, 4, dtype=torch.long)})
+    assert kwargs.get("inputs_embeds") is None and kwargs["input_ids"].shape == (1, 1)  # no prompt in front again
+    assert kwargs["attention_mask"].shape == (1, P + 4)

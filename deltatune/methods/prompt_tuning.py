@@ -12,7 +12,8 @@ the p+T positions 0, 1, ...; left padding is not skipped), so logits and greedy 
 The mechanism is two forward pre-hooks, kept by the adapter's part and removed with it: one on the decoder
 (`model.get_decoder()`: the embeddings, mask and positions, whoever calls it: the model, `generate`, or
 deltatune's chunked loss) and one on the root model (the labels). With a cache that already holds the
-prompt (a decoding step of `generate`), only the mask grows by p.
+prompt (a decoding step of `generate`), only the mask grows by p; the cache is looked for under both
+names transformers has used for it (`past_key_values`, and `cache` from 5.25 on).
 
 Initialisation (`prompt_tuning_init`, as peft): "RANDOM" draws N(0, 1) (nn.Embedding's default, as peft;
 the paper draws U(-0.5, 0.5)); "SAMPLE_VOCAB" copies the input embeddings of p token ids drawn uniformly from
@@ -262,7 +263,7 @@ class VirtualTokens(nn.Module):
             return None
         mask = kwargs.get("attention_mask")
         _check_inputs(mask, kwargs.get("position_ids"))
-        past = _past_length(kwargs.get("past_key_values"))
+        past = _past_length(_cache(kwargs))
         if not past:  # prefill: the prompt goes in front of the embeddings
             embeds = embeds if embeds is not None else model.get_input_embeddings()(ids)
             kwargs["inputs_embeds"] = torch.cat((layout.prefix(batch, embeds), embeds), dim=1)  # (B, P+T, e)
@@ -279,7 +280,7 @@ class VirtualTokens(nn.Module):
         if labels is None or not self._serves(model):
             return None
         layout = _layout(model, labels.shape[0])
-        if layout is None or _past_length(kwargs.get("past_key_values")):
+        if layout is None or _past_length(_cache(kwargs)):
             return None
         self._extend_labels(kwargs, layout, 0)
         return (), kwargs
@@ -351,6 +352,14 @@ def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
     names = [n for n, p in inspect.signature(module.forward).parameters.items()
              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return {**dict(zip(names, args)), **kwargs}
+
+
+_CACHE_KEYS = ("past_key_values", "cache")  # transformers <= 5.24 names it past_key_values; 5.25 passes cache=
+
+
+def _cache(kwargs: dict) -> Any:
+    """The KV cache a forward was handed, under either name (None: no cache, a prefill or a plain forward)."""
+    return next((kwargs[key] for key in _CACHE_KEYS if kwargs.get(key) is not None), None)
 
 
 def _past_length(cache: Any) -> int:
