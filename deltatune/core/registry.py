@@ -12,13 +12,28 @@ A method is one file that calls `register` with what it is made of, any of:
     resolve    (model, config) -> config with its model-dependent fields filled in at attach (prompt tuning's
                token_dim, as peft's _prepare_prompt_learning_config); the adapter keeps and saves the result
 
+Training-side contributions, read by the loop per trainable adapter (methods that do not set them are untouched):
+
+    loss_term  (model, config, name) -> a scalar tensor added to the step's objective, task mean + term, once
+               per optimizer step (it depends on the parameters, not the batch: AdaLoRA's γ·R orthogonality
+               penalty); logged apart from the task loss as `aux_loss`
+    lr_factor  (config, total_steps) -> f(s), a factor on every group's lr at optimizer step s (0-based),
+               multiplied into the schedule inside the scheduler (ReLoRA's re-warmups after each restart)
+    fit_run    (config, max_steps) -> config with its run-length fields filled (AdaLoRA's total_step) and
+               checked, applied before attach; such a method's max_steps cannot change on resume
+    save_view  (model, adapter, tensors) -> SavedView: what the adapter file holds when it differs from the
+               live tensors (AdaLoRA's pruned ranks; ReLoRA's whole change as one LoRA); checkpoints keep the
+               live tensors as well, so a run resumes from exactly what it trained
+    check_update  (model, adapter, new config) -> None: validates a config change after attach
+               (`deltatune.update_config`; AdaLoRA's rank_pattern), raising ConfigError naming the field
+
 A *variant* of a method is chosen from its config (peft writes DoRA as a LoRA config with use_dora=true):
 `register_variant("LORA", "use_dora", DoraLinear)` makes LoRA configs with that flag set use those deltas.
 Registration never writes anything onto the classes it is given.
 
-Later training-side contributions (an extra loss term, a learning-rate factor, a pass over data before
-training, extra checkpoint state) become further optional fields here, read by the loop per adapter; methods
-that do not set them are untouched.
+Parameters an adapter owns and saves but does not train (ReLoRA's accumulated merged delta) are a delta's
+persistent buffers: they are in `tensors()` (file, checkpoint, load) but never in `parameters()`, and a
+disabled or deleted adapter's site skips or drops them with the delta, so the base comes back exactly.
 """
 from __future__ import annotations
 
@@ -45,6 +60,25 @@ Selector = Callable[[nn.Module, AdapterConfig, Sequence[str]], list[str]]
 # (model, config, adapter name) -> an object with before_step/on_step (deltatune.train.hooks.StepHook), or None.
 StepHookFactory = Callable[[nn.Module, AdapterConfig, str], Any]
 Resolver = Callable[[nn.Module, AdapterConfig], AdapterConfig]
+LossTerm = Callable[[nn.Module, AdapterConfig, str], torch.Tensor]
+LrFactor = Callable[[AdapterConfig, int], Callable[[int], float]]
+RunFitter = Callable[[AdapterConfig, int], AdapterConfig]
+UpdateCheck = Callable[[nn.Module, Any, AdapterConfig], None]  # (model, Adapter, new config)
+
+
+@dataclass(frozen=True)
+class SavedView:
+    """What an adapter file holds when it is not the live state: the config and tensors (on-disk keys without
+    peft's prefix) to write, and one line saying what was written (shown by the training loop, kept in the
+    file's metadata as `deltatune_saved_as`)."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor]
+    note: str = ""
+
+
+# (model, Adapter, live tensors keyed as on disk without peft's prefix) -> SavedView
+SaveView = Callable[[nn.Module, Any, dict[str, torch.Tensor]], SavedView]
 
 
 @dataclass(frozen=True)
@@ -59,6 +93,11 @@ class Method:
     variants: dict[str, tuple[type[Delta], ...]] = field(default_factory=dict)  # config flag -> deltas
     variant_readers: dict[str, tuple[str, ...]] = field(default_factory=dict)  # config flag -> readers
     resolve: Resolver | None = None
+    loss_term: LossTerm | None = None
+    lr_factor: LrFactor | None = None
+    fit_run: RunFitter | None = None
+    save_view: SaveView | None = None
+    check_update: UpdateCheck | None = None
 
     def delta_classes(self, config: AdapterConfig) -> tuple[type[Delta], ...]:
         flags = getattr(type(config), "variant_flags", ())
@@ -95,9 +134,15 @@ def register(
     step_hook: StepHookFactory | None = None,
     readers: Sequence[str] = ("deltatune",),
     resolve: Resolver | None = None,
+    loss_term: LossTerm | None = None,
+    lr_factor: LrFactor | None = None,
+    fit_run: RunFitter | None = None,
+    save_view: SaveView | None = None,
+    check_update: UpdateCheck | None = None,
 ) -> Method:
     method = Method(config_cls.peft_type, config_cls, tuple(deltas), inject, select, step_hook, tuple(readers),
-                    resolve=resolve)
+                    resolve=resolve, loss_term=loss_term, lr_factor=lr_factor, fit_run=fit_run,
+                    save_view=save_view, check_update=check_update)
     _METHODS[config_cls.peft_type] = method
     return method
 
