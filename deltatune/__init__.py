@@ -31,7 +31,7 @@ from .core.targets import TargetNotFoundError
 from .methods.lora import LoraConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.ia3 import IA3Config
-from .methods.bottleneck import BottleneckConfig
+from .methods.bottleneck import BottleneckConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.bitfit import BitFitConfig
 from .methods.full import FullConfig
 
@@ -43,6 +43,7 @@ __all__ = [
     "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "Site", "WeightSite", "BlockSite", "AdapterLayer",
     "Delta", "NotMergeableError", "adapters", "register_variant", "TargetNotFoundError",
     "LoraConfig", "IA3Config", "PromptTuningConfig", "BottleneckConfig", "BitFitConfig", "FullConfig",
+    "PfeifferConfig", "ParallelAdapterConfig",
     "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",

@@ -150,7 +150,7 @@ def test_any_model_by_module_name_and_errors_for_places_without_one():
     torch.testing.assert_close(model(x), base, atol=0, rtol=0)
     with pytest.raises(dt.TargetNotFoundError, match="'blocks'.*BOTTLENECK cannot be applied"):
         dt.attach(_Net(), dt.BottleneckConfig(target_modules=["blocks"]))
-    with pytest.raises(dt.ConfigError, match="cannot tell the output width of act"):
+    with pytest.raises(dt.ConfigError, match="cannot tell the widths of act"):
         dt.attach(_Net(), dt.BottleneckConfig(target_modules=["act"]))
 
 

@@ -56,6 +56,16 @@ CASES: dict[str, list[Case]] = {
         Case("zero-up-relu-mlp", lambda: dt.BottleneckConfig(target_modules=["mlp"], reduction_factor=4,
                                                              activation="relu", init_weights="zero_up"), mergeable=False),
     ],
+    "PFEIFFER": [
+        Case("after-mlp-defaults", lambda: dt.PfeifferConfig(), identity_at_init=False, mergeable=False),
+    ],
+    # beside the block, reading its input: W_up = 0 (mam init) is exactly the base; Houlsby init near it
+    "PARALLEL_ADAPTER": [
+        Case("mam-mlp", lambda: dt.ParallelAdapterConfig(), mergeable=False),
+        Case("houlsby-attn-mlp", lambda: dt.ParallelAdapterConfig(target_modules=["self_attn", "mlp"], scaling=1.0,
+                                                                  init_weights="houlsby"),
+             identity_at_init=False, mergeable=False),
+    ],
     # the tiny Llama has no biases: added zero biases (weight deltas, mergeable, mixable)
     "BITFIT": [
         Case("added-biases-all", lambda: dt.BitFitConfig(add_biases=True)),

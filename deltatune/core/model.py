@@ -127,11 +127,13 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
         site = module if isinstance(module, Site) else None
         base = site.base_layer if site is not None else module
         cls = method.delta_for(base, config)
-        if site is None:
+        new_site = site is None
+        if new_site:
             site = WeightSite(base) if weight_kind(base) is not None else BlockSite(base)
             site.train(base.training)  # a new wrapper takes its module's mode (an nn.Module starts in training)
-            replace_module(model, path, site)
         delta = cls(Target(model, target, base, getattr(site, "base_weight", None)), config)
+        if new_site:  # only once the delta is built: a delta that refuses its module leaves no empty site behind
+            replace_module(model, path, site)
         delta.to(_device_of(base))
         delta.train(model.training)  # an adapter attached to a model in eval mode must not run its dropout
         site.add(adapter.name, delta)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from .config import ConfigError
 from .delta import Delta, NotMergeableError
 from .routing import RoutingPlan, current_plan
 
@@ -129,6 +130,46 @@ class Target:
     name: str  # module name in the model, e.g. "model.layers.0.self_attn.q_proj"
     module: nn.Module  # the base module (unwrapped)
     weight: BaseWeight | None  # None for block sites
+
+    def output_width(self) -> int:
+        """Width of what the module returns (its first element for a tuple); see `block_widths`."""
+        return block_widths(self.model, self.name, self.module, self.weight)[1]
+
+    def input_width(self) -> int:
+        """Width of the module's input (its first positional argument or `hidden_states`)."""
+        width = block_widths(self.model, self.name, self.module, self.weight)[0]
+        if width is None:
+            raise ConfigError(f"{self.name} ({type(self.module).__name__}) takes token ids, not hidden states; a method "
+                             "that reads the module's input needs a Linear or a block such as an attention or MLP")
+        return width
+
+
+_ADAPTER_INTERNALS = {"deltas", "modules_to_save", "original_module"}  # other adapters' modules inside a block
+
+
+def block_widths(model: nn.Module, name: str, module: nn.Module, weight: BaseWeight | None = None) -> tuple[int | None, int]:
+    """(input width, output width) of a site's base module, what a block method (a bottleneck or parallel
+    adapter) sizes itself by. A Linear/Conv1D: (in, out); an Embedding: (None, dim). A block (an attention or
+    MLP module): its first Linear's input width (q_proj, gate_proj) and its last Linear's output width (o_proj,
+    down_proj), other adapters' layers inside it left out; a block holding no Linear: the model's hidden size."""
+    weight = weight if weight is not None else (BaseWeight(module) if weight_kind(module) is not None else None)
+    if weight is not None:
+        if weight.kind == "embedding":
+            return None, weight.shape[1]
+        return weight.shape[1], weight.shape[0]
+    linears = [m for path, m in module.named_modules()
+               if _ADAPTER_INTERNALS.isdisjoint(path.split(".")) and weight_kind(m) in ("linear", "conv1d")]
+    if linears:
+        return BaseWeight(linears[0]).shape[1], BaseWeight(linears[-1]).shape[0]
+    config = getattr(model, "config", None)
+    for key in ("hidden_size", "d_model", "n_embd"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key), getattr(config, key)
+    raise ConfigError(
+        f"cannot tell the widths of {name} ({type(module).__name__}): it holds no Linear and the model config has "
+        "no hidden_size; target modules whose input and output are the hidden state (an attention or MLP block, "
+        "or a Linear)"
+    )
 
 
 class Stage:
