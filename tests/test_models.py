@@ -47,12 +47,18 @@ def test_cache_dir_honours_env(tmp_path, monkeypatch):
 
 def test_converts_once_then_reuses(fake_gguf, tmp_path, capsys):
     _, calls = fake_gguf
+    import transformers
+
     path = models.ensure_embedded_model()
-    assert path == tmp_path / "cache" / "models" / models.DEFAULT_MODEL
+    assert path.parent == tmp_path / "cache" / "models"
+    assert path.name.startswith(f"{models.DEFAULT_MODEL}-tf{transformers.__version__}-")
     assert len(calls) == 1 and calls[0] != path  # written into a temporary sibling, then renamed
     assert "converting the embedded SmolLM2 GGUF once" in capsys.readouterr().err
     marker = json.loads((path / "deltatune-complete.json").read_text())
-    assert marker["size"] == 64 and "transformers" in marker
+    assert marker["fingerprint"]["size"] == 64 and marker["fingerprint"]["transformers"] == transformers.__version__
+    assert models.embedded_source(path)["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert models.embedded_source(path)["file"] == "fake.gguf" and len(models.embedded_source(path)["sha256"]) == 64
+    assert models.embedded_source(tmp_path) is None
     assert models.ensure_embedded_model() == path
     assert len(calls) == 1
     assert capsys.readouterr().err == ""
@@ -87,14 +93,28 @@ def test_damaged_cache_is_rebuilt(fake_gguf, corrupt):
     assert model.config.hidden_size == 64
 
 
-def test_changed_source_or_leftover_temp_triggers_rebuild(fake_gguf):
+def test_changed_source_or_version_makes_its_own_copy_and_keeps_the_other(fake_gguf, monkeypatch):
+    import transformers
+
     source, calls = fake_gguf
-    path = models.ensure_embedded_model()
-    stale = path.parent / f".{models.DEFAULT_MODEL}.tmp-killed"
-    stale.mkdir()
+    first = models.ensure_embedded_model()
     source.write_bytes(source.read_bytes() + b"new")
+    second = models.ensure_embedded_model()
+    monkeypatch.setattr(transformers, "__version__", "9.9.9")
+    third = models.ensure_embedded_model()
+    assert len(calls) == 3 and len({first, second, third}) == 3 and "-tf9.9.9-" in third.name
+    assert all(p.is_dir() for p in (first, second, third))  # another version's copy is never deleted
+
+
+def test_leftover_temp_of_a_damaged_copy_is_removed(fake_gguf):
+    _, calls = fake_gguf
+    path = models.ensure_embedded_model()
+    stale = path.parent / f".{path.name}.tmp-killed"
+    other = path.parent / f".{models.DEFAULT_MODEL}-tf0.0.1-abc.tmp-running"  # another version's conversion
+    stale.mkdir(), other.mkdir()
+    _drop_marker(path)
     models.ensure_embedded_model()
-    assert len(calls) == 2 and not stale.exists()
+    assert len(calls) == 2 and not stale.exists() and other.exists()
 
 
 def test_concurrent_callers_convert_once(fake_gguf, monkeypatch):
@@ -119,12 +139,13 @@ def test_failed_conversion_leaves_nothing(fake_gguf, monkeypatch):
     monkeypatch.setattr(models, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="killed"):
         models.ensure_embedded_model()
-    assert os.listdir(models.cache_dir() / "models") == [f"{models.DEFAULT_MODEL}.lock"]
+    left = os.listdir(models.cache_dir() / "models")
+    assert len(left) == 1 and left[0].startswith(models.DEFAULT_MODEL) and left[0].endswith(".lock")
 
 
 @pytest.mark.parametrize("name", [None, "smollm2-135m-instruct", "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct"])
 def test_aliases_resolve_to_embedded(fake_gguf, name):
-    assert models.resolve_model_path(name) == str(models.cache_dir() / "models" / models.DEFAULT_MODEL)
+    assert models.resolve_model_path(name) == str(models.ensure_embedded_model())
 
 
 def test_local_dir_and_hub_id_resolution(tmp_path):
@@ -185,3 +206,53 @@ def test_embedded_smollm2_end_to_end():
     assert tokenizer.chat_template
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert "<|im_start|>assistant" in text
+
+
+_CONVERTER = """
+import json, sys, time
+from pathlib import Path
+import torch, transformers
+from safetensors.torch import save_file
+from deltatune import models
+
+version, source, log = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+transformers.__version__ = version  # an environment with another transformers
+
+def convert(src, out):
+    with log.open("a") as fh:
+        fh.write(version + "\\n")
+    time.sleep(0.5)  # long enough for the other processes to arrive mid-conversion
+    save_file({"w": torch.zeros(4)}, str(out / "model.safetensors"))
+
+models._smollm2_gguf = lambda: source
+models._convert_gguf = convert
+path = models.ensure_embedded_model()
+print(json.dumps([str(path), models._is_complete(path, models._fingerprint(source))]))
+"""
+
+
+def test_processes_of_two_versions_converting_at_once(tmp_path):
+    """Three processes at once (two environments of one transformers version, one of another) sharing one cache: each version
+    converted once, every process gets a complete copy of its own version, an older version's copy survives."""
+    import subprocess
+    import sys
+
+    source, log = tmp_path / "fake.gguf", tmp_path / "conversions.log"
+    source.write_bytes(b"GGUF" + bytes(60))
+    old = tmp_path / "cache" / "models" / f"{models.DEFAULT_MODEL}-tf4.0.0-0123456789"
+    old.mkdir(parents=True)
+    (old / "model.safetensors").write_bytes(b"an older environment's copy")
+    env = {**os.environ, "DELTATUNE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    versions = ["5.23.0", "5.25.0", "5.23.0"]
+    procs = [subprocess.Popen([sys.executable, "-c", _CONVERTER, v, str(source), str(log)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for v in versions]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(log.read_text().split()) == ["5.23.0", "5.25.0"]  # each version converted exactly once
+    for (path, complete), version in zip(results, versions):
+        assert complete and f"-tf{version}-" in Path(path).name
+    assert results[0][0] == results[2][0] != results[1][0]
+    assert (old / "model.safetensors").read_bytes() == b"an older environment's copy"
