@@ -99,8 +99,9 @@ class _Parser(argparse.ArgumentParser):
 
 MODEL_HELP = "a local transformers directory or hub id (default: the embedded SmolLM2-135M-Instruct)"
 THREADS_HELP = "CPU threads (default 0: one per idle core, as the demo does)"
-QUANTIZE_HELP = ("nf4: the base's linear layers in 4-bit NF4 (QLoRA); auto (default): NF4 if the adapter was "
-                 "trained on an NF4 base, as its file records; none: full precision")
+QUANTIZE_HELP = ("nf4: the base's linear layers in 4-bit NF4 (QLoRA); gguf: in the GGUF file's own Q4_1 blocks "
+                 "(lossless); auto (default): the base the adapter was trained on, as its file records; none: full "
+                 "precision")
 
 
 def _base_and_adapter(p: argparse.ArgumentParser, adapter_help: str, *, required: bool = False,
@@ -110,7 +111,8 @@ def _base_and_adapter(p: argparse.ArgumentParser, adapter_help: str, *, required
     p.add_argument("--base", default=None, help=MODEL_HELP)
     p.add_argument("--adapter", required=required, default=None, help=adapter_help)
     p.add_argument("--allow-nonfinite", action="store_true", help="load an adapter holding NaN/Inf (a diverged run)")
-    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto", help=QUANTIZE_HELP + quantize_note)
+    p.add_argument("--quantize", choices=("auto", "nf4", "gguf", "none"), default="auto",
+                   help=QUANTIZE_HELP + quantize_note)
     if run:
         p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                        help="auto: bf16 autocast where the hardware computes bf16 natively, else fp32")
@@ -190,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     add_serve_arguments(p, MODEL_HELP)
     p.set_defaults(func=serve_main)
+
+    from .compose.cli import add_subcommands as add_compose_subcommands  # combine, lorahub
+
+    add_compose_subcommands(sub, MODEL_HELP)
     return parser
 
 

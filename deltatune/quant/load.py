@@ -27,27 +27,55 @@ def load_quantized(path: str | Path, *, compute_dtype: torch.dtype = torch.bfloa
 
     dtype: of everything not quantized (embeddings, norms, the head, biases). Returns the model in eval mode.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     path = Path(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
+    require_safetensors(path)
+    config = AutoConfig.from_pretrained(path)
+
+    def make(name: str, linear: nn.Linear) -> nn.Module:
+        return Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=compute_dtype, double_quant=double_quant, blocksize=blocksize,
+                          bias_dtype=dtype, device="cpu")
+
+    model, names = build_on_meta(path, config, dtype, make, skip=skip, model_class=model_class)
+    fill_from_safetensors(model, path, set(names), dtype)
+    _mark(model, compute_dtype, double_quant, blocksize, names)
+    return model.eval()
+
+
+def require_safetensors(path: str | Path) -> None:
+    if not sorted(Path(path).glob("*.safetensors")):
         raise QuantizationError(f"load_quantized needs a directory with *.safetensors files; {path} has none "
                                 "(for other formats load the model, then call quantize_model)")
-    config = AutoConfig.from_pretrained(path)
+
+
+def build_on_meta(path: str | Path, config, dtype: torch.dtype, make_layer, *, skip: Iterable[str] = DEFAULT_SKIP,
+                  model_class=None) -> tuple[nn.Module, list[str]]:
+    """The model of `config` on the meta device, each quantizable linear layer replaced by
+    `make_layer(name, meta_linear)` (a quantized layer on the CPU). Returns (model, replaced names)."""
+    from transformers import AutoModelForCausalLM
+
+    require_safetensors(path)
     with torch.device("meta"):
         model = (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype)
     names = require_quantizable(model, skip)
     for name in names:
         parent_name, _, child = name.rpartition(".")
-        linear = model.get_submodule(name)
-        setattr(model.get_submodule(parent_name), child, Linear4bit(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
-            double_quant=double_quant, blocksize=blocksize, bias_dtype=dtype, device="cpu"))
-    quantized = set(names)
+        setattr(model.get_submodule(parent_name), child, make_layer(name, model.get_submodule(name)))
+    return model, names
+
+
+def fill_from_safetensors(model: nn.Module, path: str | Path, quantized: set[str], dtype: torch.dtype, *,
+                          skip_weights: bool = False) -> None:
+    """Every tensor of the safetensors files in `path`, read one at a time, into the meta model: the weights of
+    the `quantized` layers quantized to NF4 (or, with `skip_weights`, not read at: the layers hold theirs),
+    everything else kept in `dtype`; then ties, rebuilt non-persistent buffers and the generation config."""
+    path = Path(path)
     expected = set(model.state_dict())
-    for file in files:
-        for key, tensor in read_safetensors(file):
+    skip = {f"{name}.weight" for name in quantized} if skip_weights else set()
+    for file in sorted(path.glob("*.safetensors")):
+        for key, tensor in read_safetensors(file, skip=skip):
             _load_tensor(model, quantized, expected, key, tensor, dtype)
     model.tie_weights()
     _materialize_meta_buffers(model)
@@ -55,8 +83,6 @@ def load_quantized(path: str | Path, *, compute_dtype: torch.dtype = torch.bfloa
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(path)
-    _mark(model, compute_dtype, double_quant, blocksize, names)
-    return model.eval()
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -64,12 +90,12 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
-def read_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_safetensors(path: str | Path, skip: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of a safetensors file, one tensor at a time, read with plain reads into fresh memory.
 
     Not memory-mapped: every page of a mapped file that is read stays in the process's RSS until the mapping
     closes (516 MiB for the embedded model), while a plain read goes through the page cache, which is not
-    counted. The format: 8 bytes little-endian header length, a JSON header {name: {dtype, shape,
+    counted. Tensors named in `skip` are not read. The format: 8 bytes little-endian header length, a JSON header {name: {dtype, shape,
     data_offsets}}, then the data."""
     with open(path, "rb") as fh:
         size = int.from_bytes(fh.read(8), "little")
@@ -77,6 +103,8 @@ def read_safetensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
         header.pop("__metadata__", None)
         start = 8 + size
         for name, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            if name in skip:  # not read at all
+                continue
             if info["dtype"] not in _DTYPES:
                 raise QuantizationError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which load_quantized "
                                         "does not read; load the model normally and call quantize_model")

@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .linear4bit import Linear4bit
+from .linear4bit import Linear4bit, QuantizedLinear
 from .nf4 import BLOCKSIZE, nf4_bytes
 
 DEFAULT_SKIP = ("lm_head", "score", "classifier")  # output heads (causal LM, sequence classification)
@@ -107,9 +107,10 @@ def _mark(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool, bloc
                                     "modules": len(names)}
 
 
-def quantized_layers(model: nn.Module) -> Iterator[tuple[str, Linear4bit]]:
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLinear]]:
+    """(name, layer) of every frozen quantized linear layer: NF4 `Linear4bit`, GGUF `LinearQ4_1`."""
     for name, module in model.named_modules():
-        if isinstance(module, Linear4bit):
+        if isinstance(module, QuantizedLinear):
             yield name, module
 
 
@@ -123,7 +124,7 @@ def check_full_precision(model: nn.Module, what: str = "saving the model") -> No
     names = [name for name, _ in quantized_layers(model)]
     if names:
         raise QuantizationError(
-            f"{what}: the model has {len(names)} NF4 layers (e.g. {names[0]!r}), which a full-precision checkpoint "
+            f"{what}: the model has {len(names)} 4-bit layers (e.g. {names[0]!r}), which a full-precision checkpoint "
             "cannot hold. Dequantize first (deltatune.quant.dequantize_model(model, dtype=torch.bfloat16)), or save "
             "only the adapter.")
 
@@ -214,8 +215,7 @@ def footprint(model: nn.Module, *, skip: Iterable[str] = DEFAULT_SKIP, blocksize
     stored = 0
     for name in layers:
         module = model.get_submodule(name)
-        tensors = [getattr(module, n) for n in ("weight_nf4", "weight_absmax", "weight_absmax2", "weight_offset")] \
-            if name in quantized else [module.weight]
+        tensors = module.state_tensors() if name in quantized else [module.weight]
         for t in tensors:
             if t is not None:
                 stored += t.numel() * t.element_size()

@@ -68,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="padded prompt tokens prefilled per step (bounds how long new requests stall running ones)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 weights where the CPU computes bf16 natively (AVX512-BF16/AMX), else fp32")
-    p.add_argument("--quantize", choices=("auto", "nf4", "none"), default="auto",
+    p.add_argument("--quantize", choices=("auto", "nf4", "gguf", "none"), default="auto",
                    help="nf4: the base's linear layers in 4-bit NF4 (QLoRA), computing in --precision; auto "
                    "(default): NF4 if every --adapter was trained on an NF4 base, as their files record; none: "
                    "the base as --precision loads it")
@@ -78,16 +78,17 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
 def base_quantization(args: argparse.Namespace) -> str | None:
     """--quantize: "nf4", None (none), or for auto "nf4" when every --adapter NAME=PATH records an NF4 base
     (adapters found later in --adapter-dir load onto whichever base is served: LoRA's file fits both)."""
-    from ..commands import recorded_base_quantization
+    from ..commands import BASE_NAMES, quantize_for, recorded_base_quantization
 
     if args.quantize != "auto":
         return None if args.quantize == "none" else args.quantize
-    recorded = [recorded_base_quantization(path) for _, path in args.adapter]
-    if not recorded or not all(r.startswith("nf4") for r in recorded):
+    kinds = {quantize_for(recorded_base_quantization(path)) for _, path in args.adapter}
+    if len(kinds) != 1 or None in kinds:
         return None
-    print("deltatune serve: every --adapter was trained on an NF4 base: serving the base in NF4 (--quantize none "
-          "for the full-precision base)", file=sys.stderr, flush=True)
-    return "nf4"
+    kind = kinds.pop()
+    print(f"deltatune serve: every --adapter was trained on {BASE_NAMES[kind]} base: serving the base so (--quantize "
+          "none for the full-precision base)", file=sys.stderr, flush=True)
+    return kind
 
 
 def serve_main(args: argparse.Namespace) -> None:
@@ -131,7 +132,7 @@ def serve_main(args: argparse.Namespace) -> None:
                     max_prefill_tokens=args.max_prefill_tokens)
     base_name = args.served_model_name or os.path.basename(os.path.normpath(args.base or "smollm2-135m-instruct"))
     server = Server(engine, registry, base_name=base_name, api_key=args.api_key, admin_token=args.admin_token)
-    weights = ("NF4, computing in " if quantize else "") + ("bf16" if dtype == torch.bfloat16 else "fp32")
+    weights = (f"{quantize.upper()}, computing in " if quantize else "") + ("bf16" if dtype == torch.bfloat16 else "fp32")
     print(f"deltatune serve: {base_name} ({weights}) with {len(registry.entries)} adapters loaded, "
           f"{len(registry.available())} available; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")

@@ -115,8 +115,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False  # memory mode: recompute each layer in the backward instead of storing it
     frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products; also
     # in a model passed to train(model=...))
-    quantize: Literal["nf4"] | None = None  # QLoRA: the base's linear layers stored in NF4 + double quantization
-    # (~4.13 bits/weight), the adapter trained on top (docs/qlora.md); also applied to a model passed in
+    quantize: Literal["nf4", "gguf"] | None = None  # QLoRA: the base's linear layers stored in NF4 + double quantization
+    # (~4.13 bits/weight), the adapter trained on top (docs/qlora.md); also applied to a model passed in; gguf: the
+    # embedded model's own Q4_1 blocks (lossless, ~5 bits/weight; loaded from the file, not from a model passed in)
     loss_chunk_size: int = 0  # tokens per cross-entropy chunk (never all fp32 logits at once); 0 = by vocabulary size
     seed: int = 0
     output_dir: str = "runs/default"

@@ -216,6 +216,9 @@ def _model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: A
         model, loaded_tokenizer = load_model(cfg.model, dtype=torch.float32, quantize=cfg.quantize,
                                              compute_dtype=compute_dtype)  # bf16 is autocast, weights stay fp32
         tokenizer = tokenizer or loaded_tokenizer
+    elif cfg.quantize == "gguf" and not is_quantized_model(model):
+        raise ConfigError("quantize: gguf loads the base's Q4_1 blocks from its GGUF file, so it cannot apply to a "
+                          "model passed in; pass no model (set model:), or quantize: nf4")
     elif cfg.quantize and not is_quantized_model(model):
         quantize_model(model, compute_dtype=compute_dtype)
     elif tokenizer is None:
