@@ -8,7 +8,8 @@
 """
 from ._version import __version__
 from .core.config import AdapterConfig, ConfigError
-from .core.io import AdapterFileError, adapter_tensors, load_adapter, read_adapter, save_adapter
+from .core.io import AdapterFileError, adapter_tensors, load_adapter, read_adapter, save_adapter, set_adapter_tensors
+from .core.lowrank import LowRankFactors, low_rank_factors, save_as_lora
 from .core.delta import Delta, NotMergeableError
 from .core.sites import BlockSite, Site, WeightSite
 from .core.model import (
@@ -34,6 +35,9 @@ from .methods.ia3 import IA3Config
 from .methods.bottleneck import BottleneckConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.bitfit import BitFitConfig
 from .methods.full import FullConfig
+from .methods.dylora import DyLoraConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 
 AdapterLayer = Site  # the name of the host layer before the sites redesign
 from .train.config import TrainConfig, load_config
@@ -48,4 +52,6 @@ __all__ = [
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",
     "TrainConfig", "TrainResult", "load_config", "train",
+    "set_adapter_tensors", "save_as_lora", "LowRankFactors", "low_rank_factors", "DyLoraConfig",
+    "LoHaConfig", "LoKrConfig",
 ]

@@ -71,6 +71,23 @@ CASES: dict[str, list[Case]] = {
         Case("added-biases-all", lambda: dt.BitFitConfig(add_biases=True)),
         Case("added-biases-qv", lambda: dt.BitFitConfig(add_biases=True, target_modules=["q_proj", "v_proj"])),
     ],
+    # DyLoRA at its full rank outside training; a rank chosen at load (rank=2) on all linear layers
+    "DYLORA": [
+        Case("frozen-qv", lambda: dt.DyLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+        Case("rank-2-all-linear", lambda: dt.DyLoraConfig(r=4, lora_alpha=8, rank=2, frozen=False,
+                                                          target_modules="all-linear")),
+    ],
+    # LyCORIS: a Hadamard and a Kronecker product of low-rank factors (W2b / W1 zero at start)
+    "LOHA": [
+        Case("qv", lambda: dt.LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])),
+        Case("all-linear-patterns", lambda: dt.LoHaConfig(r=2, alpha=4, target_modules="all-linear",
+                                                          rank_pattern={"down_proj": 3}, alpha_pattern={"o_proj": 2})),
+    ],
+    "LOKR": [
+        Case("all-linear", lambda: dt.LoKrConfig(r=2, alpha=4, target_modules="all-linear")),
+        Case("decompose-both-lycoris-init", lambda: dt.LoKrConfig(r=1, decompose_both=True, init_weights="lycoris",
+                                                                  target_modules=["q_proj", "v_proj", "up_proj"])),
+    ],
     "FULL": [
         Case("every-parameter", lambda: dt.FullConfig(), mixable=False, max_trainable_fraction=1.0),
         Case("mlp-only", lambda: dt.FullConfig(target_modules=["mlp"]), mixable=False, max_trainable_fraction=0.6),

@@ -11,11 +11,12 @@ names. An in-memory rename never changes what is on disk: the mapping below is t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -163,15 +164,22 @@ def load_adapter(
     allow_pickle: bool = False,
     trainable: bool = False,
     allow_nonfinite: bool = False,
+    overrides: Mapping[str, Any] | None = None,
 ) -> nn.Module:
     """Attach the adapter stored in `path` (peft's format, written by deltatune or peft) as `name`.
+
+    `overrides` changes fields of the file's config before anything is built, validated as the config is
+    (DyLoRA's rank: `overrides={"rank": 4}`). A string `path` may carry them too, as the CLI and `serve`
+    write them: `"runs/dy/adapter@rank=4"` (see `split_adapter_spec`).
 
     Any error (unreadable files, unknown keys, a tensor whose shape does not fit, an adapter made for
     another base) is raised before or instead of changing the model: on failure the model is unchanged.
     The adapter's parameters are frozen unless `trainable=True` (to continue training it). Tensors holding
     NaN/Inf are refused unless `allow_nonfinite=True` (to inspect a diverged run).
     """
+    path, spec_overrides = split_adapter_spec(path)
     config, tensors, _ = read_adapter(path, allow_pickle=allow_pickle)
+    config = with_overrides(config, {**spec_overrides, **(overrides or {})}, path)
     if not allow_nonfinite:
         bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
@@ -231,10 +239,92 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
         if key in embeddings and tensors[key].shape == base[key].shape:
             adapter.selected[key[len(PREFIX):]] = (base[key], base[key].detach().clone())
             live[key] = base[key]
+    _check_part_tensors(model, adapter, tensors, str(path / WEIGHTS_NAME))
     stash = adapter.stash or {}  # an in-place adapter loaded inactive keeps its values aside
     with torch.no_grad():
         for key, param in live.items():
             stash.get(key[len(PREFIX):], param).copy_(tensors[key])
+
+
+def _check_part_tensors(model: nn.Module, adapter: Any, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """A model-level part may refuse the values it is given (VeRA: projections that its PRNG key does not give)."""
+    check = getattr(adapter.part(model), "check_tensors", None)
+    if check is not None:
+        problem = check(tensors)
+        if problem:
+            raise AdapterFileError(f"{where}: {problem}")
+
+
+def set_adapter_tensors(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
+    """Fill the attached adapter `name` from `tensors`, keyed as `adapter_tensors(model, name)` keys them (peft's
+    file keys; the `base_model.model.` prefix may be left out). Values are cast to each tensor's dtype and device.
+
+    Every key and shape is checked before the first value is written: an unknown key, a wrong shape, or with
+    `strict=True` (the default) a tensor of the adapter left out, raises ValueError naming it, and nothing changes.
+    With `strict=False` the tensors not given keep their values. This is how a tool builds an adapter from
+    tensors it computed (a LoRA export of DyLoRA at rank b, a composition of adapters).
+    """
+    live = adapter_tensors(model, name)
+    given = {k if k in live or k.startswith(PREFIX) or f"{PREFIX}{k}" not in live else f"{PREFIX}{k}": v
+             for k, v in tensors.items()}
+    unknown = sorted(set(given) - set(live))
+    if unknown:
+        raise ValueError(f"adapter {name!r} has no tensor {unknown[0]!r}"
+                         f"{f' (and {len(unknown) - 1} more)' if len(unknown) > 1 else ''}; its keys are those of "
+                         "deltatune.adapter_tensors(model, name), e.g. " + next(iter(live), "none"))
+    missing = sorted(set(live) - set(given))
+    if strict and missing:
+        raise ValueError(f"tensors for adapter {name!r} leave out {len(missing)} of its tensors (first: {missing[0]}); "
+                         "give all of them, or pass strict=False to keep the others")
+    for key, value in given.items():
+        if tuple(value.shape) != tuple(live[key].shape):
+            raise ValueError(f"tensor {key} has shape {tuple(value.shape)} but adapter {name!r} needs {tuple(live[key].shape)}")
+    adapter = adapters(model)[name]
+    try:
+        _check_part_tensors(model, adapter, given, f"tensors for adapter {name!r}")
+    except AdapterFileError as exc:
+        raise ValueError(str(exc)) from None
+    stash = adapter.stash or {}
+    with torch.no_grad():
+        for key, value in given.items():
+            stash.get(key[len(PREFIX):], live[key]).copy_(value)
+
+
+def split_adapter_spec(spec: str | os.PathLike) -> tuple[str | os.PathLike, dict[str, Any]]:
+    """`DIR@key=value,key=value` -> (DIR, {key: value}): config overrides written after an adapter's path, as the
+    CLI and `serve` take them (`runs/dy/adapter@rank=4`). Values read as JSON (4, 0.5, true, null), else as text.
+    A path that exists as given, or holds no `@`, is returned unchanged with no overrides."""
+    text = os.fspath(spec)
+    if not isinstance(spec, str) or "@" not in text or Path(text).exists():
+        return spec, {}
+    head, _, tail = text.rpartition("@")
+    overrides: dict[str, Any] = {}
+    for item in tail.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise AdapterFileError(f"{text!r}: after '@' come overrides KEY=VALUE[,KEY=VALUE] (e.g. {head}@rank=4), "
+                                   f"got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return head, overrides
+
+
+def with_overrides(config: Any, overrides: Mapping[str, Any], path: Any = "") -> Any:
+    """`config` with `overrides` applied and validated; an unknown field or a bad value names the field."""
+    if not overrides:
+        return config
+    fields = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - fields)
+    where = f"overrides for {path}" if path else "overrides"
+    if unknown:
+        raise AdapterFileError(f"{where}: {unknown[0]!r} is not a field of {type(config).__name__} "
+                               f"({config.peft_type}); its fields are {', '.join(sorted(fields))}")
+    try:
+        return config.replace(**overrides)
+    except (ConfigError, TypeError) as exc:
+        raise AdapterFileError(f"{where}: {exc}") from None
 
 
 def _other_base_hint(model: nn.Module, adapter_base: str | None) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, ConfigError, check_positive_int, check_range, pattern_value
 from ..core.delta import Delta
+from ..core.lowrank import LowRankFactors
 from ..core.registry import register
 from ..core.sites import Stage, Target, weight_kind
 
@@ -134,6 +135,10 @@ class LoraLinear(Delta):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d_out, d_in)
+
+    def low_rank_factors(self) -> LowRankFactors:
+        """(A, B, s): the low-rank view the serving kernel and LoRA exports read (deltatune.core.lowrank)."""
+        return LowRankFactors(self.lora_A.weight, self.lora_B.weight, float(self.scaling))
 
     def merge(self, weight, bias):
         return weight + self.delta_weight().to(weight.dtype), bias
