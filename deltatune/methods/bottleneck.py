@@ -63,6 +63,7 @@ class BottleneckConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "BOTTLENECK"
+    file_suffixes: ClassVar[tuple[str, ...]] = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
     recommended_lr: ClassVar[float] = 1e-3  # Houlsby et al.: 1e-4 to 1e-3
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
 
@@ -168,6 +169,7 @@ class ParallelAdapterConfig(AdapterConfig):
     """
 
     peft_type: ClassVar[str] = "PARALLEL_ADAPTER"
+    file_suffixes: ClassVar[tuple[str, ...]] = ("adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias")
     recommended_lr: ClassVar[float] = 1e-3
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = {
         "llama": ("mlp",), "mistral": ("mlp",), "qwen2": ("mlp",),

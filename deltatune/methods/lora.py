@@ -70,6 +70,7 @@ class LoraConfig(AdapterConfig):
     peft_only_defaults: ClassVar[Mapping[str, Any]] = _PEFT_ONLY
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
     variant_flags: ClassVar[tuple[str, ...]] = ("use_dora",)
+    file_suffixes: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")  # after the adapted module's name
 
     r: int = 8
     lora_alpha: float = 8
@@ -87,10 +88,18 @@ class LoraConfig(AdapterConfig):
         for key, value in self.rank_pattern.items():
             check_positive_int(f"rank_pattern[{key!r}]", value)
         check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
+        for key, alpha in [("lora_alpha", self.lora_alpha), *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items())]:
+            if not alpha > 0:  # a negative α flips the update's sign, 0 makes the adapter a no-op: both silent
+                raise ConfigError(f"{key} must be positive (the scale is α/r), got {alpha!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+
+    def describe(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        return {"variant": "DoRA (use_dora: weight-decomposed LoRA)" if self.use_dora else "LoRA",
+                "r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
+                "lora_dropout": self.lora_dropout, "bias": self.bias, **super().describe(tensors)}
 
     def rank_and_scale(self, module_name: str) -> tuple[int, float]:
         r = pattern_value(self.rank_pattern, module_name, self.r)
