@@ -1,0 +1,363 @@
+"""The virtual-token base shared by prompt tuning, P-tuning and prefix tuning: p positions before every row.
+
+    embeddings kind (prompt tuning, P-tuning):  inputs_embeds ──► [V ; x] (B, p+T, e), mask [1…1 ; m], labels [-100… ; y]
+    key_values kind (prefix tuning):            every layer's cache starts with p keys and values; mask [1…1 ; m]
+
+A method's part subclasses `VirtualPart` and says what it adds to a row: `row_embeddings()` (p, e) or
+`row_key_values()` (n_layers, 2, kv_heads, p, head_dim). Everything else lives here once: the config fields
+peft's prompt-learning configs share (`PromptLearningConfig`, `resolve_prompt_learning`), the two forward
+pre-hooks (on the decoder: `model.get_decoder()`, so the model, `generate` and deltatune's chunked loss all
+get the positions; on the root: the labels), the layout of a mixed batch, and the checks on the inputs.
+
+As in peft's PeftModelForCausalLM, position ids are dropped for a batch of one adapter (the model numbers
+the positions 0, 1, ... for embeddings, p, p+1, ... after a prefix in the cache; left padding is not
+skipped), so logits and greedy generation equal peft's forward passes. A decoding step (a cache that already
+holds the virtual positions) only grows the mask by p; the cache is looked for under both names transformers
+has used for it (`past_key_values`, and `cache` from 5.25 on).
+
+Mixed batches (`deltatune.route`): rows of one kind's adapters get their positions; other rows (other
+methods, the base) get as many masked positions, prompts of different lengths are padded to the longest,
+masked positions first, and each row is numbered as if alone. Rows of both kinds in one batch are refused.
+Every part hooks the model and the first one in `model.deltatune_parts` serves them all, so removing any
+part leaves the others working.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig, ConfigError, check_positive_int
+from ..core.model import active_adapters
+from ..core.registry import SavedView
+from ..core.routing import current_plan
+
+IGNORE_INDEX = -100
+_NO_TARGETS = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+_CACHE_KEYS = ("past_key_values", "cache")  # transformers <= 5.24 names it past_key_values; 5.25 passes cache=
+
+
+# ---- the config fields every prompt-learning method has -------------------------------------------------
+@dataclass(frozen=True)
+class PromptLearningConfig(AdapterConfig):
+    """peft's PromptLearningConfig fields: num_virtual_tokens (p) and the model's sizes, filled at attach."""
+
+    method_name: ClassVar[str] = "prompt learning"  # how errors call the method
+    task_type: str | None = "CAUSAL_LM"  # what peft's PeftModel.from_pretrained dispatches on
+    num_virtual_tokens: int = 20
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+
+    def validate(self) -> None:
+        check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        for key in ("token_dim", "num_attention_heads", "num_layers"):
+            if getattr(self, key) is not None:
+                check_positive_int(key, getattr(self, key))
+        method = self.method_name
+        if self.num_transformer_submodules not in (None, 1):
+            raise ConfigError(f"num_transformer_submodules={self.num_transformer_submodules!r}: deltatune's {method} "
+                              "supports decoder-only models (1); encoder-decoder prompts (2) are not supported")
+        if self.task_type not in (None, "CAUSAL_LM"):
+            raise ConfigError(f"task_type={self.task_type!r}: deltatune's {method} supports causal LMs "
+                              "(task_type 'CAUSAL_LM')")
+        given = [key for key in _NO_TARGETS if getattr(self, key) is not None]
+        if given:
+            raise ConfigError(f"{given[0]} is set, but {method} adds virtual tokens and targets no modules; remove it")
+
+    def to_dict(self) -> dict[str, Any]:
+        """peft's keys exactly: no target keys (prompt learning has none)."""
+        out = super().to_dict()
+        for key in _NO_TARGETS:
+            out.pop(key)
+        return out
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    """The model's (base) input embedding: a LoRA-adapted one is looked through to its base layer."""
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    embedding = getattr(embedding, "base_layer", embedding)
+    if not isinstance(embedding, nn.Embedding):
+        raise ConfigError(f"virtual tokens need a model whose get_input_embeddings() is an nn.Embedding; "
+                          f"{type(model).__name__} gives {type(embedding).__name__}")
+    return embedding
+
+
+def resolve_prompt_learning(model: nn.Module, config: PromptLearningConfig, **extra: Any) -> PromptLearningConfig:
+    """The config with token_dim, num_layers, num_attention_heads and num_transformer_submodules from the model
+    (peft's _prepare_prompt_learning_config), plus `extra` fields; a token_dim that does not fit is an error."""
+    model_config = getattr(model, "config", None)
+    method = config.method_name
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise ConfigError(f"{type(model).__name__} is an encoder-decoder model; deltatune's {method} supports "
+                          "decoder-only causal LMs")
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and not can_generate():
+        raise ConfigError(f"{type(model).__name__} is not a causal LM (it cannot generate); deltatune's {method} "
+                          "supports causal LMs (a classification head would read the wrong positions)")
+    dim = input_embedding(model).embedding_dim
+    if config.token_dim is not None and config.token_dim != dim and "token_dim" not in extra:
+        raise ConfigError(f"token_dim is {config.token_dim}, but the model's input embeddings have {dim} dimensions; "
+                          "this prompt was made for another model (or set token_dim to null)")
+    return config.replace(**{
+        "token_dim": dim, "num_transformer_submodules": 1,
+        "num_layers": config.num_layers or text_config_int(model, "num_hidden_layers", "num_layers", "n_layer"),
+        "num_attention_heads": config.num_attention_heads or text_config_int(model, "num_attention_heads", "n_head", "num_heads"),
+        **extra,
+    })
+
+
+def text_config_int(model: nn.Module, *keys: str) -> int | None:
+    """The first of `keys` the model's (text) config holds as an int."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return next((getattr(text, k) for k in keys if isinstance(getattr(text, k, None), int)), None)
+
+
+# ---- the part ---------------------------------------------------------------------------------------------
+class VirtualPart(nn.Module):
+    """One adapter's virtual positions (`model.deltatune_parts[name]`); subclasses say what they add to a row.
+
+    kind: "embeddings" (`row_embeddings()`: (p, e) before the row's input embeddings) or "key_values"
+        (`row_key_values()`: (n_layers, 2, kv_heads, p, head_dim) at the start of every layer's cache).
+    """
+
+    kind: ClassVar[str] = "embeddings"
+
+    def __init__(self, model: nn.Module, name: str, p: int) -> None:
+        super().__init__()
+        self.name, self.p, self.disabled = name, p, False
+        decoder = _decoder(model)
+        self._cache_key = next((k for k in _CACHE_KEYS if k in inspect.signature(decoder.forward).parameters),
+                               _CACHE_KEYS[0])
+        self._handles = [decoder.register_forward_pre_hook(partial(self._decoder_hook, model), with_kwargs=True)]
+        if decoder is not model:
+            self._handles.append(model.register_forward_pre_hook(partial(self._labels_hook, model), with_kwargs=True))
+
+    def row_embeddings(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} adds key/value positions, not embeddings")
+
+    def row_key_values(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} adds embeddings, not key/value positions")
+
+    # ---- the file: what it holds may be derived from the live tensors (an encoder's output) ---------------
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """What the adapter file holds (keys without peft's prefix): by default the live `tensors()`."""
+        return self.tensors()
+
+    def live_from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The live tensors (`tensors()` keys) that reproduce the file's `tensors`; by default the same ones."""
+        return tensors
+
+    def remove(self, model: nn.Module) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # ---- the hooks ----------------------------------------------------------------------------------
+    def _decoder_hook(self, model: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not self._serves(model):
+            return None
+        kwargs = _as_kwargs(module, args, kwargs)
+        embeds, ids = kwargs.get("inputs_embeds"), kwargs.get("input_ids")
+        batch, length = (embeds.shape[:2] if embeds is not None else ids.shape[:2])
+        layout = _layout(model, batch)
+        if layout is None:
+            return None
+        mask = kwargs.get("attention_mask")
+        _check_inputs(mask, kwargs.get("position_ids"))
+        cache = _cache(kwargs)
+        past = _past_length(cache)
+        device = (embeds if embeds is not None else ids).device
+        if layout.kind == "embeddings" and not past:  # prefill: the prompt goes in front of the embeddings
+            embeds = embeds if embeds is not None else model.get_input_embeddings()(ids)
+            kwargs["inputs_embeds"] = torch.cat((layout.prefix(batch, embeds), embeds), dim=1)  # (B, P+T, e)
+            kwargs["input_ids"] = None
+        elif layout.kind == "key_values" and not past:  # prefill: every layer's cache starts with the prefix
+            kwargs[self._cache_key] = layout.fill_cache(model, cache, batch, device)
+            kwargs.update({k: None for k in _CACHE_KEYS if k != self._cache_key and k in kwargs})
+            past = layout.P  # the new tokens now come after P cached positions
+        kwargs["attention_mask"], kwargs["position_ids"] = layout.mask_and_positions(mask, batch, length, past, device)
+        if module is model and layout.kind == "embeddings":
+            _extend_labels(kwargs, layout, past)
+        return (), kwargs
+
+    def _labels_hook(self, model: nn.Module, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        kwargs = _as_kwargs(module, args, kwargs)
+        labels = kwargs.get("labels")
+        if labels is None or not self._serves(model):
+            return None
+        layout = _layout(model, labels.shape[0])
+        if layout is None or layout.kind != "embeddings" or _past_length(_cache(kwargs)):
+            return None
+        _extend_labels(kwargs, layout, 0)
+        return (), kwargs
+
+    def _serves(self, model: nn.Module) -> bool:
+        """Whether this part's hooks act: only the first virtual part's, for all of them."""
+        return next(iter(virtual_parts(model).values()), None) is self
+
+
+def file_view(model: nn.Module, adapter: Any, tensors: dict[str, torch.Tensor]) -> SavedView:
+    """The registry's `save_view` of a virtual-token method: the part's file tensors in place of its live ones
+    (P-tuning's encoder output in place of the encoder; checkpoints keep the encoder)."""
+    part = adapter.part(model)
+    live = set(part.tensors())
+    return SavedView(adapter.config, {**{k: v for k, v in tensors.items() if k not in live}, **part.file_tensors()})
+
+
+def _extend_labels(kwargs: dict, layout: "_Layout", past: int) -> None:
+    labels = kwargs.get("labels")
+    if labels is not None and not past:
+        pad = torch.full((labels.shape[0], layout.P), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+        kwargs["labels"] = torch.cat((pad, labels), dim=1)
+
+
+def virtual_parts(model: nn.Module) -> dict[str, VirtualPart]:
+    parts = getattr(model, "deltatune_parts", None) or {}
+    return {name: part for name, part in parts.items() if isinstance(part, VirtualPart)}
+
+
+@dataclass
+class _Layout:
+    """How the virtual positions of one batch are laid out: P of them before every row."""
+
+    P: int
+    kind: str
+    groups: list[tuple[VirtualPart, torch.Tensor]]  # (part, its rows); one group of all rows if uniform
+    lengths: torch.Tensor | None  # (B,) p of each row (0: no prompt); None when every row has the same part
+
+    def prefix(self, batch: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, P, e) virtual embeddings, masked positions zero and first, in `like`'s dtype."""
+        if self.lengths is None:
+            return self.groups[0][0].row_embeddings().to(like.dtype).unsqueeze(0).expand(batch, -1, -1)
+        out = like.new_zeros(batch, self.P, like.shape[-1])
+        for part, rows in self.groups:
+            out[rows.to(out.device), self.P - part.p:] = part.row_embeddings().to(like.dtype)
+        return out
+
+    def fill_cache(self, model: nn.Module, cache: Any, batch: int, device: torch.device) -> Any:
+        """`cache` (a new DynamicCache if None) holding the P prefix keys and values of every layer."""
+        from transformers import DynamicCache
+
+        cache = cache if cache is not None else DynamicCache(config=model.config)
+        first = self.groups[0][0].row_key_values()  # (L, 2, h, p, d)
+        dtype = next(model.parameters()).dtype
+        layers, _, heads, _, head_dim = first.shape
+        if self.lengths is None:
+            kv = first.to(device, dtype).unsqueeze(2).expand(-1, -1, batch, -1, -1, -1)  # (L, 2, B, h, p, d)
+        else:
+            kv = torch.zeros(layers, 2, batch, heads, self.P, head_dim, dtype=dtype, device=device)
+            for part, rows in self.groups:
+                kv[:, :, rows.to(device), :, self.P - part.p:] = part.row_key_values().to(device, dtype).unsqueeze(2)
+        for layer in range(layers):
+            cache.update(kv[layer, 0], kv[layer, 1], layer)
+        return cache
+
+    def mask_and_positions(self, mask, batch, length, past, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The attention mask over [virtual ; cache ; new] and the new tokens' positions (None: the model's own)."""
+        if self.lengths is None:  # peft's layout: ones before the mask, the model's own positions
+            ones = torch.ones(batch, self.P, dtype=mask.dtype, device=mask.device) if mask is not None else None
+            return (torch.cat((ones, mask), dim=1) if mask is not None else None), None
+        lengths = self.lengths.to(device)
+        start = self.P - lengths  # first virtual position of each row (B,)
+        prefix_mask = (torch.arange(self.P, device=device) >= start[:, None]).long()  # (B, P)
+        if mask is None:
+            mask = torch.ones(batch, past + length - (self.P if past else 0), dtype=torch.long, device=device)
+        mask = torch.cat((prefix_mask.to(mask.dtype), mask.to(device)), dim=1)
+        # each row numbered as if alone: its virtual tokens 0..p-1, then its tokens from p
+        if past:  # a decoding step (or a prefix in the cache): the cache holds the P virtual positions first
+            return mask, (lengths + past - self.P)[:, None] + torch.arange(length, device=device)
+        prefix_pos = (torch.arange(self.P, device=device) - start[:, None]).clamp(min=0)  # masked ones: 0
+        return mask, torch.cat((prefix_pos, lengths[:, None] + torch.arange(length, device=device)), dim=1)
+
+
+def _layout(model: nn.Module, batch: int) -> _Layout | None:
+    """The virtual positions this forward needs: from the routing plan if any, else the active virtual adapter."""
+    parts = {n: p for n, p in virtual_parts(model).items() if not p.disabled}
+    plan = current_plan()
+    if plan is None:
+        active = [n for n in active_adapters(model) if n in parts]
+        if len(active) > 1:
+            raise ValueError(f"virtual-token adapters {active} are active together; a row takes one prompt. Make one "
+                             "active (deltatune.set_active), or give each row its own with deltatune.route")
+        if not active:
+            return None
+        part = parts[active[0]]
+        return _Layout(part.p, part.kind, [(part, torch.arange(batch))], None)
+    if plan.per_token:
+        used = [n for n in plan.names() if n in parts]
+        if used:
+            raise ValueError(f"adapter {used[0]!r} is a virtual-token adapter, which adds positions to a row; "
+                             "route it per row (deltatune.route(model, names)), not per token")
+        return None
+    if plan.size != batch:
+        raise ValueError(f"mixed batch routes {plan.size} rows but the model received a batch of {batch}; give one "
+                         "adapter name per row")
+    rows = [plan.adapters[i] for i in plan.ids.tolist()]
+    rows = [n if n in parts else None for n in rows]
+    used = [n for n in dict.fromkeys(rows) if n is not None]
+    if not used:
+        return None
+    kinds = {parts[n].kind for n in used}
+    if len(kinds) > 1:
+        raise ValueError(f"this batch mixes rows of prefix tuning ({', '.join(n for n in used if parts[n].kind == 'key_values')}) "
+                         f"and of input-embedding prompts ({', '.join(n for n in used if parts[n].kind == 'embeddings')}); "
+                         "route them in separate batches")
+    kind = kinds.pop()
+    if len(used) == 1 and None not in rows:
+        return _Layout(parts[used[0]].p, kind, [(parts[used[0]], torch.arange(batch))], None)
+    groups = [(parts[n], torch.tensor([i for i, r in enumerate(rows) if r == n])) for n in used]
+    lengths = torch.tensor([parts[n].p if n is not None else 0 for n in rows])
+    return _Layout(int(lengths.max()), kind, groups, lengths)
+
+
+# ---- inputs -----------------------------------------------------------------------------------------------
+def _decoder(model: nn.Module) -> nn.Module:
+    """The module that embeds input_ids (a CausalLM's `model`), so calls to it alone get the prompt too."""
+    get = getattr(model, "get_decoder", None)
+    try:
+        decoder = get() if callable(get) else None
+    except (AttributeError, NotImplementedError, ValueError):
+        decoder = None
+    if isinstance(decoder, nn.Module) and "inputs_embeds" in inspect.signature(decoder.forward).parameters:
+        return decoder
+    return model
+
+
+def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """Positional arguments of `module.forward` moved into its keyword arguments."""
+    if not args:
+        return dict(kwargs)
+    names = [n for n, p in inspect.signature(module.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _cache(kwargs: dict) -> Any:
+    """The KV cache a forward was handed, under either name (None: no cache, a prefill or a plain forward)."""
+    return next((kwargs[key] for key in _CACHE_KEYS if kwargs.get(key) is not None), None)
+
+
+def _past_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    return int(cache[0][0].shape[-2]) if len(cache) else 0  # legacy tuple of (key, value) per layer
+
+
+def _check_inputs(mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> None:
+    if mask is not None and mask.dim() != 2:
+        raise ValueError(f"virtual tokens need a 2D attention mask (batch, tokens), got shape {tuple(mask.shape)}")
+    if mask is None and position_ids is not None and position_ids.shape[-1] > 1:
+        if (position_ids[..., 1:] != position_ids[..., :-1] + 1).any():
+            raise ValueError("these rows are packed (position_ids restart inside a row), but virtual tokens come "
+                             "once per row, which the later examples would not see; turn packing off "
+                             "(data.packing: false)")
