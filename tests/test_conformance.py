@@ -88,6 +88,11 @@ CASES: dict[str, list[Case]] = {
         Case("decompose-both-lycoris-init", lambda: dt.LoKrConfig(r=1, decompose_both=True, init_weights="lycoris",
                                                                   target_modules=["q_proj", "v_proj", "up_proj"])),
     ],
+    # SVD-form LoRA at full init_r (E = 0: identity at start); its budget hook and penalty run in the training axis
+    "ADALORA": [
+        Case("qv", lambda: dt.AdaLoraConfig(init_r=4, target_r=2, total_step=6, tinit=1, tfinal=2,
+                                            target_modules=["q_proj", "v_proj"])),
+    ],
     "FULL": [
         Case("every-parameter", lambda: dt.FullConfig(), mixable=False, max_trainable_fraction=1.0),
         Case("mlp-only", lambda: dt.FullConfig(target_modules=["mlp"]), mixable=False, max_trainable_fraction=0.6),

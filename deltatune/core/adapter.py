@@ -8,6 +8,11 @@
 
 The adapter answers for all of them: its file tensors, its parameters, their trainability, and its removal.
 Tensors are found from the model each time (by site path), so the model stays the one owner of modules.
+A delta's persistent buffers are tensors the adapter owns and saves but never trains (ReLoRA's merged delta).
+
+Its config may change after attach only through `update_config`, in the fields the config class declares
+`updatable_fields` (AdaLoRA's rank_pattern, set as its budget is allocated), validated like a new config and
+by the method's `check_update` against the live adapter.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, ConfigError
 from .registry import Method
 from .sites import BlockSite
 
@@ -109,6 +114,28 @@ class Adapter:
             del parts[self.name]
             if not len(parts):
                 delattr(model, PARTS_ATTR)
+
+
+def update_config(model: nn.Module, name: str, **changes) -> AdapterConfig:
+    """Change fields of attached adapter `name`'s config, validated before anything changes; returns the new
+    config (what `adapter_configs` and the saved file then hold). Only the config class's `updatable_fields`
+    may change: the others fixed the shapes and targets at attach."""
+    from .model import adapters  # model.py imports this module
+
+    found = adapters(model)
+    if name not in found:
+        raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(found) or 'none'}")
+    adapter = found[name]
+    allowed = tuple(getattr(type(adapter.config), "updatable_fields", ()))
+    refused = sorted(set(changes) - set(allowed))
+    if refused:
+        raise ConfigError(f"{refused[0]} of adapter {name!r} cannot change after attach ({type(adapter.config).__name__} "
+                          f"allows {', '.join(allowed) or 'no field'}); attach a new adapter with the value instead")
+    new = adapter.config.replace(**changes)  # the config's own validation, naming the field
+    if adapter.method.check_update is not None:
+        adapter.method.check_update(model, adapter, new)
+    adapter.config = new
+    return new
 
 
 def logical_name(path: str) -> str:

@@ -32,6 +32,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+SAVED_AS_KEY = "deltatune_saved_as"  # safetensors metadata: what a save-only view wrote (Method.save_view)
 BASE_QUANTIZATION_KEY = "deltatune_base_quantization"  # safetensors metadata: e.g. "nf4-dq" for a QLoRA adapter
 BASE_SOURCE_KEY = "deltatune_base_source"  # safetensors metadata: JSON, the embedded base's exact source (models.py)
 LARGEST_VALUE = 1e16  # |x| beyond this in an adapter file is refused like NaN/Inf: a product of two overflows fp32
@@ -90,7 +91,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     configs = adapter_configs(model)
     if name not in configs:
         raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(configs) or 'none'}")
-    config = configs[name]
+    config, view, note = file_view(model, name)
     record = config.to_dict()
     record["base_model_name_or_path"] = portable_base_name(config.base_model_name_or_path or _base_name(model))
     record["inference_mode"] = True
@@ -98,10 +99,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
         record["task_type"] = _peft_task_type(model)
     if record.get("task_type") is None and record.get("auto_mapping") is None:  # what peft's AutoPeftModel reads
         record["auto_mapping"] = {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_tensors(model, name).items()}
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in view.items()}
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "deltatune_version": __version__}
+    if note:
+        metadata[SAVED_AS_KEY] = note
     quantization = getattr(model, "deltatune_quantization", None) or {}  # deltatune.quant's: {"name": "nf4-dq", ...}
     if quantization.get("name"):  # the base it was trained on; the file loads onto a full-precision base all the same
         metadata[BASE_QUANTIZATION_KEY] = str(quantization["name"])
@@ -111,6 +114,30 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=metadata))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n"))
     return out
+
+
+def file_view(model: nn.Module, name: str) -> tuple[Any, dict[str, torch.Tensor], str]:
+    """(config, on-disk key -> tensor, note) that `save_adapter` writes for adapter `name`.
+
+    The save-only view: a method may write a file that differs from its live state (`Method.save_view`):
+    AdaLoRA trains at full rank under masks and writes only the surviving ranks with their `rank_pattern`;
+    ReLoRA writes its whole learned change as one plain LoRA. The live adapter is never changed by saving;
+    training checkpoints keep the live tensors next to the file, so a run resumes from what it trained, not
+    from the view. Without a save_view the file is the live state."""
+    adapter = adapters(model)[name]
+    tensors = adapter_tensors(model, name)
+    if adapter.method.save_view is None:
+        return adapter.config, tensors, ""
+    saved = adapter.method.save_view(model, adapter, {k.removeprefix(PREFIX): t for k, t in tensors.items()})
+    return saved.config, {PREFIX + k: t for k, t in saved.tensors.items()}, saved.note
+
+
+def saved_as(path: str | os.PathLike) -> str:
+    """The note a save-only view left in an adapter file ("" for a file that is the live state)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as f:
+        return (f.metadata() or {}).get(SAVED_AS_KEY, "")
 
 
 def _umask() -> int:

@@ -6,6 +6,7 @@ from . import prompt_tuning  # noqa: F401
 from . import bottleneck  # noqa: F401
 from . import full  # noqa: F401
 from . import bitfit  # noqa: F401
+from . import adalora  # noqa: F401
 from . import dylora  # noqa: F401
 from . import loha  # noqa: F401
 from . import lokr  # noqa: F401

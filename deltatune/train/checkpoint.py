@@ -2,7 +2,9 @@
 
     output_dir/checkpoints/step-000050/
         adapter/             the adapter in peft's format (deltatune.save_adapter): usable on its own
-        trainer_state.pt     optimizer and scheduler state, RNG states (python, numpy, torch CPU, CUDA), hook states
+        trainer_state.pt     optimizer and scheduler state, RNG states (python, numpy, torch CPU, CUDA), hook states,
+                             and the live adapter tensors when the file is a save-only view of them (AdaLoRA's
+                             pruned ranks, ReLoRA's export; `deltatune.core.io.file_view`): resume restores those
         state.json           step, data position (epoch, next batch of that epoch), the TrainConfig
         complete             written last: the name and size of every file above
 
@@ -31,7 +33,8 @@ import torch
 from torch import nn
 
 from ..core.io import adapter_tensors, read_adapter, save_adapter
-from .hooks import hook_states, load_hook_states
+from ..core.model import adapters
+from .hooks import fit_hook_states, hook_states, load_hook_states
 
 CHECKPOINTS = "checkpoints"
 MARKER = "complete"
@@ -108,11 +111,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_adapter(model, tmp / ADAPTER, adapter_name)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
-             "hooks": hook_states(hooks)},
-            tmp / TRAINER_STATE,
-        )
+        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                   "hooks": hook_states(hooks)}
+        if adapters(model)[adapter_name].method.save_view is not None:  # the file may not be the live state
+            trainer["adapter"] = {k: t.detach().to("cpu").clone() for k, t in tensors.items()}
+        torch.save(trainer, tmp / TRAINER_STATE)
         state = {"format_version": FORMAT_VERSION, "step": step, "epoch": position.epoch, "batch": position.batch,
                  "config": dict(config)}
         (tmp / STATE).write_text(json.dumps(state, indent=2, default=str) + "\n")
@@ -283,13 +286,14 @@ def load_checkpoint(
     info = read_checkpoint_state(path)
     root = info.path
     tensors, trainer = _read_states(root)
+    tensors = trainer.get("adapter", tensors)  # the live tensors, where the file is a save-only view of them
     live = adapter_tensors(model, adapter_name)
     if set(live) != set(tensors) or any(live[k].shape != tensors[k].shape for k in live):
         raise CheckpointError(
             f"{root / ADAPTER} does not fit adapter {adapter_name!r} of this model (different target modules or r); "
             "resume with the adapter config of the run that wrote it"
         )
-    if len(trainer["hooks"]) != len(hooks) and any(state is not None for state in trainer["hooks"]):
+    if fit_hook_states(trainer["hooks"], len(hooks)) is None:
         raise CheckpointError(
             f"{root} holds state for {len(trainer['hooks'])} step hooks but this run has {len(hooks)}; resume with the "
             "same adapter methods and hooks= as the run that wrote it"

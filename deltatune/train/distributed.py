@@ -141,3 +141,17 @@ def all_reduce_sum(values: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def agree(value: float, what: str) -> None:
+    """Check that every process holds the same `value` (state each process computes for itself, such as
+    AdaLoRA's masking threshold or ReLoRA's pruning masks, must agree, or the replicas drift apart). One scalar
+    all_reduce when distributed; nothing alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    both = torch.tensor([value, -value], dtype=torch.float64, device=backend_device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    if float(both[0]) != float(value) or -float(both[1]) != float(value):
+        raise RuntimeError(f"{what} differs between processes ({-float(both[1])} to {float(both[0])}); the processes "
+                           "no longer hold the same adapter state")

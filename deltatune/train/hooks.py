@@ -89,15 +89,22 @@ def hook_states(hooks: Iterable[Any]) -> list[dict[str, Any] | None]:
     return [(hook.state_dict() or None) if callable(getattr(hook, "state_dict", None)) else None for hook in hooks]
 
 
+def fit_hook_states(states: list[dict[str, Any] | None], count: int) -> list[dict[str, Any] | None] | None:
+    """The saved states for a run with `count` hooks, by position: stateless hooks may come and go at the end
+    (a test's kill hook, a progress hook); None when a saved state would find no hook."""
+    if len(states) > count and any(state is not None for state in states[count:]):
+        return None
+    return [*states[:count], *[None] * (count - len(states))]
+
+
 def load_hook_states(hooks: list[Any], states: list[dict[str, Any] | None]) -> None:
     """Give each hook the state saved at its position; stateless hooks may come and go between runs."""
-    if len(states) != len(hooks):
-        if all(state is None for state in states):
-            return
+    fitted = fit_hook_states(states, len(hooks))
+    if fitted is None:
         raise ValueError(
             f"the checkpoint holds state for {len(states)} step hooks but this run has {len(hooks)}; resume with "
             "the same adapter methods and the same hooks= as the run that wrote it"
         )
-    for hook, state in zip(hooks, states):
+    for hook, state in zip(hooks, fitted):
         if state is not None and callable(getattr(hook, "load_state_dict", None)):
             hook.load_state_dict(state)

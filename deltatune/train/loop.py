@@ -36,9 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import ConfigError
-from ..core.io import load_adapter, save_adapter
-from ..core.model import attach
+from ..core.config import AdapterConfig, ConfigError
+from ..core.io import load_adapter, save_adapter, saved_as
+from ..core.model import active_adapters, adapter_configs, attach
+from ..core.registry import method_of
 from ..models import default_compute_dtype
 from ..data import collate
 from ..quant import check_quantized_training, footprint, is_quantized_model, quantize_model
@@ -114,14 +115,15 @@ def train(
 
 
 def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Iterable[Any], world: World) -> TrainResult:
+    adapter_config = fitted_adapter_config(cfg)  # a schedule that does not fit max_steps fails before anything runs
     _seed(cfg.seed)
     autocast = _autocast(cfg.precision, world)
     model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world, autocast)
     data = load_data(cfg, tokenizer, world)
-    _attach_adapter(model, cfg, world)
+    _attach_adapter(model, cfg, adapter_config, world)
     _prepare_base(model, cfg, autocast, world)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps, model=model)
     hooks = step_hooks(model, hooks)
     step, position = resume_position(cfg, model, optimizer, scheduler, hooks, world, ADAPTER_NAME)
     stream = BatchStream(data.train, cfg, world, position)
@@ -137,8 +139,9 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
             step += 1
             lr = _base_lr(optimizer)  # set by the scheduler at the end of the previous step
             loss, step_tokens = _micro_steps(loss_module, stream, data, params, cfg, world, autocast)
+            aux_loss = _method_loss_terms(model)  # backpropagated: the gradients are of task mean + terms
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf))
-            _check_finite(step, loss, grad_norm, cfg)
+            _check_finite(step, loss + (aux_loss or 0.0), grad_norm, cfg)
             run_before_step(hooks, model, optimizer, step)
             optimizer.step()
             run_on_step(hooks, model, optimizer, step)
@@ -146,7 +149,8 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
             optimizer.zero_grad(set_to_none=True)
             losses[step], tokens = loss, tokens + step_tokens
             if step % cfg.log_every == 0 or step == cfg.max_steps:  # Progress adds tokens_per_s from `tokens`
-                progress.log(step, {"loss": loss, "lr": lr, "tokens": tokens, "grad_norm": grad_norm})
+                logged = {"loss": loss, "lr": lr, "tokens": tokens, "grad_norm": grad_norm}
+                progress.log(step, logged if aux_loss is None else {**logged, "aux_loss": aux_loss})
                 tokens = 0
             if data.eval and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps):
                 evals = _evaluate(model, data, cfg, world, autocast)
@@ -226,13 +230,21 @@ def _model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: A
     return model.to(world.device), tokenizer  # no use_cache change needed: the loss runs with use_cache=False
 
 
-def _attach_adapter(model: nn.Module, cfg: TrainConfig, world: World) -> None:
+def fitted_adapter_config(cfg: TrainConfig) -> AdapterConfig:
+    """cfg.adapter's config with the run-length fields its method fills from max_steps (AdaLoRA's total_step),
+    checked against max_steps (`Method.fit_run`); other methods' configs as they are."""
+    config = cfg.adapter_config()
+    fit = method_of(config).fit_run
+    return fit(config, cfg.max_steps) if fit is not None else config
+
+
+def _attach_adapter(model: nn.Module, cfg: TrainConfig, config: AdapterConfig, world: World) -> None:
     """A new adapter from cfg.adapter, or the one in cfg.init_adapter, trainable (the adapter section is then unused)."""
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter, ADAPTER_NAME, trainable=True)
         _main_print(world, f"continuing to train adapter {cfg.init_adapter}")
     else:
-        attach(model, cfg.adapter_config(), ADAPTER_NAME)
+        attach(model, config, ADAPTER_NAME)
 
 
 def _prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial, world: World) -> None:
@@ -296,6 +308,19 @@ def _micro_steps(loss_module: nn.Module, stream: BatchStream, data: TrainData, p
     return float(totals[0]) / n_targets, int(totals[2])
 
 
+def _method_loss_terms(model: nn.Module) -> float | None:
+    """Backpropagate every trainable adapter's `Method.loss_term` (once per optimizer step, in fp32, after the
+    task gradients were normalised: the gradient becomes that of task mean + Σ terms on every process, as the
+    terms depend only on parameters every process holds alike). Returns their sum, or None if no method has one."""
+    terms = [method_of(config).loss_term(model, config, name) for name, config in adapter_configs(model).items()
+             if method_of(config).loss_term is not None and not config.inference_mode and name in active_adapters(model)]
+    if not terms:
+        return None
+    total = torch.stack([t.float() for t in terms]).sum()
+    total.backward()  # outside DDP's forward: its reducer ignores this backward, and every process adds the same
+    return float(total.detach())
+
+
 def _base_lr(optimizer: torch.optim.Optimizer) -> float:
     """The learning rate of the default parameter group (LoRA+ groups are multiples of it)."""
     groups = optimizer.param_groups
@@ -356,6 +381,7 @@ def _save_final_adapter(model: nn.Module, cfg: TrainConfig, world: World) -> Pat
     out = Path(cfg.output_dir) / "adapter"
     if world.is_main:
         save_adapter(model, out, ADAPTER_NAME)
-        print(f"adapter saved to {out}", flush=True)
+        note = saved_as(out)
+        print(f"adapter saved to {out}" + (f" ({note})" if note else ""), flush=True)
     barrier(world)
     return out

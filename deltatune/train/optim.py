@@ -150,6 +150,23 @@ def lr_multiplier(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return multiplier
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR applying `lr_multiplier` to every group's `initial_lr`; call .step() after each optimizer step."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg, total_steps))
+def method_lr_factors(model: nn.Module | None, total_steps: int) -> list[Callable[[int], float]]:
+    """The `Method.lr_factor` of each trainable active adapter (ReLoRA's re-warmups after its restarts)."""
+    if model is None:
+        return []
+    from ..core.registry import method_of
+
+    configs = adapter_configs(model)
+    return [method_of(configs[n]).lr_factor(configs[n], total_steps) for n in active_adapters(model)
+            if method_of(configs[n]).lr_factor is not None and not configs[n].inference_mode]
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int,
+                    model: nn.Module | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR applying `lr_multiplier` times the adapter methods' lr factors (given `model`) to every group's
+    `initial_lr`; call .step() after each optimizer step. The factors live inside the schedule, so the logged lr,
+    a resumed run and every parameter group see them alike."""
+    schedule, factors = lr_multiplier(cfg, total_steps), method_lr_factors(model, total_steps)
+    if not factors:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: math.prod([schedule(s), *(f(s) for f in factors)]))

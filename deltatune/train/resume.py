@@ -3,7 +3,8 @@
 Refused rather than guessed: without resume, an output_dir holding checkpoints or a finished adapter (it
 would be overwritten); with resume, any setting outside `RESUMABLE` that differs from the checkpoint's (the
 saved optimizer and schedule would silently keep the old values; the message names each key and the run
-that does work instead), and a max_steps below the checkpoint's step. A corrupted checkpoint is skipped, with
+that does work instead), a max_steps below the checkpoint's step, and any change of max_steps for a method
+whose schedule was fitted to it (`Method.fit_run`: AdaLoRA's budget, ReLoRA's restarts). A corrupted checkpoint is skipped, with
 a warning line, for the next older one; if none is intact the run is refused, not restarted at step 0.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from ..core.config import ConfigError
 from ..core.io import WEIGHTS_NAME
+from ..core.registry import method_of
 from .checkpoint import (
     CheckpointCorrupted, CheckpointError, DataPosition, list_checkpoints, load_checkpoint, read_checkpoint_state,
 )
@@ -63,6 +65,7 @@ def resume_position(cfg: TrainConfig, model: nn.Module, optimizer, scheduler, ho
         try:
             info = read_checkpoint_state(path)
             _refuse_changed_settings(info.config, run_record(cfg, world), info.path, info.step, cfg.max_steps)
+            _refuse_refitted_schedule(info.config, cfg, info.path)
             checkpoint = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, hooks=hooks,
                                          adapter_name=adapter_name)
         except CheckpointCorrupted as exc:
@@ -95,6 +98,16 @@ def _refuse_changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any
     if step > max_steps:
         raise ConfigError(f"resume: max_steps {max_steps} is below the step of the newest checkpoint ({step}) in "
                           f"{path.parent.parent}; set max_steps to at least {step}")
+
+
+def _refuse_refitted_schedule(saved: Mapping[str, Any], cfg: TrainConfig, path: Path) -> None:
+    config = cfg.adapter_config()
+    if cfg.init_adapter or method_of(config).fit_run is None or saved.get("max_steps") == cfg.max_steps:
+        return
+    raise ConfigError(
+        f"resume: max_steps {saved.get('max_steps')!r} -> {cfg.max_steps!r}, but {config.peft_type}'s schedule was fitted "
+        f"to max_steps {saved.get('max_steps')!r} when the run started, so max_steps cannot change on resume; set it back, "
+        f"or start a new run from this checkpoint's adapter: --init_adapter {path / 'adapter'} --output_dir <a new directory>")
 
 
 def _get(tree: Mapping[str, Any], dotted: str) -> Any:
