@@ -4,13 +4,20 @@
     python bench/bench_train.py --only peft/bf16,speed/bf16 --steps 2
     python bench/bench_train.py --one speed/bf16       # one configuration here; prints a RESULT json line
 
-Batch 4x256 random token ids (labels = the ids), LoRA r=16 alpha=32 all-linear, `torch.set_num_threads(2)`.
-Every configuration runs in a fresh subprocess (peak RSS, allocator state and one-time costs never leak between
-them); `--rounds N` interleaves N passes over all configurations and keeps each one's best median, which is the
-fairest number when other work shares the machine. Step time: median of `--steps` steps after `--warmup`. Peak
-RSS: ru_maxrss of that process (model loading included). After the timed steps, `--breakdown` instrumented
-steps split the time into forward (decoder), loss (head + cross-entropy forward), loss backward (until the
-gradient reaches the last hidden state), backward (the decoder's) and optimizer (step + zero_grad).
+    python bench/bench_train.py --workload sft --name train_sft   # SFT rows: prompts masked, packed
+
+Workloads (`--workload`): random = batch 4x256 random token ids, every next token labelled; sft = the demo
+task's chat records tokenized at its max_length (96) with the prompt masked, packed into rows of 256, the
+loop's first batch of 4 rows (the labelled fraction is in the table). LoRA r=16 alpha=32 all-linear,
+`torch.set_num_threads(2)`. Every configuration runs in a fresh subprocess (peak RSS, allocator state and
+one-time costs never leak between them) with the same environment, so allocator and OpenMP settings
+(MALLOC_*, GLIBC_TUNABLES, OMP_WAIT_POLICY, recorded in the table) reach peft's rows as ours; `--rounds N`
+interleaves N passes over all configurations and keeps each one's best median, which is the fairest number
+when other work shares the machine. Step time: median of `--steps` steps after `--warmup`. Peak RSS:
+ru_maxrss of that process (model loading included). Hooks on the timed steps split each into forward
+(decoder), loss (head + cross-entropy forward), loss backward (until the gradient reaches the last hidden
+state), backward (the decoder's) and optimizer (step + zero_grad). After the steps, each process counts its
+step's matmul FLOPs and times those shapes as bare matmuls (bench/train_flops.py): the machine's limit.
 
 Configurations are SETUP/PRECISION; PRECISION is fp32 (no autocast) or bf16 (`torch.autocast("cpu",
 dtype=torch.bfloat16)`). See SETUPS for what each setup changes. Results: bench/results/train.json and train.md
@@ -40,7 +47,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, SEQ = 4, 256
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
 PRECISIONS = ("fp32", "bf16")
+WORKLOADS = ("random", "sft")
+SFT_MAX_LENGTH = 96  # the demo's data.max_length
 RESULT_PREFIX = "RESULT "
+# process settings that reach every configuration alike (peft's rows included), recorded with the table
+PROCESS_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_",
+               "GLIBC_TUNABLES", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "LD_PRELOAD")
 REFERENCE_NOTE = ("Reference measured earlier on this kind of machine: peft 2.0 s/step bf16, 5.4 s/step fp32, "
                   "about 4.0 GB peak RSS.")
 
@@ -58,7 +70,7 @@ class Setup:
 
 
 SETUPS: dict[str, Setup] = {
-    "peft": Setup("peft + transformers: model(ids, labels=ids).loss; torch's default AdamW", lib="peft"),
+    "peft": Setup("peft + transformers: model(**batch).loss (full logits); torch's default AdamW", lib="peft"),
     "deltatune-hf": Setup("deltatune LoRA layers with peft's step (same HF loss and AdamW)"),
     "speed": Setup("speed mode: chunked fused loss + fused AdamW (+ bf16 frozen base weights under bf16)",
                    loss="chunked", base_bf16=True, fused=True),
@@ -75,22 +87,40 @@ DEFAULT_CONFIGS = [f"{s}/{p}" for p in PRECISIONS for s in ("peft", "deltatune-h
 
 
 # ---- one configuration, in its own process ---------------------------------------------------------------
-def load_base() -> tuple[nn.Module, str]:
-    """The embedded SmolLM2 in fp32 (deltatune.models.load_model, else the converted copy at /tmp/smol)."""
-    try:
-        from deltatune.models import load_model
+def load_base() -> tuple[nn.Module, object, str]:
+    """(the embedded SmolLM2 in fp32, its tokenizer, which loader)."""
+    from deltatune.models import load_model
 
-        model, _ = load_model(dtype=torch.float32)
-        return model.eval(), "deltatune.models.load_model"
-    except ImportError:
-        from transformers import AutoModelForCausalLM
+    model, tokenizer = load_model(dtype=torch.float32)
+    return model.eval(), tokenizer, "deltatune.models.load_model"
 
-        return AutoModelForCausalLM.from_pretrained("/tmp/smol", dtype=torch.float32).eval(), "/tmp/smol"
+
+def make_batch(workload: str, tokenizer, vocab_size: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The step's batch and what it holds. random: BATCH x SEQ random ids, every next token labelled. sft: the
+    demo task's chat records tokenized as `deltatune train` does at the demo's max_length (96, prompt tokens
+    masked with -100), packed into rows of SEQ tokens (position_ids restart per example, no attention mask), and
+    the loop's first batch of BATCH rows (seed 0)."""
+    if workload == "random":
+        ids = torch.randint(0, vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
+        return {"input_ids": ids, "labels": ids}, {"workload": workload, "labelled_fraction": 1.0}
+    from deltatune.data import batch_order, collate, load_records, pack, tokenize
+    from deltatune.demo import data_path
+
+    examples, _ = tokenize(load_records(data_path("train")), tokenizer, format="messages", max_length=SFT_MAX_LENGTH)
+    rows = pack(examples, SEQ)
+    first = batch_order([len(r["input_ids"]) for r in rows], BATCH, group_by_length=False, seed=0, epoch=0)[0]
+    batch = collate([rows[i] for i in first], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    positions = batch["labels"].numel() - batch["labels"].shape[0]  # predicting positions: B·(T-1)
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    starts = (batch["position_ids"][:, 1:] != batch["position_ids"][:, :-1] + 1).sum() + batch["labels"].shape[0]
+    return batch, {"workload": workload, "shape": list(batch["input_ids"].shape), "labelled_tokens": labelled,
+                   "labelled_fraction": labelled / positions, "segments": int(starts),
+                   "real_tokens": sum(len(rows[i]["input_ids"]) for i in first)}
 
 
 def build(setup: Setup, precision: str):
     """(model with LoRA, its HF causal-LM module, optimizer, info) for one setup."""
-    model, loader = load_base()
+    model, tokenizer, loader = load_base()
     info: dict = {"loader": loader, "rss_after_load_gb": current_rss_gb()}
     if setup.lib == "peft":
         from peft import LoraConfig, get_peft_model
@@ -122,71 +152,62 @@ def build(setup: Setup, precision: str):
     info["optimizer"] = "fused" if optimizer.param_groups[0].get("fused") else (
         "foreach" if optimizer.param_groups[0].get("foreach") else "default (for-loop)")
     info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return model, hf, optimizer, info
+    return model, hf, optimizer, tokenizer, info
 
 
 def precision_context(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def make_step(setup: Setup, precision: str, model, hf, optimizer, ids) -> Callable[[bool], dict]:
-    """One optimizer step through the public API, as a training loop would run it."""
+def make_step(setup: Setup, precision: str, model, hf, optimizer, batch) -> Callable[[bool], dict]:
+    """One optimizer step through the public API, as a training loop would run it, timed by phase.
+
+    The phases come from hooks on these very steps (no second, instrumented code path): the decoder's forward
+    hook marks the end of the forward and hooks its output, whose gradient marks the end of the loss backward.
+    forward = decoder to the last hidden state; loss = head + cross-entropy forward (the chunked loss also
+    computes its gradient here); loss backward = until the gradient reaches the last hidden state; backward =
+    the decoder's; optimizer = step + zero_grad.
+    """
     from deltatune.train.loss import causal_lm_loss
 
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    marks: dict[str, float] = {}
+
+    def decoder_done(_module, _args, output) -> None:
+        marks["forward"] = time.perf_counter()
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        if hidden.requires_grad:
+            hidden.register_hook(lambda grad: marks.setdefault("at_hidden", time.perf_counter()) and None)
+
+    hf.model.register_forward_hook(decoder_done)
 
     def step(first: bool = False) -> dict:
+        marks.clear()
+        t0 = time.perf_counter()
         with precision_context(precision):
             if setup.loss == "hf":
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                loss = model(**inputs, labels=batch["labels"], use_cache=False).loss
             else:
                 total, tokens = causal_lm_loss(hf, batch, setup.chunk)
                 loss = total / tokens
+        t2 = time.perf_counter()
         loss.backward()
+        t3 = time.perf_counter()
         out = {"loss": loss.item()}
         if first:  # before any update: the same for every setup of one precision (B = 0)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             out["grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return out
-
-    return step
-
-
-def make_breakdown(setup: Setup, precision: str, hf, optimizer, ids) -> Callable[[], dict[str, float]]:
-    """The same step split into phases; the loss backward ends when the gradient reaches the last hidden state."""
-    from deltatune.train.loss import _ChunkedLinearCE, auto_chunk_size
-
-    decoder, head = hf.model, hf.get_output_embeddings()
-    targets = ids[:, 1:].reshape(-1)
-
-    def head_loss(hidden: torch.Tensor) -> torch.Tensor:
-        if setup.loss == "hf":
-            return hf.loss_function(logits=head(hidden), labels=ids, vocab_size=hf.config.vocab_size)
-        rows = hidden[:, :-1].flatten(0, 1)
-        chunk = setup.chunk or auto_chunk_size(head.weight.shape[0], rows.device)
-        return _ChunkedLinearCE.apply(rows, head.weight, head.bias, targets, chunk) / targets.numel()
-
-    def phases() -> dict[str, float]:
-        marks: dict[str, float] = {}
-        t0 = time.perf_counter()
-        with precision_context(precision):
-            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-            t1 = time.perf_counter()
-            loss = head_loss(hidden)
-        t2 = time.perf_counter()
-        hidden.register_hook(lambda grad: marks.setdefault("at_hidden", time.perf_counter()) and None)
-        loss.backward()
-        t3 = time.perf_counter()
+        t3b = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         t4 = time.perf_counter()
-        at_hidden = marks.get("at_hidden", t2)
-        return {"forward": t1 - t0, "loss": t2 - t1, "loss_backward": at_hidden - t2, "backward": t3 - at_hidden,
-                "optimizer": t4 - t3}
+        t1, at_hidden = marks.get("forward", t0), marks.get("at_hidden", t2)
+        out["phases"] = {"forward": t1 - t0, "loss": t2 - t1, "loss_backward": at_hidden - t2,
+                         "backward": t3 - at_hidden, "optimizer": t4 - t3b}
+        out["seconds"] = (t3 - t0) + (t4 - t3b)
+        return out
 
-    return phases
+    return step
 
 
 def run_one(name: str, args) -> dict:
@@ -195,35 +216,56 @@ def run_one(name: str, args) -> dict:
         raise SystemExit(f"--one {name!r}: use SETUP/PRECISION with SETUP in {', '.join(SETUPS)} and PRECISION in {PRECISIONS}")
     setup = SETUPS[setup_name]
     torch.manual_seed(0)
-    model, hf, optimizer, info = build(setup, precision)
-    ids = torch.randint(0, hf.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(0))
-    step = make_step(setup, precision, model, hf, optimizer, ids)
+    model, hf, optimizer, tokenizer, info = build(setup, precision)
+    batch, info["batch"] = make_batch(args.workload, tokenizer, hf.config.vocab_size)
+    step = make_step(setup, precision, model, hf, optimizer, batch)
     start = time.perf_counter()
     first = step(first=True)
     first_s = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
-    times, cpu, faults, losses = [], [], [], [first["loss"]]
+    times, cpu, faults, losses, phases = [], [], [], [first["loss"]], []
     for _ in range(args.steps):
         before = resource.getrusage(resource.RUSAGE_SELF)
-        t = time.perf_counter()
-        losses.append(step()["loss"])
-        times.append(time.perf_counter() - t)
+        out = step()
         after = resource.getrusage(resource.RUSAGE_SELF)
+        losses.append(out["loss"])
+        times.append(out["seconds"])
+        phases.append(out["phases"])
         cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         faults.append(after.ru_minflt - before.ru_minflt)
-    phases = make_breakdown(setup, precision, hf, optimizer, ids)
-    parts = [phases() for _ in range(args.breakdown)]
-    breakdown = {k: statistics.median(p[k] for p in parts) for k in parts[0]} if parts else {}
     median = statistics.median(times)
-    return {
+    result = {
         "steps": args.steps, "warmup": args.warmup,
         **info, "setup": dataclasses.asdict(setup), "precision": precision, "times": times, "median_s": median, "min_s": min(times), "cpu_s": cpu,
         "first_step_s": first_s, "compile_s": max(0.0, first_s - median) if setup.compile else None,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "minor_faults_per_step": statistics.median(faults), "loss_step0": first["loss"], "grad_norm_step0": first["grad_norm"],
-        "losses": losses, "breakdown_s": breakdown,
+        "losses": losses, "breakdown_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
     }
+    if args.limit:
+        result["flops"] = step_flops(setup, precision, hf.config, batch, median)
+    return result
+
+
+def step_flops(setup: Setup, precision: str, config, batch: dict, step_s: float) -> dict:
+    """The step's counted FLOPs per part, and the time its matmuls take at the rate this machine reaches on
+    their shapes (measured here, after the steps: the same process, threads and dtype)."""
+    from deltatune.train.loss import auto_chunk_size
+
+    from train_flops import StepShape, flops, matmul_limit, step_matmuls
+
+    rows, length = batch["input_ids"].shape
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    head_rows = rows * length if setup.loss == "hf" else labelled
+    shape = StepShape.of(config, rows, length, head_rows, LORA["r"], setup.checkpointing)
+    parts = step_matmuls(shape)
+    counted = flops(parts)
+    chunk = 0 if setup.loss == "hf" else (setup.chunk or auto_chunk_size(config.vocab_size, torch.device("cpu")))
+    limit = matmul_limit(parts, torch.bfloat16 if precision == "bf16" else torch.float32, chunk)
+    total, limit_s = sum(counted.values()), sum(limit.values())
+    return {"gflop": {k: v / 1e9 for k, v in counted.items()}, "limit_s": limit, "total_gflop": total / 1e9,
+            "step_gflops": total / step_s / 1e9, "limit_gflops": total / limit_s / 1e9, "of_limit": limit_s / step_s}
 
 
 def current_rss_gb() -> float:
@@ -234,7 +276,8 @@ def current_rss_gb() -> float:
 # ---- the driver -------------------------------------------------------------------------------------------
 def spawn(name: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--breakdown", str(args.breakdown), "--threads", str(args.threads)]
+           "--warmup", str(args.warmup), "--threads", str(args.threads), "--workload", args.workload,
+           *(["--no-limit"] if not args.limit else [])]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -262,7 +305,7 @@ def markdown(results: dict, meta: dict) -> str:
     lines = [
         "# Training step: peft vs deltatune speed and memory modes",
         "",
-        f"SmolLM2-135M, batch {BATCH}x{SEQ} random tokens, LoRA r=16 alpha=32 all-linear, {meta['threads']} torch "
+        f"SmolLM2-135M, {workload_line(meta)}, LoRA r=16 alpha=32 all-linear, {meta['threads']} torch "
         "threads, each configuration in a fresh process. step s = median wall-clock seconds of the timed steps "
         "(n = timed steps after warmup), best of the interleaved rounds; cpu s = process CPU seconds per step "
         "(less sensitive to other load). bf16 = `torch.autocast(\"cpu\", dtype=torch.bfloat16)`. Ratios are "
@@ -288,22 +331,65 @@ def markdown(results: dict, meta: dict) -> str:
         lines.append(f"| {setup} | {precision} | {_fmt(r['median_s'])} | {_fmt(cpu)} | {_fmt(r['peak_rss_gb'])} | "
                      f"{_fmt(step_ratio, 'x')} | {_fmt(rss_ratio, 'x')} | {r.get('steps', '')} | {r['loss_step0']:.4f} | "
                      f"{load} | {what}{compile_note} |")
-    lines += ["", "## Where the time goes (seconds, instrumented steps after the timed ones)", "",
-              "forward = decoder to the last hidden state; loss = head + cross-entropy forward (the chunked loss also "
-              "computes its gradient here); loss backward = until the gradient reaches the last hidden state; "
-              "backward = the decoder's; optimizer = step + zero_grad.", "",
+    lines += ["", "## Where the time goes (seconds, medians over the timed steps)", "",
+              "Hooks on the timed steps themselves: forward = decoder to the last hidden state; loss = head + "
+              "cross-entropy forward (the chunked loss also computes its gradient here); loss backward = until the "
+              "gradient reaches the last hidden state; backward = the decoder's; optimizer = step + zero_grad.", "",
               "| config | precision | forward | loss | loss backward | backward | optimizer | sum |",
               "|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
+        setup, _, precision = name.partition("/")
         b = r.get("breakdown_s")
-        if b:
-            setup, _, precision = name.partition("/")
-            cells = " | ".join(_fmt(b[k]) for k in ("forward", "loss", "loss_backward", "backward", "optimizer"))
-            lines.append(f"| {setup} | {precision} | {cells} | {_fmt(sum(b.values()))} |")
+        if not b:
+            lines.append(f"| {setup} | {precision} | no breakdown: {r.get('error', 'not recorded')} | | | | | |")
+            continue
+        cells = " | ".join(_fmt(b[k]) for k in ("forward", "loss", "loss_backward", "backward", "optimizer"))
+        lines.append(f"| {setup} | {precision} | {cells} | {_fmt(sum(b.values()))} |")
+    lines += flops_table(results)
     lines += ["", f"> {REFERENCE_NOTE}", "",
-              f"Machine: {meta['cpu']}, {meta['cores']} cores; torch {meta['torch']}, transformers "
+              f"Machine: {meta['cpu']} ({meta.get('flags', cpu_flags())}), {meta['cores']} cores, load "
+              f"{meta['load_start']} at the start, {meta.get('load_end', '?')} at the end; {meta.get('env', '')} torch {meta['torch']}, transformers "
               f"{meta['transformers']}, peft {meta['peft']}."]
     return "\n".join(lines) + "\n"
+
+
+def workload_line(meta: dict) -> str:
+    b = meta.get("batch") or {}
+    if b.get("workload") != "sft":
+        return f"batch {BATCH}x{SEQ} random tokens, every next token labelled"
+    return (f"SFT batch {b['shape'][0]}x{b['shape'][1]}: the demo's chat records tokenized at max_length "
+            f"{SFT_MAX_LENGTH}, prompts masked, packed ({b['segments']} segments, {b['real_tokens']} real tokens), "
+            f"{b['labelled_tokens']} labelled tokens = {100 * b['labelled_fraction']:.1f}% of the predicting positions")
+
+
+def cpu_flags() -> str:
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "flags unknown"
+    return (f"avx512_bf16 {'yes' if 'avx512_bf16' in flags else 'no'}, "
+            f"amx {'yes' if 'amx_bf16' in flags or 'amx_tile' in flags else 'no'}")
+
+
+def flops_table(results: dict) -> list[str]:
+    """Counted GFLOP per part, the step's rate, and the share of this machine's matmul limit it reaches."""
+    rows = [(name, r["flops"]) for name, r in results.items() if r.get("flops")]
+    if not rows:
+        return []
+    parts = list(rows[0][1]["gflop"])
+    lines = ["", "## Against the machine: counted FLOPs and this CPU's matmul rate on the same shapes", "",
+             "GFLOP per step by part (matmuls only: frozen linears forward + input gradient, LoRA forward + both "
+             "gradients, attention, head; bench/train_flops.py). limit = the rate those matmuls reach as bare "
+             "`torch.mm` on their shapes, dtype and threads, timed in the same process after the steps; of limit "
+             "= the step time at that rate / the measured step time.", "",
+             "| config | precision | " + " | ".join(parts) + " | total GFLOP | step GFLOP/s | limit GFLOP/s | of limit |",
+             "|---|---|" + "---:|" * (len(parts) + 4)]
+    for name, f in rows:
+        setup, _, precision = name.partition("/")
+        cells = " | ".join(f"{f['gflop'].get(p, 0):.0f}" for p in parts)
+        lines.append(f"| {setup} | {precision} | {cells} | {f['total_gflop']:.0f} | {f['step_gflops']:.0f} | "
+                     f"{f['limit_gflops']:.0f} | {100 * f['of_limit']:.0f}% |")
+    return lines
 
 
 def meta_load() -> str:
@@ -318,7 +404,8 @@ def drive(args) -> None:
     configs = args.only.split(",") if args.only else DEFAULT_CONFIGS
     meta = {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
             "transformers": transformers.__version__, "peft": peft.__version__, "steps": args.steps,
-            "warmup": args.warmup, "rounds": args.rounds, "reference": REFERENCE_NOTE,
+            "warmup": args.warmup, "rounds": args.rounds, "reference": REFERENCE_NOTE, "flags": cpu_flags(),
+            "workload": args.workload, "env": " ".join(f"{k}={os.environ[k]}" for k in PROCESS_ENV if k in os.environ),
             "load_start": meta_load()}
     start = time.perf_counter()
     runs: dict[str, list[dict]] = {c: [] for c in configs}
@@ -333,6 +420,7 @@ def drive(args) -> None:
             if "error" in res:
                 print(res["stderr_tail"], file=sys.stderr)
     fresh = {name: best_of(r) for name, r in runs.items()}
+    meta["batch"] = next((r["batch"] for r in fresh.values() if r.get("batch")), None)
     meta["total_wall_s"] = time.perf_counter() - start
     meta["load_end"] = meta_load()
     # One table holds one run on one machine: rows of earlier runs are never mixed in (they measured other load,
@@ -351,13 +439,16 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated configurations (default: every SETUP x PRECISION)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per configuration (default 3)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first, at least 1 (default 1)")
-    parser.add_argument("--breakdown", type=int, default=2, help="instrumented steps after the timed ones (default 2)")
+    parser.add_argument("--workload", choices=WORKLOADS, default="random",
+                        help="random: 4x256 random ids, all labelled; sft: the demo's records, prompts masked, packed")
+    parser.add_argument("--no-limit", dest="limit", action="store_false",
+                        help="skip counting FLOPs and timing the step's matmul shapes (the machine's limit)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved passes over all configurations (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--name", default="train", help="results file stem under bench/results (default: train)")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 1 or args.rounds < 1 or args.breakdown < 0:
-        parser.error("--steps, --warmup and --rounds must be >= 1 and --breakdown >= 0")
+    if args.steps < 1 or args.warmup < 1 or args.rounds < 1:
+        parser.error("--steps, --warmup and --rounds must be >= 1")
     if args.one:
         torch.set_num_threads(args.threads)
         print(RESULT_PREFIX + json.dumps({"config": args.one, **run_one(args.one, args)}), flush=True)
