@@ -40,6 +40,7 @@ from .methods.full import FullConfig
 from .methods.dylora import DyLoraConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
+from .methods.vera import VeraConfig
 
 AdapterLayer = Site  # the name of the host layer before the sites redesign
 from .train.config import TrainConfig, load_config
@@ -55,5 +56,5 @@ __all__ = [
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",
     "TrainConfig", "TrainResult", "load_config", "train", "update_config", "AdaLoraConfig",
     "set_adapter_tensors", "save_as_lora", "LowRankFactors", "low_rank_factors", "DyLoraConfig",
-    "LoHaConfig", "LoKrConfig",
+    "LoHaConfig", "LoKrConfig", "VeraConfig",
 ]

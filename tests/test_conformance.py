@@ -93,6 +93,13 @@ CASES: dict[str, list[Case]] = {
         Case("qv", lambda: dt.AdaLoraConfig(init_r=4, target_r=2, total_step=6, tinit=1, tfinal=2,
                                             target_modules=["q_proj", "v_proj"])),
     ],
+    # VeRA's shared pair regenerated from its key (save_projection=False: the suite perturbs every file tensor,
+    # and saved projections that no longer match their key are refused on load, by design)
+    "VERA": [
+        Case("qv-down", lambda: dt.VeraConfig(r=8, save_projection=False, target_modules=["q_proj", "v_proj", "down_proj"])),
+        Case("all-linear-key-3", lambda: dt.VeraConfig(r=16, projection_prng_key=3, save_projection=False,
+                                                       target_modules="all-linear")),
+    ],
     "FULL": [
         Case("every-parameter", lambda: dt.FullConfig(), mixable=False, max_trainable_fraction=1.0),
         Case("mlp-only", lambda: dt.FullConfig(target_modules=["mlp"]), mixable=False, max_trainable_fraction=0.6),

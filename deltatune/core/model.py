@@ -23,7 +23,7 @@ from .config import AdapterConfig, ConfigError
 from .delta import NotMergeableError
 from .registry import method_of
 from .routing import RoutingPlan, using
-from .sites import HOSTS, BlockSite, ModulesToSave, Site, Target, WeightSite, hosts, weight_kind
+from .sites import HOSTS, BaseWeight, BlockSite, ModulesToSave, Site, Target, WeightSite, hosts, weight_kind
 from .targets import find_modules_to_save, find_targets
 
 STATE_ATTR = "deltatune_adapters"
@@ -121,6 +121,10 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
         return cls is not None and not (isinstance(module, BlockSite) and cls.site == "weight")
 
     targets = find_targets(model, config, supports, _candidates(model))
+    part = None
+    if method.shared is not None:  # built before any delta, seeing every target (VeRA: sized to the largest)
+        part = method.shared(model, config, adapter.name, [_target_view(model, t) for t in targets])
+        add_part(model, adapter.name, part.train(model.training))
     for target in targets:
         path = resolve(model, target)  # an enclosing target wrapped just before moved it under `.base_layer`
         module = model.get_submodule(path)
@@ -131,7 +135,7 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
         if new_site:
             site = WeightSite(base) if weight_kind(base) is not None else BlockSite(base)
             site.train(base.training)  # a new wrapper takes its module's mode (an nn.Module starts in training)
-        delta = cls(Target(model, target, base, getattr(site, "base_weight", None)), config)
+        delta = cls(Target(model, target, base, getattr(site, "base_weight", None), part), config)
         if new_site:  # only once the delta is built: a delta that refuses its module leaves no empty site behind
             replace_module(model, path, site)
         delta.to(_device_of(base))
@@ -139,6 +143,14 @@ def _place_deltas(model: nn.Module, adapter: Adapter) -> list[str]:
         site.add(adapter.name, delta)
         adapter.sites.append(target)
     return targets
+
+
+def _target_view(model: nn.Module, target: str) -> Target:
+    """What a delta at `target` will be given, before any site is placed there (for `Method.shared`)."""
+    module = model.get_submodule(resolve(model, target))
+    base = module.base_layer if isinstance(module, Site) else module
+    weight = module.base_weight if isinstance(module, WeightSite) else (BaseWeight(base) if weight_kind(base) else None)
+    return Target(model, target, base, weight)
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -315,8 +327,8 @@ def unload(model: nn.Module, *, merge_active: bool = False, safe: bool = True) -
     """
     active = active_adapters(model)
     if merge_active:
-        with_part = [n for n in active if adapters(model)[n].part(model) is not None]
-        if with_part:  # its virtual tokens would be silently lost in a plain model
+        with_part = [n for n in active if any(True for _ in (adapters(model)[n].part(model) or nn.Module()).parameters())]
+        if with_part:  # its virtual tokens would be silently lost in a plain model (frozen buffers, as VeRA's, are not)
             adapter = adapters(model)[with_part[0]]
             raise NotMergeableError(
                 f"adapter {adapter.name!r} ({adapter.config.peft_type}) has no weights to fold into the model, and a plain "

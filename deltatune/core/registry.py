@@ -11,6 +11,10 @@ A method is one file that calls `register` with what it is made of, any of:
     readers    which tools read its adapter files (peft's own methods: "peft", "vLLM" for plain LoRA)
     resolve    (model, config) -> config with its model-dependent fields filled in at attach (prompt tuning's
                token_dim, as peft's _prepare_prompt_learning_config); the adapter keeps and saves the result
+    shared     a model-level part built before the deltas, seeing every target: (model, config, name, targets)
+               -> `Injected` module, kept as `inject`'s is and handed to each delta as `Target.part` (VeRA's
+               frozen projections, sized to the largest targeted shape); a part holding no parameters (only
+               frozen buffers) does not stop merge_and_unload
 
 Training-side contributions, read by the loop per trainable adapter (methods that do not set them are untouched):
 
@@ -64,6 +68,7 @@ LossTerm = Callable[[nn.Module, AdapterConfig, str], torch.Tensor]
 LrFactor = Callable[[AdapterConfig, int], Callable[[int], float]]
 RunFitter = Callable[[AdapterConfig, int], AdapterConfig]
 UpdateCheck = Callable[[nn.Module, Any, AdapterConfig], None]  # (model, Adapter, new config)
+SharedPart = Callable[[nn.Module, AdapterConfig, str, Sequence[Any]], nn.Module]  # (model, config, name, [Target])
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,7 @@ class Method:
     fit_run: RunFitter | None = None
     save_view: SaveView | None = None
     check_update: UpdateCheck | None = None
+    shared: SharedPart | None = None
 
     def delta_classes(self, config: AdapterConfig) -> tuple[type[Delta], ...]:
         flags = getattr(type(config), "variant_flags", ())
@@ -139,10 +145,11 @@ def register(
     fit_run: RunFitter | None = None,
     save_view: SaveView | None = None,
     check_update: UpdateCheck | None = None,
+    shared: SharedPart | None = None,
 ) -> Method:
     method = Method(config_cls.peft_type, config_cls, tuple(deltas), inject, select, step_hook, tuple(readers),
                     resolve=resolve, loss_term=loss_term, lr_factor=lr_factor, fit_run=fit_run,
-                    save_view=save_view, check_update=check_update)
+                    save_view=save_view, check_update=check_update, shared=shared)
     _METHODS[config_cls.peft_type] = method
     return method
 

@@ -130,6 +130,7 @@ class Target:
     name: str  # module name in the model, e.g. "model.layers.0.self_attn.q_proj"
     module: nn.Module  # the base module (unwrapped)
     weight: BaseWeight | None  # None for block sites
+    part: nn.Module | None = None  # the adapter's model-level part built before its deltas (Method.shared: VeRA's)
 
     def output_width(self) -> int:
         """Width of what the module returns (its first element for a tuple); see `block_widths`."""

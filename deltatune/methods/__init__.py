@@ -10,3 +10,4 @@ from . import adalora  # noqa: F401
 from . import dylora  # noqa: F401
 from . import loha  # noqa: F401
 from . import lokr  # noqa: F401
+from . import vera  # noqa: F401
