@@ -30,13 +30,19 @@ from .core.model import (
 from .core.registry import register, register_variant, registered_methods
 from .core.adapter import update_config
 from .methods.adalora import AdaLoraConfig
+from .methods.relora import ReLoraConfig
 from .core.targets import TargetNotFoundError
 from .methods.lora import LoraConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.p_tuning import PromptEncoderConfig
+from .methods.prefix_tuning import PrefixTuningConfig
+from .methods.fishmask import FishMaskConfig
 from .methods.ia3 import IA3Config
 from .methods.bottleneck import BottleneckConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.bitfit import BitFitConfig
 from .methods.full import FullConfig
+from .compose import combine_adapters
+from .compose.lorahub import lorahub
 from .methods.dylora import DyLoraConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
@@ -50,11 +56,12 @@ __all__ = [
     "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "Site", "WeightSite", "BlockSite", "AdapterLayer",
     "Delta", "NotMergeableError", "adapters", "register_variant", "TargetNotFoundError",
     "LoraConfig", "IA3Config", "PromptTuningConfig", "BottleneckConfig", "BitFitConfig", "FullConfig",
-    "PfeifferConfig", "ParallelAdapterConfig",
+    "PfeifferConfig", "ParallelAdapterConfig", "PromptEncoderConfig", "PrefixTuningConfig",
+    "FishMaskConfig",
     "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",
-    "TrainConfig", "TrainResult", "load_config", "train", "update_config", "AdaLoraConfig",
+    "TrainConfig", "TrainResult", "load_config", "train", "update_config", "AdaLoraConfig", "ReLoraConfig",
     "set_adapter_tensors", "save_as_lora", "LowRankFactors", "low_rank_factors", "DyLoraConfig",
-    "LoHaConfig", "LoKrConfig", "VeraConfig",
+    "LoHaConfig", "LoKrConfig", "combine_adapters", "lorahub",
 ]
