@@ -29,12 +29,13 @@ from ..core.config import AdapterConfig, ConfigError, check_positive_int, check_
 from ..core.delta import Delta
 from ..core.lowrank import LowRankFactors
 from ..core.registry import register
+from . import lora_init
 from ..core.sites import Stage, Target, weight_kind
 
 # peft LoraConfig keys for features deltatune does not implement, with the values that mean "off".
 _PEFT_ONLY = {
     "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
-    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+    "corda_config": None, "lora_ga_config": None,
     "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
     "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
     "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
@@ -61,7 +62,10 @@ class LoraConfig(AdapterConfig):
     use_dora: the DoRA variant (weight-decomposed LoRA, deltatune.methods.dora), as peft spells it.
     fan_in_fan_out: the target stores W as [d_in, d_out] (GPT-2 Conv1D; detected from the layer, so ignored).
     init_lora_weights: True (kaiming-uniform A), "gaussian" (A ~ N(0, 1/r)) or False (A and B random:
-        the adapter is not a no-op at start; for tests).
+        the adapter is not a no-op at start; for tests); "pissa", "pissa_niter_K", "olora", "loftq" (with
+        loftq_config) and QPiSSA ("pissa" with loftq_config): deltatune.methods.lora_init.
+    loftq_config: {"loftq_bits": 4, "loftq_iter": T} for LoftQ and QPiSSA (peft's LoftQConfig keys).
+    eva_config: peft's EvaConfig fields for init_lora_weights="eva".
     rank_pattern / alpha_pattern: per-module r and α, keyed by a regex matched against the module name's end.
     """
 
@@ -79,9 +83,11 @@ class LoraConfig(AdapterConfig):
     use_rslora: bool = False
     use_dora: bool = False
     fan_in_fan_out: bool = False
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    loftq_config: dict[str, int] = field(default_factory=dict)
+    eva_config: dict[str, Any] | None = None
 
     def validate(self) -> None:
         check_positive_int("r", self.r)
@@ -93,8 +99,7 @@ class LoraConfig(AdapterConfig):
                 raise ConfigError(f"{key} must be positive (the scale is α/r), got {alpha!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ConfigError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        lora_init.validate(self)
 
     def describe(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
         return {"variant": "DoRA (use_dora: weight-decomposed LoRA)" if self.use_dora else "LoRA",
@@ -124,7 +129,12 @@ class LoraLinear(Delta):
         self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(d_in, r, bias=False)
         self.lora_B = nn.Linear(r, d_out, bias=False)
+        self.register_buffer("init_A", None, persistent=False)  # 16-bit PiSSA/OLoRA: the frozen A0, B0 (lora_init)
+        self.register_buffer("init_B", None, persistent=False)
         if config.init_lora_weights is False:
+            return
+        if lora_init.is_special(config):
+            lora_init.initialise(self, target, config)
             return
         if config.init_lora_weights == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / r)
@@ -137,16 +147,26 @@ class LoraLinear(Delta):
         x = self.lora_dropout(x.to(self.lora_A.weight.dtype))
         # s scales the (tokens, r) intermediate, not the (tokens, d_out) output: the same product, measured
         # 5-25% faster per layer for a training step (bench/lora_layer_micro.py)
-        return self.lora_B(self.lora_A(x) * self.scaling)
+        out = self.lora_B(self.lora_A(x) * self.scaling)
+        if self.init_A is not None:  # PiSSA/OLoRA on the unchanged W: s·(BA − B0A0)·x (lora_init)
+            out = out - F.linear(F.linear(x, self.init_A) * self.scaling, self.init_B)
+        return out
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> torch.Tensor:
         return y + self.lora_output(x).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (d_out, d_in)
+        product = self.lora_B.weight @ self.lora_A.weight
+        if self.init_A is not None:
+            product = product - self.init_B @ self.init_A
+        return product * self.scaling  # (d_out, d_in)
 
     def low_rank_factors(self) -> LowRankFactors:
-        """(A, B, s): the low-rank view the serving kernel and LoRA exports read (deltatune.core.lowrank)."""
+        """(A, B, s): the low-rank view the serving kernel and LoRA exports read (deltatune.core.lowrank); with
+        PiSSA/OLoRA's initial factors the rank-2r form [A; A0], [B, −B0] (lora_init)."""
+        if self.init_A is not None:
+            return LowRankFactors(torch.cat([self.lora_A.weight, self.init_A]),
+                                  torch.cat([self.lora_B.weight, -self.init_B], dim=1), float(self.scaling))
         return LowRankFactors(self.lora_A.weight, self.lora_B.weight, float(self.scaling))
 
     def merge(self, weight, bias):
@@ -203,4 +223,5 @@ def trained_biases(model: nn.Module, config: LoraConfig, sites: Sequence[str]) -
     return []
 
 
-register(LoraConfig, LoraLinear, LoraEmbedding, select=trained_biases, readers=("peft", "vLLM", "deltatune"))
+register(LoraConfig, LoraLinear, LoraEmbedding, select=trained_biases, readers=("peft", "vLLM", "deltatune"),
+         resolve=lora_init.prepare_base, save_view=lora_init.save_view)

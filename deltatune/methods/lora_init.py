@@ -1,0 +1,303 @@
+"""LoRA initialisations beyond kaiming/gaussian (METHODS.md §19; peft's `init_lora_weights` spellings).
+
+    init_lora_weights     base the adapter trains on          A, B at step 0                 the file
+    "pissa"               W (see below)                       √(Σ_r/s)·V_rᵀ, U_r·√(Σ_r/s)    rank-2r LoRA for W
+    "pissa_niter_K"       same, K subspace iterations         torch.svd_lowrank, seeded      rank-2r LoRA for W
+    "olora"               W (see below)                       R[:r], Q[:, :r] of W = QR      rank-2r LoRA for W
+    "loftq" + loftq_config = {loftq_bits: 4, loftq_iter: T}
+                          Q_T = nf4(W − B_{T−1}A_{T−1})       SVD_r(W − Q_T) / √s            recipe: Q_T rebuilt
+    "pissa" + loftq_config (QPiSSA, a deltatune extension)
+                          Q_T = nf4(W − s·B_T A_T)             PiSSA of W − Q_{T−1}            recipe: Q_T rebuilt
+    replace_lora_weights_loftq(model)   the stock NF4 base    SVD_r(W − dequant(Q)) / √s     plain LoRA (stock NF4)
+
+**16-bit PiSSA and OLoRA leave W alone.** peft replaces W by W_res = W − s·B0A0 and, to save for the
+original base, converts the adapter to rank 2r: A' = [A; A0], B' = [B, −B0], so W + s·B'A' = W_res + s·BA.
+Here the delta keeps the initial factors (A0, B0, frozen buffers) and computes W·x + s·(BA − B0A0)·x: in exact
+arithmetic PiSSA's function and gradients, with the original W in the model (other adapters, disable_adapters,
+delete and merge see the true base), at the cost of one more rank-r product per layer. The file is peft's
+rank-2r conversion (the LoRA method's save view: r → 2r, α → 2α or α·√2 under rsLoRA, init_lora_weights →
+True), so peft loads it on the original base with the trained model's logits.
+
+**4-bit starts (LoftQ, QPiSSA)** need the full-precision weights: attaching on a full-precision base quantizes
+each targeted linear layer itself (NF4, blocksize 64, no double quantization, as peft's loftq_init) into
+`Linear4bit` holding Q_T, before the deltas are built (the method's `resolve` step). No LoRA file can hold the
+quantization error, so the file keeps the recipe (init_lora_weights and loftq_config, r, α): loading it onto the
+original full-precision base runs the same deterministic decompositions (float64 SVD; svd_lowrank seeded per
+layer) and rebuilds Q_T, then the trained A and B load over the initial ones. The file's metadata records
+`deltatune_base_quantization: loftq-nf4` (or qpissa-nf4), so `--quantize auto` loads the full-precision base
+for it. peft scales LoftQ's factors by nothing (start Q_T + s·BA, LoftQ's only at s = 1, peft issue #1982);
+deltatune divides both by √s, so the start is Q_T + L·R for any α.
+"""
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.config import ConfigError
+
+NITER = re.compile(r"pissa_niter_(\d+)")
+PLAIN = (True, False, "gaussian")
+NAMES = ("pissa", "pissa_niter_[K]", "olora", "loftq", "eva")
+FACTORS_ATTR = "_deltatune_init_factors"  # model attribute: module name -> (A, B), from resolve to the deltas
+
+
+# ---- validation ------------------------------------------------------------------------------------------
+def validate(config: Any) -> None:
+    """ConfigError, naming the field, for an init deltatune does not know or settings that do not fit it."""
+    init = config.init_lora_weights
+    if init in PLAIN:
+        return
+    if not isinstance(init, str) or not (init in ("pissa", "olora", "loftq", "eva") or NITER.fullmatch(init)):
+        raise ConfigError(f"init_lora_weights must be True, False, 'gaussian' or one of {', '.join(NAMES)} (peft's "
+                          f"spellings, e.g. 'pissa_niter_16'), got {init!r}")
+    match = NITER.fullmatch(init)
+    if match and int(match.group(1)) < 1:
+        raise ConfigError(f"init_lora_weights={init!r}: the number of subspace iterations must be at least 1")
+    if config.use_dora:
+        raise ConfigError(f"init_lora_weights={init!r} with use_dora is not supported; use one of them")
+    if init == "loftq" and not config.loftq_config:
+        raise ConfigError("init_lora_weights='loftq' needs loftq_config, e.g. {'loftq_bits': 4, 'loftq_iter': 1}")
+    if config.loftq_config:
+        if init not in ("loftq", "pissa") and not match:
+            raise ConfigError(f"loftq_config is used by init_lora_weights='loftq' (LoftQ) and 'pissa' (QPiSSA), not "
+                              f"{init!r}; remove it")
+        unknown = sorted(set(config.loftq_config) - {"loftq_bits", "loftq_iter"})
+        if unknown:
+            raise ConfigError(f"loftq_config has unknown key {unknown[0]!r}; its keys are loftq_bits and loftq_iter")
+        bits, iters = config.loftq_config.get("loftq_bits", 4), config.loftq_config.get("loftq_iter", 1)
+        if bits != 4:
+            raise ConfigError(f"loftq_config.loftq_bits must be 4 (NF4; peft's 8-bit form is not implemented), got {bits!r}")
+        if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
+            raise ConfigError(f"loftq_config.loftq_iter must be an integer >= 1, got {iters!r}")
+    if config.eva_config is not None and init != "eva":
+        raise ConfigError(f"eva_config is used by init_lora_weights='eva' only, not {init!r}; remove it")
+
+
+def is_special(config: Any) -> bool:
+    return config.init_lora_weights not in PLAIN
+
+
+def quantizes_base(config: Any) -> bool:
+    """LoftQ and QPiSSA: the init stores the base in NF4 itself."""
+    return is_special(config) and bool(config.loftq_config)
+
+
+def changes_function(config: Any) -> bool:
+    """16-bit PiSSA/OLoRA: the delta carries its initial factors, and the file is the rank-2r conversion."""
+    init = config.init_lora_weights
+    return isinstance(init, str) and (init in ("pissa", "olora") or bool(NITER.fullmatch(init))) \
+        and not config.loftq_config
+
+
+# ---- decompositions ----------------------------------------------------------------------------------------
+def _seed(name: str) -> int:
+    """A per-layer seed for svd_lowrank that depends only on the module name (same in every process)."""
+    return int.from_bytes(name.encode()[-8:].rjust(8, b"\0"), "little") % (2**31 - 1) + len(name)
+
+
+def pissa_factors(weight: torch.Tensor, r: int, scaling: float, niter: int | None = None,
+                  name: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of PiSSA (§19.1): B = U_r·√(Σ_r/s), A = √(Σ_r/s)·V_rᵀ, so s·BA = U_r Σ_r V_rᵀ. Full SVD in float64
+    (deterministic), or svd_lowrank(q=r, niter) seeded from the module name; fp32 results."""
+    w = weight.double()
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(w, full_matrices=False)
+        U, S, V = U[:, :r], S[:r], Vh[:r].T
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_seed(name))
+            U, S, V = torch.svd_lowrank(w, q=r, niter=niter)
+    root = (S / scaling).sqrt()
+    return (root[:, None] * V.T).float(), (U * root).float()
+
+
+def olora_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of OLoRA (§19.3): W = QR (reduced), B = Q[:, :r], A = R[:r]; no 1/s split."""
+    Q, R = torch.linalg.qr(weight.double())
+    return R[:r].float(), Q[:, :r].float()
+
+
+def _nf4(weight: torch.Tensor):
+    from ..quant.nf4 import quantize_nf4
+
+    return quantize_nf4(weight.float(), blocksize=64, double_quant=False)  # peft's loftq_init / QPiSSA: no DQ
+
+
+def _dequant(state) -> torch.Tensor:
+    from ..quant.nf4 import dequantize_nf4
+
+    return dequantize_nf4(state, torch.float32).double()
+
+
+def _svd_split(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    root = S[:r].sqrt()
+    return root[:, None] * Vh[:r], U[:, :r] * root  # (A, B), float64
+
+
+def loftq_factors(weight: torch.Tensor, r: int, scaling: float, iters: int):
+    """LoftQ (§19.5, Alg. 1): Q_t = nf4(W − B_{t−1}A_{t−1}), (B_t, A_t) = SVD_r(W − Q_t). Returns
+    (Q_T, A_T/√s, B_T/√s), so Q_T + s·BA is LoftQ's approximation for any s."""
+    w = weight.double()
+    low_rank = torch.zeros_like(w)
+    for _ in range(iters):
+        state = _nf4(w - low_rank)
+        A, B = _svd_split(w - _dequant(state), r)
+        low_rank = B @ A
+    root = math.sqrt(scaling)
+    return state, (A / root).float(), (B / root).float()
+
+
+def qpissa_factors(weight: torch.Tensor, r: int, scaling: float, iters: int, niter: int | None, name: str):
+    """QPiSSA (§19.2, the authors' iterative form): res = W; T times: (A, B) = PiSSA(res), Q = nf4(W − s·BA),
+    res = W − dequant(Q). Returns (Q_T, A, B) of the last round."""
+    w = weight.double()
+    residual = w
+    for _ in range(iters):
+        A, B = pissa_factors(residual, r, scaling, niter, name)
+        state = _nf4(w - scaling * (B.double() @ A.double()))
+        residual = w - _dequant(state)
+    return state, A, B
+
+
+class _Progress:
+    """One stderr line per 10% of the layers, once the work has taken more than two seconds."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.start, self.shown = what, total, time.monotonic(), -1
+
+    def step(self, done: int) -> None:
+        tenth = done * 10 // self.total
+        if tenth > self.shown and time.monotonic() - self.start > 2:
+            self.shown = tenth
+            print(f"deltatune: {self.what}: {done}/{self.total} layers ({time.monotonic() - self.start:.0f} s)",
+                  file=sys.stderr, flush=True)
+
+
+# ---- the delta's step-0 values --------------------------------------------------------------------------
+def initialise(delta: nn.Module, target: Any, config: Any) -> None:
+    """Set A and B of a new LoraLinear (and, for 16-bit PiSSA/OLoRA, its frozen initial factors)."""
+    init = config.init_lora_weights
+    if init == "eva":
+        raise ConfigError("init_lora_weights='eva' needs a pass over training data before training, which this "
+                          "deltatune does not run yet; use init_lora_weights=True (or 'pissa', 'olora')")
+    r, scaling = delta.lora_A.weight.shape[0], delta.scaling
+    factors = getattr(target.model, FACTORS_ATTR, {}).pop(target.name, None)
+    if quantizes_base(config):
+        if factors is None:
+            raise ConfigError(f"init_lora_weights={init!r} with loftq_config quantizes the base itself, which the "
+                              f"attach step did for no layer {target.name!r}")
+        A, B = factors
+    else:
+        if target.weight.quantized:
+            raise ConfigError(f"init_lora_weights={init!r} decomposes the full-precision weight, but {target.name} is "
+                              "quantized; attach it to the full-precision base (for a 4-bit residual: QPiSSA, "
+                              "loftq_config={'loftq_bits': 4, 'loftq_iter': 1} with quantize: null)")
+        weight = target.weight.value().float()
+        if init == "olora":
+            A, B = olora_factors(weight, r)
+        else:
+            match = NITER.fullmatch(init)
+            A, B = pissa_factors(weight, r, scaling, int(match.group(1)) if match else None, target.name)
+        delta.register_buffer("init_A", A.clone(), persistent=False)  # (r, d_in), frozen
+        delta.register_buffer("init_B", B.clone(), persistent=False)  # (d_out, r)
+    with torch.no_grad():
+        delta.lora_A.weight.copy_(A)
+        delta.lora_B.weight.copy_(B)
+
+
+# ---- 4-bit starts: the base quantized before the deltas are built (the method's resolve step) ------------
+def prepare_base(model: nn.Module, config: Any) -> Any:
+    """LoftQ / QPiSSA: every targeted nn.Linear becomes a `Linear4bit` holding Q_T, and its (A, B) are kept
+    for the delta. All layers are computed before the first is replaced. Other inits: nothing. Returns config."""
+    if not quantizes_base(config):
+        return config
+    from ..core.targets import find_targets
+    from ..quant.linear4bit import Linear4bit
+
+    names = find_targets(model, config, lambda m: isinstance(m, nn.Linear) or getattr(m, "quantized", False))
+    quantized = [n for n in names if type(model.get_submodule(n)) is not nn.Linear]
+    if quantized:
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with loftq_config quantizes the base "
+                          f"itself from its full-precision weights, but {quantized[0]} is "
+                          f"{type(model.get_submodule(quantized[0])).__name__}; load the base in full precision "
+                          "(quantize: null / --quantize none) and attach to it")
+    what = "LoftQ" if config.init_lora_weights == "loftq" else "QPiSSA"
+    iters = config.loftq_config.get("loftq_iter", 1)
+    match = NITER.fullmatch(str(config.init_lora_weights))
+    built: dict[str, tuple[Any, torch.Tensor, torch.Tensor]] = {}
+    progress = _Progress(f"{what} init ({iters} iteration{'s' * (iters > 1)})", len(names))
+    for i, name in enumerate(names):
+        r, scaling = config.rank_and_scale(name)
+        weight = model.get_submodule(name).weight.detach()
+        if what == "LoftQ":
+            built[name] = loftq_factors(weight, r, scaling, iters)
+        else:
+            built[name] = qpissa_factors(weight, r, scaling, iters, int(match.group(1)) if match else None, name)
+        progress.step(i + 1)
+    for name, (state, A, B) in built.items():
+        linear = model.get_submodule(name)
+        layer = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           compute_dtype=torch.float32, double_quant=False, blocksize=64,
+                           bias_dtype=linear.bias.dtype if linear.bias is not None else torch.float32,
+                           device=linear.weight.device)
+        layer.load_nf4(state)
+        if linear.bias is not None:
+            layer.bias.data.copy_(linear.bias.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    setattr(model, FACTORS_ATTR, {name: (A, B) for name, (_, A, B) in built.items()})
+    model.deltatune_quantization = {"name": f"{what.lower()}-nf4", "quant_type": "nf4", "blocksize": 64,
+                                    "double_quant": False, "compute_dtype": "float32", "modules": len(built)}
+    return config
+
+
+def base_digest(model: nn.Module) -> str:
+    """sha256 of every NF4 layer's codes and constants, in module order: what a rebuilt base must reproduce."""
+    import hashlib
+
+    from ..quant.model import quantized_layers
+
+    digest = hashlib.sha256()
+    for name, layer in quantized_layers(model):
+        digest.update(name.encode())
+        for tensor in layer.state_tensors():
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- the file ---------------------------------------------------------------------------------------------
+def save_view(model: nn.Module, adapter: Any, tensors: dict[str, torch.Tensor]):
+    """What the LoRA file holds. 16-bit PiSSA/OLoRA: peft's rank-2r conversion for the original base
+    (lora_A ← [A; A0], lora_B ← [B, −B0]; r, α and the patterns doubled, α·√2 under rsLoRA; init True).
+    LoftQ/QPiSSA: the live tensors and the recipe, with the rebuilt base's digest in the note. Else the live state."""
+    from ..core.registry import SavedView
+
+    config = adapter.config
+    if quantizes_base(config):
+        return SavedView(config, tensors, f"{config.init_lora_weights} with loftq_config {dict(config.loftq_config)}: "
+                         f"the NF4 base is rebuilt from the original weights (sha256 {base_digest(model)[:16]})")
+    if not changes_function(config):
+        return SavedView(config, tensors)
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ConfigError("saving a PiSSA/OLoRA adapter with use_rslora and rank_pattern/alpha_pattern for the "
+                          "original base is impossible (a doubled α_l gives 2α_l/√(2r) ≠ α_l/√r), as in peft")
+    out = dict(tensors)
+    for path, delta in adapter.deltas(model):
+        if getattr(delta, "init_A", None) is None:
+            continue
+        a_key, b_key = f"{path}.lora_A.weight", f"{path}.lora_B.weight"
+        out[a_key] = torch.cat([tensors[a_key].detach(), delta.init_A.to(tensors[a_key].dtype)], dim=0)  # (2r, d_in)
+        out[b_key] = torch.cat([tensors[b_key].detach(), -delta.init_B.to(tensors[b_key].dtype)], dim=1)  # (d_out, 2r)
+    factor = math.sqrt(2) if config.use_rslora else 2
+    saved = config.replace(r=2 * config.r, lora_alpha=factor * config.lora_alpha, init_lora_weights=True,
+                           rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+                           alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
+    return SavedView(saved, out, f"{config.init_lora_weights} converted to a rank-{2 * config.r} LoRA for the "
+                     "original base (peft's conversion)")
