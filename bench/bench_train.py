@@ -66,7 +66,11 @@ class Setup:
     base_bf16: bool = False  # frozen nn.Linear base weights stored in bf16 (only under bf16 autocast)
     fused: bool = False  # AdamW(fused=True) via build_optimizer; else torch's default AdamW (a per-tensor loop on CPU)
     compile: bool = False  # torch.compile each decoder layer (one graph, reused by all 30)
-    checkpointing: bool = False  # HF gradient checkpointing, non-reentrant
+    checkpointing: str = ""  # HF gradient checkpointing, non-reentrant: "full", "selective" (memory.py's policy), "half"
+
+    def recomputed(self) -> float:
+        """Share of the decoder's forward matmuls the backward runs again (selective: only LoRA's B(A x), ~0)."""
+        return {"": 0.0, "full": 1.0, "half": 0.5, "selective": 0.0}[self.checkpointing]
 
 
 SETUPS: dict[str, Setup] = {
@@ -77,7 +81,11 @@ SETUPS: dict[str, Setup] = {
     "speed+compile": Setup("speed mode + torch.compile of each decoder layer", loss="chunked", base_bf16=True,
                            fused=True, compile=True),
     "memory": Setup("memory mode: speed mode + gradient checkpointing", loss="chunked", base_bf16=True, fused=True,
-                    checkpointing=True),
+                    checkpointing="full"),
+    "memory-selective": Setup("speed mode + selective checkpointing (matmul and attention outputs kept, the rest "
+                              "recomputed)", loss="chunked", base_bf16=True, fused=True, checkpointing="selective"),
+    "memory-half": Setup("speed mode + gradient checkpointing of every 2nd layer", loss="chunked", base_bf16=True,
+                         fused=True, checkpointing="half"),
     # ablations, run with --only
     "chunked": Setup("peft's step with deltatune layers and the chunked loss only", loss="chunked"),
     "chunked1024": Setup("as chunked, 1024-token chunks", loss="chunked", chunk=1024),
@@ -138,7 +146,13 @@ def build(setup: Setup, precision: str):
         info["bf16_linears"] = store_frozen_linears_in_bf16(hf)
         copy_out_of_file_mappings(hf)
     if setup.checkpointing:
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from deltatune.train.memory import selective_checkpointing_context
+
+        kwargs: dict = {"use_reentrant": False}
+        if setup.checkpointing == "selective":
+            kwargs["context_fn"] = selective_checkpointing_context()
+        hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                           every_n_layers=2 if setup.checkpointing == "half" else 1)
     if setup.compile:
         for layer in hf.model.layers:
             layer.compile(dynamic=False)
@@ -258,7 +272,7 @@ def step_flops(setup: Setup, precision: str, config, batch: dict, step_s: float)
     rows, length = batch["input_ids"].shape
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     head_rows = rows * length if setup.loss == "hf" else labelled
-    shape = StepShape.of(config, rows, length, head_rows, LORA["r"], setup.checkpointing)
+    shape = StepShape.of(config, rows, length, head_rows, LORA["r"], setup.recomputed())
     parts = step_matmuls(shape)
     counted = flops(parts)
     chunk = 0 if setup.loss == "hf" else (setup.chunk or auto_chunk_size(config.vocab_size, torch.device("cpu")))

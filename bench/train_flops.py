@@ -8,7 +8,7 @@ A step is counted as the matmuls it must do (elementwise work is left out: it is
     attention, B rows of T, nh heads of hd: forward Q·Kᵀ and P·V, 4·B·nh·T²·hd (the dense T x T the kernel runs
                                            with a mask), backward 2x the forward
     output head (H -> V), M rows:          forward 2·M·H·V, input gradient 2·M·H·V (tied to the frozen embedding)
-    gradient checkpointing:                the decoder's forward once more
+    gradient checkpointing:                the decoder's forward once more (or the share of it recomputed)
 
 where M is every position for the full-logits loss and the labelled ones for the chunked loss. No input gradient
 is needed below layer 0's linears that read the embedding (q, k, v, gate, up: nothing there requires grad).
@@ -43,10 +43,10 @@ class StepShape:
     length: int  # T
     head_rows: int  # M: positions that go through the output head
     rank: int  # LoRA r on every linear of every layer
-    recompute: bool  # gradient checkpointing: the decoder's forward runs twice
+    recompute: float  # share of the decoder's forward that gradient checkpointing runs again (0, 0.5, 1)
 
     @classmethod
-    def of(cls, config, rows: int, length: int, head_rows: int, rank: int, recompute: bool) -> "StepShape":
+    def of(cls, config, rows: int, length: int, head_rows: int, rank: int, recompute: float) -> "StepShape":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.num_attention_heads,
                    config.num_key_value_heads, head_dim, config.vocab_size, rows, length, head_rows, rank, recompute)
@@ -61,7 +61,7 @@ class StepShape:
 def step_matmuls(s: StepShape) -> dict[str, list[tuple[Shape, int]]]:
     """Per part of the step: [(matmul shape, how many times it runs per step)]."""
     n = s.rows * s.length
-    forwards = 2 if s.recompute else 1
+    forwards = 1 + s.recompute
     parts: dict[str, list[tuple[Shape, int]]] = defaultdict(list)
     for name, d_in, d_out in s.linears():
         reads_embedding = name in ("q", "k", "v", "gate", "up")

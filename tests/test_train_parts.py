@@ -13,7 +13,8 @@ from torch import nn
 import deltatune as dt
 from deltatune.train.config import OptimConfig
 from deltatune.train.loss import auto_chunk_size, causal_lm_loss
-from deltatune.train.memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
+from deltatune.train.memory import (CHEAP_REDUCTION, copy_out_of_file_mappings, selective_checkpointing_context,
+                                    store_frozen_linears_in_bf16)
 from deltatune.train.optim import build_optimizer, build_scheduler, lr_multiplier
 from deltatune.train.progress import Progress, plot_metrics
 
@@ -170,6 +171,43 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computed():
     assert torch.equal(loss, ref_loss)
     for name, grad in grads.items():
         assert torch.equal(grad, ref_grads[name]), name
+
+
+# ---- selective checkpointing -----------------------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing(precision):
+    batch = _batch()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    results = []
+    for context_fn in (None, selective_checkpointing_context()):
+        model = _lora_llama().train()
+        if context_fn is not None:
+            kwargs = {"use_reentrant": False, "context_fn": context_fn}
+            if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.2x
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        with autocast:
+            loss, _ = causal_lm_loss(model, batch, chunk_size=7)
+        results.append((loss, _grads(model, loss)))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.equal(grad, ref_grads[name]), name
+
+
+def test_selective_checkpointing_keeps_wide_matmuls_and_recomputes_the_rank_r_product():
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    from deltatune.train.memory import _keep_expensive
+
+    wide, rank_r = torch.empty(8, CHEAP_REDUCTION + 1), torch.empty(8, CHEAP_REDUCTION)
+    mm, addmm = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
+    assert _keep_expensive(None, mm, wide, torch.empty(CHEAP_REDUCTION + 1, 4)) == CheckpointPolicy.MUST_SAVE
+    assert _keep_expensive(None, addmm, torch.empty(4), wide, torch.empty(CHEAP_REDUCTION + 1, 4)) == CheckpointPolicy.MUST_SAVE
+    assert _keep_expensive(None, mm, rank_r, torch.empty(CHEAP_REDUCTION, 4)) == CheckpointPolicy.PREFER_RECOMPUTE
+    assert _keep_expensive(None, torch.ops.aten.mul.Tensor, wide, wide) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 # ---- optimizer and schedule ------------------------------------------------------------------------------
