@@ -30,6 +30,7 @@ from .core.model import (
 from .core.registry import register, register_variant, registered_methods
 from .core.adapter import update_config
 from .methods.adalora import AdaLoraConfig
+from .methods.relora import ReLoraConfig
 from .core.targets import TargetNotFoundError
 from .methods.lora import LoraConfig
 from .methods.prompt_tuning import PromptTuningConfig
@@ -56,7 +57,7 @@ __all__ = [
     "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "register", "registered_methods",
-    "TrainConfig", "TrainResult", "load_config", "train", "update_config", "AdaLoraConfig",
+    "TrainConfig", "TrainResult", "load_config", "train", "update_config", "AdaLoraConfig", "ReLoraConfig",
     "set_adapter_tensors", "save_as_lora", "LowRankFactors", "low_rank_factors", "DyLoraConfig",
     "LoHaConfig", "LoKrConfig", "VeraConfig", "combine_adapters", "lorahub",
 ]

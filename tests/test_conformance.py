@@ -4,6 +4,10 @@ Every method in `dt.registered_methods()` must have at least one case in CASES; 
 `test_every_registered_method_has_a_case`, so a new method cannot skip the suite. Each case checks:
 identity at initialisation, only adapter parameters trainable, merged == unmerged and unmerge restores the
 weights (if the method merges), save/load round trip, mixed batch == separate runs, and the loss falls.
+
+The training axis: every method with a training-side part (a step hook, a loss term, an lr factor or a run-fitted
+schedule: AdaLoRA, ReLoRA, DyLoRA, ...) runs a few steps through `train()` with checkpoints, is killed and
+resumed from the middle, and must end bitwise equal to the run never interrupted, on a 16-bit and an NF4 base.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ class Case:
     mergeable: bool = True  # the method's layers can fold into the base weight
     mixable: bool = True  # rows can use it in a mixed batch (not for parameters trained in place: BitFit, FULL)
     max_trainable_fraction: float = 0.2  # of the model's parameters (FULL trains all of them)
+    saves_as: str | None = None  # the peft_type of the file when a save-only view writes another method's (ReLoRA)
 
 
 CASES: dict[str, list[Case]] = {
@@ -38,16 +43,6 @@ CASES: dict[str, list[Case]] = {
         Case("dora-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")),
         Case("dora-rslora-qv", lambda: dt.LoraConfig(r=8, lora_alpha=16, use_dora=True, use_rslora=True,
                                                      target_modules=["q_proj", "v_proj"])),
-        # initialisations (methods/lora_init.py): PiSSA/OLoRA keep W and the initial factors; LoftQ quantizes the
-        # base itself (so no second adapter, no in-place merge, and not the base's function at start)
-        Case("pissa-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear",
-                                                       init_lora_weights="pissa")),
-        Case("olora-niter-qv", lambda: dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                     init_lora_weights="olora")),
-        Case("loftq-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                       init_lora_weights="loftq",
-                                                       loftq_config={"loftq_bits": 4, "loftq_iter": 2}),
-             identity_at_init=False, mergeable=False, mixable=False, max_trainable_fraction=0.5),  # W is now buffers
     ],
     # output vectors on k/v, an input vector on down_proj (peft's Llama defaults); a regex with an input vector
     "IA3": [
@@ -109,6 +104,15 @@ CASES: dict[str, list[Case]] = {
         Case("qv-down", lambda: dt.VeraConfig(r=8, save_projection=False, target_modules=["q_proj", "v_proj", "down_proj"])),
         Case("all-linear-key-3", lambda: dt.VeraConfig(r=16, projection_prng_key=3, save_projection=False,
                                                        target_modules="all-linear")),
+    ],
+    # K = total_step / relora_steps = 3 segments: K·r = 12 below every layer's dimensions, saved as one plain LoRA;
+    # r = 12 makes K·r = 36 reach v_proj's 32 outputs: the dense merged part, saved as ReLoRA's own file
+    "RELORA": [
+        Case("factored-saved-as-lora", lambda: dt.ReLoraConfig(r=4, lora_alpha=8, relora_steps=2, restart_warmup_steps=1,
+                                                               total_step=6, target_modules=["q_proj", "v_proj"]),
+             saves_as="LORA"),
+        Case("dense-qv", lambda: dt.ReLoraConfig(r=12, relora_steps=2, restart_warmup_steps=1, total_step=6,
+                                                 target_modules=["q_proj", "v_proj"])),
     ],
     "FULL": [
         Case("every-parameter", lambda: dt.FullConfig(), mixable=False, max_trainable_fraction=1.0),
@@ -201,7 +205,8 @@ def test_only_adapter_parameters_are_trainable(peft_type, case):
     case = _require_case(peft_type, case)
     model = _attach(case, perturb=False)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    adapter = {id(t) for t in dt.adapter_tensors(model, "default").values()}
+    # an adapter's persistent buffers (P-tuning's offset, ReLoRA's merged segments) are saved and loaded, never trained
+    adapter = {id(t) for t in dt.adapter_tensors(model, "default").values() if isinstance(t, torch.nn.Parameter)}
     assert trainable and trainable == adapter
     count, total = dt.trainable_parameters(model)
     assert 0 < count <= total * case.max_trainable_fraction
@@ -233,7 +238,7 @@ def test_save_load_round_trip(peft_type, case, tmp_path):
     ids = _ids()
     dt.save_adapter(model, tmp_path)
     loaded = dt.load_adapter(make_tiny_llama(), tmp_path)
-    assert type(dt.adapter_configs(loaded)["default"]) is type(dt.adapter_configs(model)["default"])
+    assert dt.adapter_configs(loaded)["default"].peft_type == (case.saves_as or peft_type)
     torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), atol=1e-6, rtol=1e-6)
 
 
@@ -267,3 +272,58 @@ def test_loss_falls(peft_type, case):
     with torch.no_grad():
         losses.append(model(ids, labels=ids).loss.item())
     assert losses[-1] < losses[0], losses
+
+
+# ---- the training axis: methods with a hook, a loss term or a schedule ----------------------------------------
+def _trains(peft_type: str) -> bool:
+    method = dt.registered_methods()[peft_type]
+    return any(getattr(method, part, None) is not None for part in ("step_hook", "loss_term", "lr_factor", "fit_run"))
+
+
+def _training_params():
+    return [p for p in _params() if _trains(p.values[0]) and p.values[1] is not None]
+
+
+def _train_section(config) -> dict:
+    """The config as a TrainConfig adapter section: its non-default fields; total_step comes from max_steps."""
+    import dataclasses
+
+    default = type(config)()  if not any(f.name == "total_step" for f in dataclasses.fields(config)) else None
+    out = {"peft_type": config.peft_type}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "total_step" or value == (getattr(default, f.name) if default else f.default):
+            continue
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+class _KillAt:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step(self, model, optimizer, step):
+        if step == self.step:
+            raise KeyError("killed")
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize(("peft_type", "case"), _training_params())
+def test_train_checkpoint_and_resume_from_the_middle_bitwise(peft_type, case, quantize, tmp_path):
+    from deltatune.train.loop import train
+    from test_train_loop import make_tokenizer, prompt_completion, write_jsonl
+
+    data = {"train": str(write_jsonl(tmp_path / "d.jsonl", prompt_completion(6)))}
+
+    def run(name, **values):
+        return train(model=make_tiny_llama(), tokenizer=make_tokenizer(), output_dir=str(tmp_path / name), data=data,
+                     adapter=_train_section(case.make_config()), max_steps=6, batch_size=2, save_every=2,
+                     precision="fp32", quantize=quantize, optim={"lr": 1e-2}, **values)
+
+    full = run("full")
+    with pytest.raises(KeyError):
+        run("cut", hooks=[_KillAt(5)])  # the newest checkpoint is step 4
+    resumed = run("cut", resume=True)
+    assert resumed.losses == {s: full.losses[s] for s in (5, 6)}
+    (ca, a, _), (cb, b, _) = dt.read_adapter(resumed.adapter_dir), dt.read_adapter(full.adapter_dir)
+    assert ca == cb and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

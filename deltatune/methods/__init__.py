@@ -7,6 +7,7 @@ from . import bottleneck  # noqa: F401
 from . import full  # noqa: F401
 from . import bitfit  # noqa: F401
 from . import adalora  # noqa: F401
+from . import relora  # noqa: F401
 from . import dylora  # noqa: F401
 from . import loha  # noqa: F401
 from . import lokr  # noqa: F401
