@@ -21,7 +21,6 @@ from deltatune.methods import lora_init
 from deltatune.quant import Linear4bit, quantize_nf4, dequantize_nf4
 
 from conftest import make_tiny_llama
-from test_cli import model_dir  # noqa: F401 (fixture)
 
 ALL = "all-linear"
 
@@ -154,7 +153,6 @@ sys.path.insert(0, "tests")
 import deltatune as dt
 from deltatune.methods.lora_init import base_digest
 from conftest import make_tiny_llama
-from test_cli import model_dir  # noqa: F401 (fixture)
 model = dt.load_adapter(make_tiny_llama(), sys.argv[2])
 ids = torch.arange(24).view(2, 12)
 with torch.no_grad():
@@ -182,31 +180,3 @@ def test_4bit_start_file_rebuilds_the_same_nf4_codes_from_the_original_weights(t
     with torch.no_grad():
         expected = model(torch.arange(24).view(2, 12)).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
-
-
-def test_replace_lora_weights_loftq_on_the_stock_nf4_base(tmp_path, model_dir, input_ids):  # noqa: F811
-    """peft's replace form: the base untouched, the start closer to W than the stock NF4 base; the file is a
-    plain LoRA that loads onto the stock NF4 base with the same logits; a callback returning False rolls back."""
-    from deltatune.models import load_model
-    from deltatune.quant.load import read_safetensors
-
-    model, _ = load_model(str(model_dir), quantize="nf4", compute_dtype=torch.float32)
-    codes = {n: m.weight_nf4.clone() for n, m in model.named_modules() if isinstance(m, Linear4bit)}
-    dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
-    full = dict(read_safetensors(next(Path(model_dir).glob("*.safetensors"))))
-    refused = "model.layers.0.mlp.down_proj"
-    done = dt.replace_lora_weights_loftq(model, callback=lambda m, name: name != refused)
-    assert len(done) == 13 and refused not in done
-    for name, weight in codes.items():
-        site = model.get_submodule(name)
-        assert torch.equal(site.base_layer.weight_nf4, weight)  # the base is untouched
-        error = full[f"{name}.weight"] - site.base_layer.dequantize_weight()
-        after = error - site.deltas["default"].delta_weight()
-        assert (after.norm() < error.norm()) if name != refused else torch.equal(after, error), name
-    dt.save_adapter(model, tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
-    fresh, _ = load_model(str(model_dir), quantize="nf4", compute_dtype=torch.float32)
-    dt.load_adapter(fresh, tmp_path / "adapter")
-    torch.testing.assert_close(_logits(fresh, input_ids), _logits(model, input_ids), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="no LoRA layer on a 4-bit base"):
-        dt.replace_lora_weights_loftq(dt.attach(make_tiny_llama(), dt.LoraConfig(r=4)))

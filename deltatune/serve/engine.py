@@ -170,8 +170,8 @@ class Engine:
                                param="model", code="model_not_found", status=404)
         if self._checked.get(name) is found:
             return
-        part = found.part(self.model)
-        if part is not None and not _is_prompt(part):
+        part = found.part(self.model)  # one of frozen buffers only (VeRA's projections) is read by its deltas
+        if part is not None and not _is_prompt(part) and any(True for _ in part.parameters()):
             raise RequestError(f"adapter {name!r} ({found.config.peft_type}) adds a model-level part the serving engine "
                                "does not run (it runs virtual tokens: `prompt_embeddings`)", param="model")
         if found.in_place():

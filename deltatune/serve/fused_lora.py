@@ -21,8 +21,10 @@ Measured (bench/bench_serve.py, docs/serving.md): the core's routed path, one sm
 site, made 32 adapters of rank 8 cost about half the base's throughput; these kernels keep most of it.
 
 Stacks are built once per set of adapters and cached (a few sets, least recently used); a batch whose adapters
-are a subset of a cached set reuses it. Adapters other than plain LoRA on linear layers (DoRA, IA3, bottleneck,
-prompt tuning) are left to `deltatune.route` in the same forward.
+are a subset of a cached set reuses it. The kernels read factors through the low-rank view
+(`deltatune.core.lowrank.low_rank_factors`: (A, B, s)), so any adapter made of low-rank deltas on linear layers
+(LoRA, DyLoRA at its rank, VeRA, AdaLoRA) is served here; the others (DoRA, IA3, LoHa, bottleneck, prompt
+tuning) are left to `deltatune.route` in the same forward.
 """
 from __future__ import annotations
 
@@ -35,24 +37,25 @@ from torch import nn
 
 from ..core.adapter import resolve
 from ..core.model import adapters as attached_adapters
-from ..methods.lora import LoraLinear
+from ..core.lowrank import LowRankFactors, low_rank_factors
+from ..core.sites import weight_kind
 
 
 class _SiteStack:
     """One site's factors for a set of adapters, in the layouts of the two kernels."""
 
-    def __init__(self, site: nn.Module, parts: list[tuple[int, LoraLinear]], count: int, device: torch.device,
+    def __init__(self, site: nn.Module, parts: list[tuple[int, LowRankFactors]], count: int, device: torch.device,
                  dtype: torch.dtype) -> None:
         self.site = site
-        rank = lambda d: d.lora_A.weight.shape[0]  # noqa: E731
+        rank = lambda d: d.A.shape[0]  # noqa: E731
         # sites with the same key share per-forward row data (masks, row selections)
-        self.key = tuple((i, rank(d), float(d.scaling)) for i, d in parts)
+        self.key = tuple((i, rank(d), float(d.scale)) for i, d in parts)
         f32 = dict(dtype=torch.float32, device=device)
         # stacked (decode): A_cat (d_in, Σr), B_cat (Σr, d_out); owner and scale of each of the Σr columns
-        self.A = torch.cat([d.lora_A.weight for _, d in parts]).to(**f32).T.contiguous()
-        self.B = torch.cat([d.lora_B.weight for _, d in parts], dim=1).to(**f32).T.contiguous()
+        self.A = torch.cat([d.A for _, d in parts]).to(**f32).T.contiguous()
+        self.B = torch.cat([d.B for _, d in parts], dim=1).to(**f32).T.contiguous()
         self.owner = torch.cat([torch.full((rank(d),), i, device=device) for i, d in parts])
-        self.scale = torch.cat([torch.full((rank(d),), float(d.scaling), **f32) for _, d in parts])
+        self.scale = torch.cat([torch.full((rank(d),), float(d.scale), **f32) for _, d in parts])
         # gathered (prefill), one group per rank: At (k, d_in, r), Bt (k, r, d_out), scales (k,), and each
         # adapter's index in its group (-1: not in the group); in the base's dtype: with many tokens per row a
         # bf16 product is 3x faster than casting the activations to fp32 and back
@@ -63,9 +66,9 @@ class _SiteStack:
             local = torch.full((count,), -1, dtype=torch.long, device=device)
             local[[i for i, _ in members]] = torch.arange(len(members), device=device)
             self.groups.append((
-                torch.stack([d.lora_A.weight.T for _, d in members]).to(**act).contiguous(),
-                torch.stack([d.lora_B.weight.T for _, d in members]).to(**act).contiguous(),
-                torch.tensor([float(d.scaling) for _, d in members], **act), local, r))
+                torch.stack([d.A.T for _, d in members]).to(**act).contiguous(),
+                torch.stack([d.B.T for _, d in members]).to(**act).contiguous(),
+                torch.tensor([float(d.scale) for _, d in members], **act), local, r))
 
 
 class _Stack:
@@ -74,12 +77,12 @@ class _Stack:
     def __init__(self, model: nn.Module, names: list[str], dtype: torch.dtype | None) -> None:
         self.adapters = [attached_adapters(model)[n] for n in names]  # held: a stack is valid for these objects only
         self.index = {n: i for i, n in enumerate(names)}
-        by_site: dict[str, list[tuple[int, LoraLinear]]] = {}
-        for i, adapter in enumerate(self.adapters):
-            for path, delta in adapter.deltas(model):
-                by_site.setdefault(path, []).append((i, delta))
+        by_site: dict[str, list[tuple[int, LowRankFactors]]] = {}
         embeddings = model.get_input_embeddings().weight
         with torch.no_grad():
+            for i, adapter in enumerate(self.adapters):
+                for path, delta in adapter.deltas(model):
+                    by_site.setdefault(path, []).append((i, low_rank_factors(delta)))
             self.sites = [_SiteStack(model.get_submodule(resolve(model, p)), parts, len(names), embeddings.device,
                                      dtype or embeddings.dtype)
                           for p, parts in by_site.items()]
@@ -138,6 +141,12 @@ def _selection(local: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor | 
     return sel, local.index_select(0, sel)
 
 
+def _linear_low_rank(model: nn.Module, path: str, delta: nn.Module) -> bool:
+    """A low-rank delta on a linear layer (the kernels multiply the site's input features: no embedding lookups)."""
+    site = model.get_submodule(resolve(model, path))
+    return weight_kind(getattr(site, "base_layer", site)) in ("linear", "conv1d") and low_rank_factors(delta) is not None
+
+
 class FusedLora:
     """dtype: of the sites' activations when it is not the base's (the autocast dtype), for the prefill kernel."""
 
@@ -148,15 +157,18 @@ class FusedLora:
         self._eligible: dict[str, tuple[object, bool]] = {}
 
     def eligible(self, name: str) -> bool:
-        """Plain LoRA on linear layers only, without modules_to_save or trained biases (dropout is off: the
-        engine runs the model in eval mode)."""
+        """Every delta a low-rank product (deltatune.core.lowrank: LoRA, DyLoRA at its rank, VeRA, AdaLoRA, ...)
+        on linear layers, without modules_to_save or trained biases (dropout is off: the engine runs the model
+        in eval mode)."""
         adapter = attached_adapters(self.model)[name]
         cached = self._eligible.get(name)
         if cached is not None and cached[0] is adapter:
             return cached[1]
         deltas = [d for _, d in adapter.deltas(self.model)]
-        ok = bool(deltas) and not (adapter.saved or adapter.selected or adapter.part(self.model) is not None) and all(
-            type(d) is LoraLinear and isinstance(d.lora_dropout, (nn.Identity, nn.Dropout)) for d in deltas)
+        part = adapter.part(self.model)  # one holding only frozen buffers (VeRA's projections) changes no row itself
+        trained_part = part is not None and any(True for _ in part.parameters())
+        ok = bool(deltas) and not (adapter.saved or adapter.selected or trained_part) and all(
+            _linear_low_rank(self.model, path, d) for path, d in adapter.deltas(self.model))
         self._eligible[name] = (adapter, ok)
         return ok
 
