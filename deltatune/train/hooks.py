@@ -1,19 +1,35 @@
-"""Per-step method hooks: the one extension point of the training loop.
+"""Per-step method hooks and the other training-side parts of a method, in the order the loop runs them.
 
-Within one optimizer step the loop calls, in this order:
+One optimizer step (`step` counts from 1; s = step − 1 is the scheduler's index):
 
-    micro-steps (forward, backward) -> gradient scaling + clip -> hook.before_step -> optimizer.step()
-        -> hook.on_step -> scheduler.step() -> optimizer.zero_grad()
+    | # | what                                   | method part (registry.Method)   | user                          |
+    |---|----------------------------------------|---------------------------------|-------------------------------|
+    | 0 | lr = schedule(s) · Π lr_factor(s)      | lr_factor (inside the scheduler)| ReLoRA's re-warmup            |
+    | 1 | micro-steps: forward, backward of the  |                                 |                               |
+    |   | token-loss sums; grads / all tokens    |                                 |                               |
+    | 2 | extra loss terms, backward once        | loss_term                       | AdaLoRA's γ·R (AdapterFusion) |
+    | 3 | clip, NaN/Inf check                    |                                 |                               |
+    | 4 | hook.before_step                       | step_hook                       | Child-tuning / FishMask masks |
+    | 5 | optimizer.step()                       |                                 |                               |
+    | 6 | hook.on_step (gradients still present) | step_hook                       | AdaLoRA's scores and masks;   |
+    |   |                                        |                                 | ReLoRA's merge and reset;     |
+    |   |                                        |                                 | DyLoRA's next rank            |
+    | 7 | scheduler.step(), optimizer.zero_grad()|                                 |                               |
+    | 8 | log (loss, aux_loss, lr, ...), eval,   | hook state_dict; save_view for  | AdaLoRA's EMAs; the pruned /  |
+    |   | checkpoint                             | the file, live tensors kept     | exported file                 |
 
-so both calls see this step's (clipped) gradients. `before_step` is where a method changes the gradients
-the optimizer will use (Child-tuning's Bernoulli masks, Xu et al. 2021); `on_step` runs after the update with
-the gradients still present (AdaLoRA's sensitivity scores |w·∇w|, Zhang et al. 2023; ReLoRA's merge and
-optimizer-state reset, Lialin et al. 2023; DyLoRA's rank sample for the next step, Valipour et al. 2023).
-`step` counts optimizer steps from 1.
+Before the run: `fit_run` fills and checks run-length fields (AdaLoRA's total_step from max_steps) before
+anything is loaded. So `before_step` and `on_step` both see this step's final (clipped) gradients, task
+and loss terms together. `before_step` is where a method changes the gradients the optimizer will use
+(Child-tuning's Bernoulli masks, Xu et al. 2021); `on_step` runs after the update (AdaLoRA's sensitivity
+scores |w·∇w|, Zhang et al. 2023; ReLoRA's merge and optimizer-state reset, Lialin et al. 2023; DyLoRA's rank
+sample for the next step, Valipour et al. 2023). Under DDP every process runs every hook on the same
+all-reduced gradients; state a process derives for itself must agree (`distributed.agree`).
 
 A method registers a factory with `deltatune.register(..., step_hook=factory)`; `step_hooks(model)` builds
 one hook per trainable adapter of that method. A hook with state that must survive a resume (an EMA of
 importance scores, a private generator) adds `state_dict()` / `load_state_dict(state)`; checkpoints store it.
+Stateless hooks (no state_dict, or an empty one) may be added or left out at the end of the list on resume.
 """
 from __future__ import annotations
 

@@ -4,11 +4,13 @@
     result = train("run.yaml", overrides=["--optim.lr", "1e-4"])
     result = train(data={"train": "sft.jsonl"}, init_adapter="runs/cpt/adapter", max_steps=200)
 
-Each optimizer step: take the scheduler's learning rate; run `grad_accum` micro-batches (forward, backward of
-the summed token losses); divide the gradients by the number of target tokens of the whole step, summed over
-micro-batches and processes, so that batch 4 equals 4 accumulated batches of 1 and N processes equal one
-process with N times the batch (torchtune's normalisation); clip; `before_step` hooks; optimizer step;
-`on_step` hooks; scheduler step; zero the gradients; log; evaluate; checkpoint. A NaN/Inf loss or gradient
+Each optimizer step: take the scheduler's learning rate (the methods' lr factors included); run `grad_accum`
+micro-batches (forward, backward of the summed token losses); divide the gradients by the number of target
+tokens of the whole step, summed over micro-batches and processes, so that batch 4 equals 4 accumulated
+batches of 1 and N processes equal one process with N times the batch (torchtune's normalisation); add the
+methods' extra loss terms (backward once, logged as aux_loss); clip; `before_step` hooks; optimizer step;
+`on_step` hooks; scheduler step; zero the gradients; log; evaluate; checkpoint (the step-order table with
+each method part is in hooks.py). A NaN/Inf loss or gradient
 norm stops the run before anything of that step is saved, and so does a NaN/Inf weight or optimizer state at
 a checkpoint (an optimizer step with a huge lr): `TrainingDiverged`, naming the last good checkpoint.
 
