@@ -25,10 +25,17 @@ def loras(tmp_path_factory):
 
 def test_combine_writes_an_adapter_and_names_bad_flags(model_dir, loras, tmp_path, capsys):
     code, out, err = run(["combine", "--base", str(model_dir), "--adapter", str(loras / "a"), "--adapter",
-                          str(loras / "b"), "--weights", "0.5", "-0.5", "--type", "cat", "--out", str(tmp_path / "mix")],
-                         capsys)
+                          str(loras / "b"), "--weights", "0.5", "-0.5", "--type", "cat", "--out", str(tmp_path / "mix"),
+                          "--merged", str(tmp_path / "merged")], capsys)
     assert code == 0, err
     assert dt.read_adapter(tmp_path / "mix")[0].r == 8 and "into" in out
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    unmerged = dt.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir).eval(), tmp_path / "mix")
+    ids = torch.tensor([[6, 7, 8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, unmerged(ids).logits, atol=1e-5)
     code, _, err = run(["combine", "--base", str(model_dir), "--adapter", str(loras / "a"), "--weights", "1", "2",
                         "--out", str(tmp_path / "x")], capsys)
     assert code == 2 and "--weights gives 2 numbers for 1 --adapter" in err

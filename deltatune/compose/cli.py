@@ -4,7 +4,8 @@
     deltatune lorahub --adapter runs/a/adapter --adapter runs/b/adapter ... --data fewshot.jsonl --out hub \
         --budget 40 --seeds 0 1 2
 
-Both write an ordinary adapter directory (peft's format) that `eval`, `generate`, `merge` and `serve` take.
+Both write an ordinary adapter directory (peft's format) that `eval`, `generate`, `merge` and `serve` take;
+`combine --merged DIR` also writes the base with the combination merged in, a plain transformers model.
 """
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ def add_subcommands(sub, model_help: str) -> None:
     p.add_argument("--majority-sign-method", choices=("total", "frequency"), default="total")
     p.add_argument("--seed", type=int, default=None, help="DARE's random drop")
     p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--merged", default=None, help="also write the base with the combination merged in (a plain "
+                   "transformers model directory) here")
     p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("lorahub", help="LoRAHub: weights for several LoRAs searched on a few examples of a new task",
@@ -68,12 +71,19 @@ def cmd_combine(args: argparse.Namespace) -> None:
 
     if len(args.weights) != len(args.adapter):
         raise ValueError(f"--weights gives {len(args.weights)} numbers for {len(args.adapter)} --adapter directories")
-    model, _ = load_model(args.base)
+    model, tokenizer = load_model(args.base)
     combine_adapters(model, [Path(a) for a in args.adapter], args.weights, "combined",
                      combination_type=args.combination_type, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
                      density=args.density, majority_sign_method=args.majority_sign_method, seed=args.seed)
     out = save_adapter(model, args.out, "combined")
     print(f"combined {len(args.adapter)} adapters ({args.combination_type or 'default type'}) into {out}")
+    if args.merged:
+        from ..core.model import merge_and_unload, set_active
+
+        set_active(model, "combined")
+        merge_and_unload(model, safe=True).save_pretrained(args.merged)
+        tokenizer.save_pretrained(args.merged)
+        print(f"merged model written to {args.merged} (load it with transformers.AutoModelForCausalLM.from_pretrained)")
 
 
 def cmd_lorahub(args: argparse.Namespace) -> None:

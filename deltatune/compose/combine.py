@@ -89,6 +89,8 @@ def combine_adapters(
     unless `activate`. Every check runs before the model changes; saved adapters are loaded for the call
     and removed again.
     """
+    if name in attached(model):
+        raise CombineError(f"an adapter named {name!r} is already attached; delete it first or pick another name")
     active = active_adapters(model)
     with _sources(model, adapters) as sources:
         kind, config, tensors_for = _plan(model, sources, weights, combination_type, svd_rank=svd_rank,
@@ -96,8 +98,6 @@ def combine_adapters(
                                           majority_sign_method=majority_sign_method)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         tensors = tensors_for(weights, generator=generator, full_matrices=svd_full_matrices)
-        if name in attached(model):
-            raise CombineError(f"an adapter named {name!r} is already attached; delete it first or pick another name")
         with torch.random.fork_rng(devices=[]):  # the result's initial values are overwritten: draw nothing globally
             attach(model, config, name, activate=False)
         try:
