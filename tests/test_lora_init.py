@@ -21,6 +21,7 @@ from deltatune.methods import lora_init
 from deltatune.quant import Linear4bit, quantize_nf4, dequantize_nf4
 
 from conftest import make_tiny_llama
+from test_cli import chats, model_dir  # noqa: F401 (fixtures)
 
 ALL = "all-linear"
 
@@ -153,6 +154,7 @@ sys.path.insert(0, "tests")
 import deltatune as dt
 from deltatune.methods.lora_init import base_digest
 from conftest import make_tiny_llama
+from test_cli import chats, model_dir  # noqa: F401 (fixtures)
 model = dt.load_adapter(make_tiny_llama(), sys.argv[2])
 ids = torch.arange(24).view(2, 12)
 with torch.no_grad():
@@ -180,3 +182,62 @@ def test_4bit_start_file_rebuilds_the_same_nf4_codes_from_the_original_weights(t
     with torch.no_grad():
         expected = model(torch.arange(24).view(2, 12)).logits
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_replace_lora_weights_loftq_on_the_stock_nf4_base(tmp_path, model_dir, input_ids):  # noqa: F811
+    """peft's replace form: the base untouched, the start closer to W than the stock NF4 base; the file is a
+    plain LoRA that loads onto the stock NF4 base with the same logits; a callback returning False rolls back."""
+    from deltatune.models import load_model
+    from deltatune.quant.load import read_safetensors
+
+    model, _ = load_model(str(model_dir), quantize="nf4", compute_dtype=torch.float32)
+    codes = {n: m.weight_nf4.clone() for n, m in model.named_modules() if isinstance(m, Linear4bit)}
+    dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, target_modules=ALL))
+    full = dict(read_safetensors(next(Path(model_dir).glob("*.safetensors"))))
+    refused = "model.layers.0.mlp.down_proj"
+    done = dt.replace_lora_weights_loftq(model, callback=lambda m, name: name != refused)
+    assert len(done) == 13 and refused not in done
+    for name, weight in codes.items():
+        site = model.get_submodule(name)
+        assert torch.equal(site.base_layer.weight_nf4, weight)  # the base is untouched
+        error = full[f"{name}.weight"] - site.base_layer.dequantize_weight()
+        after = error - site.deltas["default"].delta_weight()
+        assert (after.norm() < error.norm()) if name != refused else torch.equal(after, error), name
+    dt.save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    fresh, _ = load_model(str(model_dir), quantize="nf4", compute_dtype=torch.float32)
+    dt.load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(_logits(fresh, input_ids), _logits(model, input_ids), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="no LoRA layer on a 4-bit base"):
+        dt.replace_lora_weights_loftq(dt.attach(make_tiny_llama(), dt.LoraConfig(r=4)))
+
+
+def test_cli_loftq_train_eval_generate_merge_rebuild_the_base(tmp_path, model_dir, chats, capsys):  # noqa: F811
+    """`deltatune train` with LoftQ from flags; eval/generate (--quantize auto: the full-precision base, the file
+    rebuilds Q_T) and merge (Q_T + the trained delta, written in fp32) equal the rebuilt model."""
+    from transformers import AutoModelForCausalLM
+
+    from test_cli import run as run_cli
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["train", "--model", str(model_dir), "--data.train", str(chats), "--max_steps", "2",
+                                 "--batch_size", "2", "--output_dir", str(out), "--optim.lr", "1e-2",
+                                 "--adapter.r", "4", "--adapter.lora_alpha", "8", "--precision", "fp32",
+                                 "--adapter.init_lora_weights", "loftq", "--adapter.loftq_config.loftq_bits", "4",
+                                 "--adapter.loftq_config.loftq_iter", "2"], capsys)
+    assert code == 0, err
+    assert "quantized base: 14 linear layers" in stdout
+    adapter = out / "adapter"
+    code, stdout, err = run_cli(["eval", "--base", str(model_dir), "--adapter", str(adapter), "--data", str(chats),
+                                 "--max-new-tokens", "3", "--precision", "fp32"], capsys)
+    assert code == 0 and "perplexity" in stdout, err
+    code, _, err = run_cli(["generate", "--base", str(model_dir), "--adapter", str(adapter), "--prompt", "the cat",
+                            "--max-new-tokens", "3", "--threads", "1"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["merge", "--base", str(model_dir), "--adapter", str(adapter), "--out",
+                            str(tmp_path / "merged")], capsys)
+    assert code == 0, err
+    rebuilt = dt.load_adapter(AutoModelForCausalLM.from_pretrained(model_dir), adapter)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(6, 22, (2, 9), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(merged, ids), _logits(rebuilt, ids), atol=1e-5, rtol=1e-5)

@@ -50,8 +50,16 @@ FACTORS_ATTR = "_deltatune_init_factors"  # model attribute: module name -> (A, 
 # ---- validation ------------------------------------------------------------------------------------------
 def validate(config: Any) -> None:
     """ConfigError, naming the field, for an init deltatune does not know or settings that do not fit it."""
+    if config.loftq_config:  # flags give strings: --adapter.loftq_config.loftq_iter 2
+        object.__setattr__(config, "loftq_config", {k: int(v) if isinstance(v, str) and v.strip().isdigit() else v
+                                                    for k, v in config.loftq_config.items()})
+    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.lower() in ("true", "false"):
+        object.__setattr__(config, "init_lora_weights", config.init_lora_weights.lower() == "true")  # from a flag
     init = config.init_lora_weights
     if init in PLAIN:
+        if config.loftq_config:
+            raise ConfigError(f"loftq_config is used by init_lora_weights='loftq' (LoftQ) and 'pissa' (QPiSSA), not "
+                              f"{init!r}; remove it")
         return
     if not isinstance(init, str) or not (init in ("pissa", "olora", "loftq", "eva") or NITER.fullmatch(init)):
         raise ConfigError(f"init_lora_weights must be True, False, 'gaussian' or one of {', '.join(NAMES)} (peft's "
@@ -301,3 +309,83 @@ def save_view(model: nn.Module, adapter: Any, tensors: dict[str, torch.Tensor]):
                            alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()})
     return SavedView(saved, out, f"{config.init_lora_weights} converted to a rank-{2 * config.r} LoRA for the "
                      "original base (peft's conversion)")
+
+
+# ---- peft's replace_lora_weights_loftq: the stock 4-bit base, LoRA from its quantization error -----------
+def replace_lora_weights_loftq(model: nn.Module, name: str = "default", weights: Any = None,
+                               callback: Any = None) -> list[str]:
+    """For every LoRA layer of adapter `name` on a 4-bit base layer: (A, B) = SVD_r(W − dequant(Q)) with the √Σ
+    split, divided by √s (so the start is dequant(Q) + the rank-r part of the error, for any α), the base left as
+    it is (peft's `replace_lora_weights_loftq`, one iteration). The adapter stays a plain LoRA for that stock
+    4-bit base (its file records e.g. nf4-dq, and `--quantize auto` rebuilds that base).
+
+    weights: the full-precision weights, a mapping "<module>.weight" -> tensor or a transformers directory
+        (its *.safetensors are read one tensor at a time); None: the model's own `config._name_or_path`.
+    callback(model, module_name) -> bool: called after each layer; False puts that layer's A and B back.
+    Returns the names of the layers replaced."""
+    from ..core.model import adapters
+    from ..core.sites import is_quantized
+
+    if name not in adapters(model):
+        raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(adapters(model)) or 'none'}")
+    deltas = {path: delta for path, delta in adapters(model)[name].deltas(model)
+              if hasattr(delta, "lora_A") and is_quantized(model.get_submodule(_site_path(model, path)).base_layer)}
+    if not deltas:
+        raise ValueError(f"adapter {name!r} has no LoRA layer on a 4-bit base layer (load the base with "
+                         "quantize='nf4' and attach a plain LoRA first)")
+    full = _full_precision_weights(model, weights, [f"{p}.weight" for p in deltas])
+    progress, done = _Progress("LoftQ replace", len(deltas)), []
+    for i, (path, delta) in enumerate(deltas.items()):
+        base = model.get_submodule(_site_path(model, path)).base_layer
+        r = delta.lora_A.weight.shape[0]
+        A, B = _svd_split(full[f"{path}.weight"].double() - base.dequantize_weight().double(), r)
+        root = math.sqrt(delta.scaling)
+        before = delta.lora_A.weight.detach().clone(), delta.lora_B.weight.detach().clone()
+        with torch.no_grad():
+            delta.lora_A.weight.copy_(A / root)
+            delta.lora_B.weight.copy_(B / root)
+        if callback is not None and not callback(model, path):
+            with torch.no_grad():
+                delta.lora_A.weight.copy_(before[0])
+                delta.lora_B.weight.copy_(before[1])
+        else:
+            done.append(path)
+        progress.step(i + 1)
+    return done
+
+
+def _site_path(model: nn.Module, logical: str) -> str:
+    from ..core.adapter import resolve
+
+    return resolve(model, logical)
+
+
+def _full_precision_weights(model: nn.Module, weights: Any, keys: list[str]) -> dict[str, torch.Tensor]:
+    from pathlib import Path
+
+    if isinstance(weights, dict):
+        missing = [k for k in keys if k not in weights]
+        if missing:
+            raise KeyError(f"weights has no {missing[0]!r} (needed: the full-precision weight of every 4-bit LoRA layer)")
+        return {k: weights[k] for k in keys}
+    source = weights if weights is not None else getattr(getattr(model, "config", None), "_name_or_path", None)
+    if source is None:
+        raise ValueError("replace_lora_weights_loftq needs the full-precision weights: pass weights= (a mapping or a "
+                         "transformers directory)")
+    from ..models import resolve_model_path
+    from ..quant.load import read_safetensors
+
+    directory = Path(resolve_model_path(str(source)))
+    files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
+    if not files:
+        raise ValueError(f"replace_lora_weights_loftq reads the full-precision weights from safetensors files; "
+                         f"{directory} has none (pass weights=)")
+    wanted, found = set(keys), {}
+    for file in files:
+        for key, tensor in read_safetensors(file, skip=set()):
+            if key in wanted:
+                found[key] = tensor.float()
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise KeyError(f"{directory} has no tensor {missing[0]!r}")
+    return found
