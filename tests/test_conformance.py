@@ -55,6 +55,23 @@ CASES: dict[str, list[Case]] = {
         Case("sample-vocab", lambda: dt.PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB"),
              identity_at_init=False, mergeable=False),
     ],
+    # keys and values before every layer's cache (GQA layout), directly or through the projection MLP
+    "PREFIX_TUNING": [
+        Case("direct", lambda: dt.PrefixTuningConfig(num_virtual_tokens=3), identity_at_init=False, mergeable=False),
+        Case("projection", lambda: dt.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True,
+                                                         encoder_hidden_size=16), identity_at_init=False, mergeable=False),
+    ],
+    # virtual tokens made by peft's prompt encoder (MLP, LSTM); the file holds the encoder's output
+    "P_TUNING": [
+        Case("mlp", lambda: dt.PromptEncoderConfig(num_virtual_tokens=3), identity_at_init=False, mergeable=False),
+        Case("lstm", lambda: dt.PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="LSTM",
+                                                    encoder_hidden_size=8), identity_at_init=False, mergeable=False),
+    ],
+    # a sparse delta on k chosen weights per Linear (`kept` as a file records it; values 0 at start)
+    "FISHMASK": [
+        Case("kept-qv", lambda: dt.FishMaskConfig(target_modules=["q_proj", "v_proj"], kept={
+            f"model.layers.{i}.self_attn.{m}": 8 for i in range(2) for m in ("q_proj", "v_proj")})),
+    ],
     # serial adapters after self_attn and mlp: near identity (Houlsby init) or exactly (zero up-projection)
     "BOTTLENECK": [
         Case("houlsby-llama-defaults", lambda: dt.BottleneckConfig(), identity_at_init=False, mergeable=False),
@@ -162,7 +179,8 @@ def _perturb(model, name: str, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for tensor in dt.adapter_tensors(model, name).values():
-            tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.1)
+            if tensor.is_floating_point():  # FishMask's indices are int32
+                tensor.add_(torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype) * 0.1)
 
 
 def _base_state(model) -> dict[str, torch.Tensor]:

@@ -128,8 +128,10 @@ def file_view(model: nn.Module, name: str) -> tuple[Any, dict[str, torch.Tensor]
     tensors = adapter_tensors(model, name)
     if adapter.method.save_view is None:
         return adapter.config, tensors, ""
+    part = adapter.part(model)  # a model-level part's keys carry no prefix (peft's `prompt_embeddings`)
+    part_keys = set(part.tensors()) | set(getattr(part, "file_tensors", dict)()) if part is not None else set()
     saved = adapter.method.save_view(model, adapter, {k.removeprefix(PREFIX): t for k, t in tensors.items()})
-    return saved.config, {PREFIX + k: t for k, t in saved.tensors.items()}, saved.note
+    return saved.config, {(k if k in part_keys else PREFIX + k): t for k, t in saved.tensors.items()}, saved.note
 
 
 def saved_as(path: str | os.PathLike) -> str:
@@ -270,6 +272,7 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     """
     adapter = adapters(model)[name]
     live = adapter_tensors(model, name)
+    tensors = _part_live_tensors(adapter.part(model), tensors, path / WEIGHTS_NAME)
     base = {PREFIX + key: param for key, param in model.named_parameters()}
     extra = sorted(set(tensors) - set(live))
     embeddings = {f"{PREFIX}{resolve(model, p)}.base_layer.weight" for p in adapter.sites
@@ -303,6 +306,22 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     with torch.no_grad():
         for key, param in live.items():
             stash.get(key[len(PREFIX):], param).copy_(tensors[key])
+
+
+def _part_live_tensors(part: nn.Module | None, tensors: dict[str, torch.Tensor], where: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors with a part's derived ones (P-tuning's encoder output) turned into what the part holds
+    live (`part.live_from_file`), so a load writes into live tensors, never into a value computed on the fly."""
+    convert, derived = getattr(part, "live_from_file", None), getattr(part, "file_tensors", None)
+    if convert is None or derived is None or set(derived()) == set(part.tensors()):
+        return tensors
+    given = {k: tensors[k] for k in derived() if k in tensors}  # a part's keys carry no prefix
+    if len(given) != len(derived()):
+        return tensors  # the key check names what is missing
+    try:
+        live = convert(given)
+    except ValueError as exc:
+        raise AdapterFileError(f"{where}: {exc}") from None
+    return {**{k: v for k, v in tensors.items() if k not in given}, **live}
 
 
 def _check_part_tensors(model: nn.Module, adapter: Any, tensors: Mapping[str, torch.Tensor], where: str) -> None:

@@ -30,6 +30,9 @@ Training-side contributions, read by the loop per trainable adapter (methods tha
                live tensors as well, so a run resumes from exactly what it trained
     check_update  (model, adapter, new config) -> None: validates a config change after attach
                (`deltatune.update_config`; AdaLoRA's rank_pattern), raising ConfigError naming the field
+    prepass    (model, config, name, PrepassData) -> None: a pass over the training data before training, on
+               the frozen base in the run's precision, summed over processes (FishMask's and Child-tuning_D's
+               Fisher; EVA's activations); see deltatune.train.prepass
 
 A *variant* of a method is chosen from its config (peft writes DoRA as a LoRA config with use_dora=true):
 `register_variant("LORA", "use_dora", DoraLinear)` makes LoRA configs with that flag set use those deltas.
@@ -69,6 +72,7 @@ LrFactor = Callable[[AdapterConfig, int], Callable[[int], float]]
 RunFitter = Callable[[AdapterConfig, int], AdapterConfig]
 UpdateCheck = Callable[[nn.Module, Any, AdapterConfig], None]  # (model, Adapter, new config)
 SharedPart = Callable[[nn.Module, AdapterConfig, str, Sequence[Any]], nn.Module]  # (model, config, name, [Target])
+Prepass = Callable[[nn.Module, AdapterConfig, str, Any], None]  # (model, config, name, train.prepass.PrepassData)
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class Method:
     save_view: SaveView | None = None
     check_update: UpdateCheck | None = None
     shared: SharedPart | None = None
+    prepass: Prepass | None = None
 
     def delta_classes(self, config: AdapterConfig) -> tuple[type[Delta], ...]:
         flags = getattr(type(config), "variant_flags", ())
@@ -146,10 +151,11 @@ def register(
     save_view: SaveView | None = None,
     check_update: UpdateCheck | None = None,
     shared: SharedPart | None = None,
+    prepass: Prepass | None = None,
 ) -> Method:
     method = Method(config_cls.peft_type, config_cls, tuple(deltas), inject, select, step_hook, tuple(readers),
                     resolve=resolve, loss_term=loss_term, lr_factor=lr_factor, fit_run=fit_run,
-                    save_view=save_view, check_update=check_update, shared=shared)
+                    save_view=save_view, check_update=check_update, shared=shared, prepass=prepass)
     _METHODS[config_cls.peft_type] = method
     return method
 

@@ -55,6 +55,7 @@ from .hooks import run_before_step, run_on_step, step_hooks
 from .loss import causal_lm_loss
 from .memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
 from .optim import build_optimizer, build_scheduler
+from .prepass import run_prepasses
 from .progress import Progress
 
 ADAPTER_NAME = "default"
@@ -124,6 +125,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
     data = load_data(cfg, tokenizer, world)
     _attach_adapter(model, cfg, adapter_config, world)
     _prepare_base(model, cfg, autocast, world)
+    run_prepasses(model, data.train, data.pad_id, world, autocast)  # FishMask's Fisher: before the optimizer exists
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps, model=model)
     hooks = step_hooks(model, hooks)

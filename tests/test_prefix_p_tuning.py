@@ -1,0 +1,215 @@
+"""Prefix tuning and P-tuning against the real peft package (config keys and GQA sizes, logits and loss with left
+padding, files both ways, trainable and inference loads), greedy generation with the KV cache against greedy
+decoding by full forward passes (never peft's generate()), use_cache=False, mixed batches, errors, training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import deltatune as dt
+from conftest import assert_mixed_equals_alone, attach_random, make_tiny_llama, no_grad_logits
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.filterwarnings("ignore")  # peft warns about position ids and the hub at every step
+
+
+def lively_llama(seed: int = 0):
+    """The tiny Llama (GQA: 4 heads, 2 kv heads) with larger weights, so greedy generations differ per step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, initializer_range=0.2)
+    config._name_or_path = "tiny-llama"
+    return LlamaForCausalLM(config).eval()
+
+
+CASES = {  # ours, peft's
+    "prefix": (lambda: dt.PrefixTuningConfig(num_virtual_tokens=3),
+               lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "prefix-projection": (lambda: dt.PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16),
+                          lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                          prefix_projection=True, encoder_hidden_size=16)),
+    "p-tuning-mlp": (lambda: dt.PromptEncoderConfig(num_virtual_tokens=3),
+                     lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "p-tuning-lstm": (lambda: dt.PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="LSTM",
+                                                     encoder_hidden_size=8),
+                      lambda: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                       encoder_reparameterization_type="LSTM", encoder_hidden_size=8)),
+}
+
+
+def padded_batch():
+    ids = torch.randint(0, 256, (3, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def copy_peft_encoder(model, peft_model) -> None:
+    """Our live tensors from peft's prompt encoder (same module names below the part's own prefix)."""
+    source = peft_model.prompt_encoder["default"].state_dict()
+    with torch.no_grad():
+        for key, tensor in dt.adapter_tensors(model, "default").items():
+            if key == "prompt_embeddings":
+                tensor.copy_(source["embedding.weight"])
+            elif not key.endswith(".offset"):
+                tensor.copy_(source[key.split(".", 1)[1]])
+
+
+def perturbed(make, seed: int = 3):
+    model = lively_llama()
+    torch.manual_seed(seed)
+    dt.attach(model, make())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in dt.adapter_tensors(model, "default").values():
+            tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.5)
+    return model
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_and_loss_equal_peft_with_left_padding_and_the_config_is_peft_config(case, tmp_path):
+    ours, theirs = CASES[case]
+    model = dt.attach(lively_llama(), ours())
+    peft_model = peft.get_peft_model(lively_llama(), theirs())
+    copy_peft_encoder(model, peft_model)
+    ids, mask, labels = padded_batch()
+    with torch.no_grad():
+        a, b = model(ids, attention_mask=mask, labels=labels), peft_model(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+    peft_model.save_pretrained(tmp_path / "peft")
+    dt.save_adapter(model, tmp_path / "ours")
+    theirs_json = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    ours_json = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert set(ours_json) == set(theirs_json) - {"peft_version"} or set(ours_json) == set(theirs_json)
+    for key in ("token_dim", "num_attention_heads", "num_layers", "encoder_hidden_size", "num_transformer_submodules"):
+        assert ours_json.get(key) == theirs_json.get(key), key  # prefix: GQA's d_kv = 16 x 2 kv heads = 32
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_files_both_ways_inference_exact_and_trainable_keeps_the_encoder(case, tmp_path):
+    ours, theirs = CASES[case]
+    model = perturbed(ours)
+    ids, mask, _ = padded_batch()
+    expected = no_grad_logits(model, ids)
+    dt.save_adapter(model, tmp_path / "ours")
+    with safe_keys(tmp_path / "ours") as keys:
+        assert keys == ["prompt_embeddings"]  # the derived output, never the encoder: peft's file
+    peft_model = peft.PeftModel.from_pretrained(lively_llama(), tmp_path / "ours")
+    torch.testing.assert_close(no_grad_logits(peft_model, ids), expected, atol=1e-5, rtol=1e-5)
+    loaded = dt.load_adapter(lively_llama(), tmp_path / "ours")
+    assert set(dt.adapter_tensors(loaded, "default")) == {"prompt_embeddings"}
+    torch.testing.assert_close(no_grad_logits(loaded, ids), expected, atol=0, rtol=0)  # inference load: exact
+    trainable = dt.load_adapter(lively_llama(), tmp_path / "ours", trainable=True)
+    torch.testing.assert_close(no_grad_logits(trainable, ids), expected, atol=1e-5, rtol=1e-5)
+    assert dt.trainable_parameters(trainable)[0] == dt.trainable_parameters(model)[0]  # the encoder came back
+    peft_model.save_pretrained(tmp_path / "peft")
+    from_peft = dt.load_adapter(lively_llama(), tmp_path / "peft")
+    torch.testing.assert_close(no_grad_logits(from_peft, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+class safe_keys:
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.file = safe_open(str(path / "adapter_model.safetensors"), framework="pt")
+
+    def __enter__(self):
+        return sorted(self.file.keys())
+
+    def __exit__(self, *exc):
+        return False
+
+
+def greedy_by_full_forwards(model, ids, mask, steps):
+    """Greedy decoding with no cache: every step runs the whole sequence again (the oracle)."""
+    out, mask = ids.clone(), mask.clone()
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(out, attention_mask=mask, use_cache=False).logits[:, -1]
+            out = torch.cat((out, logits.argmax(-1, keepdim=True)), dim=1)
+            mask = torch.cat((mask, torch.ones_like(mask[:, :1])), dim=1)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("case", ["prefix", "prefix-projection", "p-tuning-lstm"])
+def test_generate_with_the_kv_cache_equals_greedy_full_forwards_batched_with_left_padding(case):
+    model = perturbed(CASES[case][0])
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(generated, greedy_by_full_forwards(model, ids, mask, 6))
+    for row in range(ids.shape[0]):  # batched equals each row alone (its padding removed)
+        keep = mask[row].bool()
+        alone = greedy_by_full_forwards(model, ids[row:row + 1, keep], mask[row:row + 1, keep], 6)
+        if keep.all():
+            assert torch.equal(alone, generated[row:row + 1])
+
+
+def test_use_cache_false_and_true_give_the_same_logits_for_prefix():
+    model = perturbed(CASES["prefix"][0])
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        cached = model(ids, attention_mask=mask, use_cache=True)
+        plain = model(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(cached.logits, plain, atol=0, rtol=0)
+    assert cached.past_key_values.get_seq_length() == 3 + ids.shape[1]  # the prefix, then the tokens
+
+
+def test_mixed_batches_prefix_with_lora_and_base_rows_and_p_tuning_with_prompt_tuning():
+    model = lively_llama()
+    torch.manual_seed(1)
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=3), "prefix")
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True, encoder_hidden_size=8), "long")
+    attach_random(model, "lora", 2)
+    dt.attach(model, dt.PromptEncoderConfig(num_virtual_tokens=2), "ptune")
+    dt.attach(model, dt.PromptTuningConfig(num_virtual_tokens=4), "prompt")
+    ids = torch.randint(0, 256, (5, 7), generator=torch.Generator().manual_seed(4))
+    assert_mixed_equals_alone(model, ids, ["prefix", None, "long", "lora", "prefix"])
+    assert_mixed_equals_alone(model, ids, ["ptune", "prompt", None, "lora", "ptune"])
+    with pytest.raises(ValueError, match="separate batches"), dt.route(model, ["prefix", "prompt", None, None, None]):
+        model(ids)
+
+
+def test_errors_name_the_field_before_anything_changes():
+    for make, field in [(lambda: dt.PrefixTuningConfig(init_weights="gaussian"), "init_weights"),
+                        (lambda: dt.PrefixTuningConfig(prefix_projection=1), "prefix_projection"),
+                        (lambda: dt.PromptEncoderConfig(encoder_reparameterization_type="GRU"), "encoder_reparameterization_type"),
+                        (lambda: dt.PromptEncoderConfig(encoder_num_layers=3), "encoder_num_layers"),
+                        (lambda: dt.PromptEncoderConfig(encoder_dropout=1.5), "encoder_dropout"),
+                        (lambda: dt.PrefixTuningConfig(num_virtual_tokens=0), "num_virtual_tokens"),
+                        (lambda: dt.PrefixTuningConfig(target_modules=["q_proj"]), "target_modules")]:
+        with pytest.raises(dt.ConfigError, match=field):
+            make()
+    model = make_tiny_llama()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(dt.ConfigError, match="context"):
+        dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=128))
+    with pytest.raises(dt.ConfigError, match="token_dim"):
+        dt.attach(model, dt.PrefixTuningConfig(token_dim=48))
+    assert not dt.adapter_configs(model) and model.state_dict().keys() == state.keys()
+
+
+@pytest.mark.parametrize("case", ["prefix-projection", "p-tuning-mlp"])
+def test_training_moves_the_encoder_and_the_loss_falls(case):
+    model = dt.attach(lively_llama(), CASES[case][0]()).train()
+    ids = torch.randint(0, 256, (4, 12), generator=torch.Generator().manual_seed(6))
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(not torch.equal(a, b) for a, b in zip(before, params))  # every encoder tensor trained
