@@ -9,8 +9,11 @@ AMX-BF16), `torch.set_num_threads(2)`, each configuration in a fresh process, `-
 
     lora        deltatune's training step as `deltatune train` runs it: fp32 model, frozen linear weights stored
                 in bf16 (frozen_bf16), chunked fused loss, fused AdamW
+    lora-fp32   the same with the frozen linear weights kept in fp32 (frozen_bf16: false)
     qlora       the same step on `load_model(quantize="nf4")`: linear layers in NF4 + double quantization
                 (deltatune.quant.Linear4bit, compute dtype bf16), the head and norms fp32
+    gguf        the same step on `load_model(quantize="gguf")`: linear layers in the GGUF file's own Q4_1 blocks
+                (deltatune.quant.gguf.LinearQ4_1, compute dtype bf16; weights equal to the lora row's)
     peft-bnb    transformers + bitsandbytes 4-bit (nf4, double quant, bf16 compute) + peft LoRA, as its
                 documentation has it: prepare_model_for_kbit_training (no gradient checkpointing),
                 model(ids, labels=ids).loss, torch's AdamW
@@ -40,7 +43,7 @@ from _common import cpu_name  # bench/ is on sys.path when this script runs
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, SEQ = 4, 256
 LORA = dict(r=16, lora_alpha=32, target_modules="all-linear")
-CONFIGS = ("lora", "qlora", "peft-bnb")
+CONFIGS = ("lora", "lora-fp32", "qlora", "gguf", "peft-bnb")
 RESULT_PREFIX = "RESULT "
 
 
@@ -74,10 +77,11 @@ def build(name: str):
     from deltatune.train.memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
     from deltatune.train.optim import build_optimizer
 
-    quantize = "nf4" if name == "qlora" else None
+    quantize = {"qlora": "nf4", "gguf": "gguf"}.get(name)
     model, _ = load_model(quantize=quantize, compute_dtype=torch.bfloat16)
     dt.attach(model, dt.LoraConfig(**LORA))
-    store_frozen_linears_in_bf16(model)  # what the loop does under bf16 autocast (NF4 layers are left alone)
+    if name != "lora-fp32":  # lora-fp32: the frozen weights stay fp32 (frozen_bf16: false), still bf16 autocast
+        store_frozen_linears_in_bf16(model)  # what the loop does under bf16 autocast (4-bit layers are left alone)
     copy_out_of_file_mappings(model)
     return model, model, build_optimizer(model, OptimConfig(lr=1e-4)), "chunked"
 
@@ -102,11 +106,13 @@ def make_step(model, hf, optimizer, kind: str, ids: torch.Tensor):
     return step
 
 
-def dequantize_share(step) -> dict[str, float]:
-    """One step with every Linear4bit dequantization timed: (step s, dequantize s, count)."""
+def dequantize_share(step, name: str) -> dict[str, float]:
+    """One step with every 4-bit dequantization (NF4, or Q4_1 for gguf) timed: (step s, dequantize s, count)."""
     from deltatune.quant import Linear4bit
+    from deltatune.quant.gguf import LinearQ4_1
 
-    original = Linear4bit.dequantize_weight
+    layer_class = LinearQ4_1 if name == "gguf" else Linear4bit
+    original = layer_class.dequantize_weight
     spent = [0.0, 0]
 
     def timed(self):
@@ -116,13 +122,13 @@ def dequantize_share(step) -> dict[str, float]:
         spent[1] += 1
         return out
 
-    Linear4bit.dequantize_weight = timed
+    layer_class.dequantize_weight = timed
     try:
         start = time.perf_counter()
         step()
         total = time.perf_counter() - start
     finally:
-        Linear4bit.dequantize_weight = original
+        layer_class.dequantize_weight = original
     return {"step_s": total, "dequantize_s": spent[0], "dequantizations": spent[1]}
 
 
@@ -145,7 +151,7 @@ def run_one(name: str, args) -> dict:
         cpu.append(time.process_time() - c)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     peak = peak_rss_mib()  # before the instrumented steps
-    parts = [dequantize_share(step) for _ in range(args.breakdown)] if name == "qlora" else []
+    parts = [dequantize_share(step, name) for _ in range(args.breakdown)] if name in ("qlora", "gguf") else []
     return {"config": name, "load_s": load_s, "rss_ready_mib": ready, "peak_rss_mib": peak,
             "training_mib": peak - ready, "times": times, "median_s": statistics.median(times), "cpu_times": cpu,
             "cpu_s": statistics.median(cpu), "minor_faults": statistics.median(faults), "losses": losses,
@@ -195,11 +201,12 @@ def markdown(best: dict[str, dict], runs: dict[str, list[dict]], meta: dict) -> 
         lines.append(f"| {name} | {r['median_s']:.2f} ({rounds}) | {cpu:.2f} ({cpu_rounds}) | {ratio} | "
                      f"{min(x['peak_rss_mib'] for x in ok):.0f} | {min(x['rss_ready_mib'] for x in ok):.0f} | "
                      f"{min(x['training_mib'] for x in ok):.0f} | {r['losses'][0]:.4f} |")
-    d = best.get("qlora", {}).get("dequantize")
-    if d:
-        share = d["dequantize_s"] / d["step_s"]
-        lines += ["", f"deltatune QLoRA, one instrumented step: {d['dequantizations']} dequantizations took "
-                      f"{d['dequantize_s']:.2f} s of a {d['step_s']:.2f} s step ({share:.0%})."]
+    for name in ("qlora", "gguf"):
+        d = best.get(name, {}).get("dequantize")
+        if d:
+            share = d["dequantize_s"] / d["step_s"]
+            lines += ["", f"deltatune {name}, one instrumented step: {d['dequantizations']} dequantizations took "
+                          f"{d['dequantize_s']:.2f} s of a {d['step_s']:.2f} s step ({share:.0%})."]
     return "\n".join(lines) + "\n"
 
 

@@ -33,6 +33,7 @@ from .methods.adalora import AdaLoraConfig
 from .methods.relora import ReLoraConfig
 from .core.targets import TargetNotFoundError
 from .methods.lora import LoraConfig
+from .methods.lora_init import replace_lora_weights_loftq
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.p_tuning import PromptEncoderConfig
 from .methods.prefix_tuning import PrefixTuningConfig
@@ -53,6 +54,7 @@ from .train.config import TrainConfig, load_config
 from .train.loop import TrainResult  # `train`: the package deltatune.train, callable as train.loop.train
 
 __all__ = [
+    "replace_lora_weights_loftq",
     "__version__", "AdapterConfig", "ConfigError", "AdapterFileError", "Site", "WeightSite", "BlockSite", "AdapterLayer",
     "Delta", "NotMergeableError", "adapters", "register_variant", "TargetNotFoundError",
     "LoraConfig", "IA3Config", "PromptTuningConfig", "BottleneckConfig", "BitFitConfig", "FullConfig",

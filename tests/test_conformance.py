@@ -43,6 +43,16 @@ CASES: dict[str, list[Case]] = {
         Case("dora-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")),
         Case("dora-rslora-qv", lambda: dt.LoraConfig(r=8, lora_alpha=16, use_dora=True, use_rslora=True,
                                                      target_modules=["q_proj", "v_proj"])),
+        # initialisations (methods/lora_init.py): PiSSA/OLoRA keep W and the initial factors; LoftQ quantizes the
+        # base itself (so no second adapter, no in-place merge, and not the base's function at start)
+        Case("pissa-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear",
+                                                       init_lora_weights="pissa")),
+        Case("olora-niter-qv", lambda: dt.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights="olora")),
+        Case("loftq-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                       init_lora_weights="loftq",
+                                                       loftq_config={"loftq_bits": 4, "loftq_iter": 2}),
+             identity_at_init=False, mergeable=False, mixable=False, max_trainable_fraction=0.5),  # W is now buffers
     ],
     # output vectors on k/v, an input vector on down_proj (peft's Llama defaults); a regex with an input vector
     "IA3": [
