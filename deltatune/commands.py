@@ -4,6 +4,7 @@ arguments. `deltatune.cli` builds the parser, dispatches here, and turns expecte
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shlex
 import sys
@@ -57,9 +58,10 @@ def recorded_base_quantization(adapter: str | os.PathLike) -> str:
     """The base quantization an adapter's file records (e.g. "nf4-dq"; "" for none or an unreadable file)."""
     from safetensors import safe_open
 
-    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME
+    from .core.io import BASE_QUANTIZATION_KEY, WEIGHTS_NAME, split_adapter_spec
 
     try:
+        adapter = split_adapter_spec(adapter)[0]  # `DIR@rank=4`: the directory before its overrides
         with safe_open(str(Path(adapter) / WEIGHTS_NAME), framework="pt") as f:
             return (f.metadata() or {}).get(BASE_QUANTIZATION_KEY, "")
     except Exception:  # no or no readable file: load_adapter says what is wrong with it
@@ -158,22 +160,83 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise SystemExit(2)
 
 
+def _check_mergeable(adapter: str) -> None:
+    """Refuse, from the adapter file alone, a method whose adapter cannot fold into the weights: virtual tokens
+    (prompt learning: nothing to fold) or deltas that are not linear in W (bottleneck adapters)."""
+    from .core.io import read_adapter, split_adapter_spec
+    from .core.registry import method_of
+
+    config, _, _ = read_adapter(split_adapter_spec(adapter)[0])
+    method = method_of(config)
+    deltas = method.delta_classes(config)
+    if method.inject is not None and not deltas and method.select is None:
+        raise CommandError(f"--adapter {adapter}: a {config.peft_type} adapter adds virtual tokens and has no weights "
+                           "to fold into the model, so it cannot be merged; serve or generate with the base and "
+                           "--adapter instead")
+    if deltas and not any(d.mergeable for d in deltas) and method.select is None:
+        raise CommandError(f"--adapter {adapter}: a {config.peft_type} adapter is not linear in the weights (a "
+                           "nonlinear module between layers), so it cannot be merged; serve or generate with the "
+                           "base and --adapter instead")
+
+
+def declare_added_biases(model: Any) -> list[str]:
+    """Make the model's config declare the biases a merge added (BitFit on a bias-free Llama: q_proj.bias ...),
+    so `from_pretrained` builds and loads them instead of dropping them: each `*_bias` flag of the config that is
+    false is set where that makes the architecture have the added biases; biases the flag implies that the merge
+    did not add are written as zeros (the same function). Raises CommandError if no flag declares them.
+    Returns the flags set."""
+    import torch
+
+    def keys(config: Any) -> set[str]:
+        with torch.device("meta"):
+            return set(type(model)._from_config(config).state_dict())
+
+    have = set(model.state_dict())
+    added = have - keys(model.config)
+    if not added:
+        return []
+    config, flags = copy.deepcopy(model.config), []
+    for flag in [k for k, v in vars(model.config).items() if k.endswith("_bias") and v is False]:
+        trial = copy.deepcopy(config)
+        setattr(trial, flag, True)
+        if keys(trial) & added:
+            config, flags = trial, flags + [flag]
+    missing = added - keys(config)
+    if missing:
+        raise CommandError(f"the merged model has biases its architecture cannot declare ({sorted(missing)[0]} ...); "
+                           f"{type(model).__name__}'s config has no flag for them, and transformers would drop them on "
+                           "load. Serve the base with --adapter instead")
+    for name in sorted(keys(config) - have):  # biases a flag implies that the merge did not add: zeros
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf == "bias" and getattr(module, "bias", 0) is None and hasattr(module, "out_features"):
+            module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                         device=module.weight.device), requires_grad=False)
+    for flag in flags:
+        setattr(model.config, flag, True)
+    return flags
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 
     from .core.model import merge_and_unload
     from .quant import check_full_precision, dequantize_model
 
+    _check_mergeable(args.adapter)  # before the model loads: a prompt or a bottleneck has no weights to fold
     # An NF4 base dequantizes in fp32: the adapter's delta is added to the weights it was trained on, exactly.
     model, tokenizer = _load_base(args, compute_dtype=torch.float32)
+    print("deltatune: merging the adapter into the base weights ...", file=sys.stderr, flush=True)
     try:
         merged = merge_and_unload(model, safe=True)
     except (ValueError, RuntimeError) as exc:  # a NaN/Inf merged weight, a method that cannot merge
         raise CommandError(f"--adapter {args.adapter}: cannot merge: {exc}") from None
     dequantize_model(merged, torch.float32)  # NF4 layers the adapter did not touch
     check_full_precision(merged, "deltatune merge")
+    declare_added_biases(merged)
     merged.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     out = Path(args.out)
+    print(f"deltatune: writing the merged model to {out} ...", file=sys.stderr, flush=True)
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"merged model written to {out} (load it with transformers.AutoModelForCausalLM.from_pretrained)")

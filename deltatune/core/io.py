@@ -23,7 +23,7 @@ from torch import nn
 
 from .._version import __version__
 from .config import ConfigError
-from .adapter import resolve
+from .adapter import logical_name, resolve
 from .model import adapter_configs, adapters, attach, active_adapters, delete_adapter, set_active
 from .registry import config_from_dict
 from .sites import weight_kind
@@ -272,6 +272,7 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     """
     adapter = adapters(model)[name]
     live = adapter_tensors(model, name)
+    tensors = _match_wrapped_names(tensors, live)
     tensors = _part_live_tensors(adapter.part(model), tensors, path / WEIGHTS_NAME)
     base = {PREFIX + key: param for key, param in model.named_parameters()}
     extra = sorted(set(tensors) - set(live))
@@ -322,6 +323,21 @@ def _part_live_tensors(part: nn.Module | None, tensors: dict[str, torch.Tensor],
     except ValueError as exc:
         raise AdapterFileError(f"{where}: {exc}") from None
     return {**{k: v for k, v in tensors.items() if k not in given}, **live}
+
+
+def _match_wrapped_names(tensors: dict[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """File keys renamed to the live keys they name across another adapter's wrapping: a parameter trained in
+    place (BitFit's q_proj.bias) is `q_proj.base_layer.bias` once a LoRA wraps q_proj, and the reverse for a
+    file saved in that state and loaded onto a plain model. Only an unambiguous one-to-one twin is renamed."""
+    missing = {logical_name(k): k for k in live if k not in tensors}
+    if not missing:
+        return tensors
+    renamed = dict(tensors)
+    for key in [k for k in tensors if k not in live]:
+        twin = missing.get(logical_name(key))
+        if twin is not None and twin not in renamed:
+            renamed[twin] = renamed.pop(key)
+    return renamed
 
 
 def _check_part_tensors(model: nn.Module, adapter: Any, tensors: Mapping[str, torch.Tensor], where: str) -> None:

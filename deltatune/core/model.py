@@ -271,6 +271,7 @@ def route(model: nn.Module, adapter_names: Sequence[str | None], *, per_token: b
     With `per_token=True` the names are per token of a flattened batch (continuous batching). The result for
     each row equals running that row alone with only its adapter active.
     """
+    adapter_names = _route_names(adapter_names, per_token)
     named = [n for n in dict.fromkeys(adapter_names) if n is not None]
     _require(model, named)
     in_place = [n for n in named if adapters(model)[n].in_place()]
@@ -281,6 +282,26 @@ def route(model: nn.Module, adapter_names: Sequence[str | None], *, per_token: b
         )
     with using(RoutingPlan(adapter_names, per_token=per_token)):
         yield model
+
+
+def _route_names(names: object, per_token: bool) -> list[str | None]:
+    """The names of `route`, checked: one per row (or, per token, one per token: a (rows x tokens) nested
+    list is flattened row by row, as the batch's tokens are)."""
+    if isinstance(names, str):
+        raise TypeError(f"route takes a list of adapter names (one per row), got the string {names!r}; "
+                        f"for every row of a batch use [{names!r}] * batch_size")
+    names = list(names)
+    nested = [i for i, n in enumerate(names) if isinstance(n, (list, tuple))]
+    if nested:
+        if not per_token:
+            raise TypeError(f"route: row {nested[0]} is given a list of names, but per-row routing takes one name "
+                            "per row; pass per_token=True for names per token")
+        names = [n for row in names for n in (row if isinstance(row, (list, tuple)) else [row])]
+    bad = [(i, n) for i, n in enumerate(names) if n is not None and not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"route: position {bad[0][0]} is {bad[0][1]!r}; each entry is an adapter name (str) or None "
+                        "(the base)")
+    return names
 
 
 def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = True) -> nn.Module:

@@ -186,6 +186,16 @@ class Stage:
             return self.site.affine(self.before)
 
 
+def _refuse_training_merged(site: "Site") -> None:
+    """A training forward through a site whose only active adapters are merged, with their parameters still
+    trainable: the loss would not reach them ("element 0 of tensors does not require grad"); say why instead."""
+    trainable = [n for n in site.merged_adapters if any(p.requires_grad for p in site.deltas[n].parameters())]
+    if trainable:
+        raise RuntimeError(f"adapter {trainable[0]!r} is merged into the base weights, and a merged adapter does not "
+                           "train (its parameters are no longer in the forward); call deltatune.unmerge(model) "
+                           "before training, or run the merged model under model.eval() or torch.no_grad()")
+
+
 class Site(nn.Module):
     """A base module plus named deltas, applied in the order they were attached."""
 
@@ -233,6 +243,8 @@ class Site(nn.Module):
             return self._routed(plan, args, kwargs)
         chain = self.chain()
         if not chain:
+            if self.merged_adapters and self.training and torch.is_grad_enabled():
+                _refuse_training_merged(self)
             return self.base_layer(*args, **kwargs)
         x, call_base = self._input(args, kwargs)
         inputs = _stage_inputs(chain, x)

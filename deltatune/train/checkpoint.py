@@ -87,6 +87,21 @@ def checkpoint_dir(output_dir: str | os.PathLike, step: int) -> Path:
 
 
 # ---- writing --------------------------------------------------------------------------------------------
+def _write_failed(exc: BaseException) -> bool:
+    """A failed file write: ENOSPC/EDQUOT/EFBIG, or torch.save's "[enforce fail at inline_container.cc] ...
+    file write failed" RuntimeError, which is how a full disk shows through PyTorch's zip writer."""
+    import errno
+
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    text = str(exc)
+    return "inline_container" in text or "write failed" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -127,6 +142,14 @@ def save_checkpoint(
         _fsync(tmp / ADAPTER)
         _fsync(tmp)
         _replace_dir(tmp, final)
+    except (OSError, RuntimeError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, CheckpointError) or not _write_failed(exc):
+            raise
+        free = shutil.disk_usage(final.parent).free / 2**20
+        raise CheckpointError(f"writing checkpoint {final} failed ({_first_line(exc)}); {free:.0f} MiB are free on that "
+                              "disk, which is probably full. Free space (or save less often: --save_every, "
+                              "--keep_last); the newest intact checkpoint is kept and resume continues from it") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
