@@ -196,3 +196,38 @@ def test_set_adapter_tensors_checks_everything_before_writing():
     assert_unchanged(model, saved)
     dt.set_adapter_tensors(model, "default", {bare: torch.zeros_like(filled[key])}, strict=False)  # prefix optional
     assert torch.equal(dt.adapter_tensors(model, "default")[key], torch.zeros_like(filled[key]))
+
+
+def test_train_samples_ranks_and_resumes_exactly(tmp_path):
+    """Through `train()`: the hook's sampled ranks and generator are checkpointed, so a killed run resumed from
+    its checkpoint equals the run never stopped (losses and tensors, bitwise)."""
+    from test_train_loop import KillAt, Killed, prompt_completion, run, saved, make_tokenizer
+
+    tokenizer = make_tokenizer()
+    common = dict(max_steps=6, batch_size=2, save_every=3, optim={"lr": 5e-3, "weight_decay": 0.1},
+                  adapter={"peft_type": "DYLORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    records = prompt_completion(6)
+    full = run(tmp_path, "full", records, tokenizer, **common)
+    with pytest.raises(Killed):
+        run(tmp_path, "cut", records, tokenizer, hooks=[KillAt(5)], **common)
+    resumed = run(tmp_path, "cut", records, tokenizer, resume=True, **common)
+    assert resumed.losses == {s: full.losses[s] for s in (4, 5, 6)}
+    a, b = saved(resumed.adapter_dir), saved(full.adapter_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_serve_registry_and_cli_take_the_rank_after_the_path(tmp_path, capsys):
+    from serve_helpers import tiny_llama
+    from deltatune.serve import RequestError
+    from deltatune.serve.registry import AdapterRegistry
+
+    source = tiny_llama()
+    dt.attach(source, dt.DyLoraConfig(r=4, target_modules=TARGETS))
+    dt.save_adapter(source, tmp_path / "dy")
+    registry = AdapterRegistry(tiny_llama())
+    entry = registry.add("dy2", f"{tmp_path / 'dy'}@rank=2")
+    assert dt.adapter_configs(registry.model)[entry.internal].rank == 2
+    with pytest.raises(RequestError, match="rank=7 is above the trained maximum r=4"):
+        registry.add("dy7", f"{tmp_path / 'dy'}@rank=7")
+    from deltatune.commands import recorded_base_quantization
+    assert recorded_base_quantization(f"{tmp_path / 'dy'}@rank=2") == ""  # reads the directory before '@'

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..core.adapter import logical_name, resolve
-from ..core.io import WEIGHTS_NAME, AdapterFileError, adapter_tensors, load_adapter, read_adapter
+from ..core.io import WEIGHTS_NAME, AdapterFileError, adapter_tensors, load_adapter, read_adapter, split_adapter_spec
 from ..core.model import adapters as attached_adapters
 from ..core.model import attach, delete_adapter
 from ..methods.lora import LoraConfig, LoraLinear
@@ -71,6 +71,7 @@ class AdapterRegistry:
         self.metrics = metrics or _NoMetrics()
         self.entries: dict[str, Entry] = {}  # resident adapters by public name
         self.known: dict[str, Path] = {}  # named adapters (reloaded on demand after an eviction)
+        self.overrides: dict[str, dict[str, Any]] = {}  # config overrides of a named adapter (`PATH@rank=4`)
         self._load_lock = threading.Lock()  # one load at a time; never held during a forward
         self._count = 0
 
@@ -112,7 +113,9 @@ class AdapterRegistry:
         """Make `name` a named adapter read from `path` (any directory the operator gives) and load it now."""
         if not _NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r} must be letters, digits and ._- (starting with a letter or digit)")
+        path, overrides = split_adapter_spec(path)  # `PATH@rank=4`: config overrides (a DyLoRA's rank)
         self.known[name] = Path(path).resolve()
+        self.overrides[name] = overrides
         entry = self._ensure(name)
         entry.pinned = entry.pinned or pin
         return entry
@@ -185,7 +188,7 @@ class AdapterRegistry:
             self._make_room(needed)
             internal = self._new_internal()
             try:
-                load_adapter(self.model, path, internal, activate=False)  # rereads the file from the page cache
+                load_adapter(self.model, path, internal, activate=False, overrides=self.overrides.get(name))
             except AdapterFileError as exc:
                 raise RequestError(f"adapter {name!r} does not fit this base model: {exc}", param="model") from None
             entry = self._register(name, internal, path)
