@@ -26,7 +26,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import nn
@@ -69,6 +69,19 @@ class PromptLearningConfig(AdapterConfig):
         given = [key for key in _NO_TARGETS if getattr(self, key) is not None]
         if given:
             raise ConfigError(f"{given[0]} is set, but {method} adds virtual tokens and targets no modules; remove it")
+
+    def describe(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        return {"prompt": f"{self.num_virtual_tokens} virtual tokens of {self.token_dim} dims",
+                "targets": "none (virtual tokens at the input)"}
+
+    def check_file(self, tensors: Mapping[str, Any]) -> str:
+        """The prompt's rows against num_virtual_tokens before attach allocates p x token_dim (a file saying
+        2e7 would take 46 GB first)."""
+        prompt = tensors.get("prompt_embeddings")
+        if prompt is not None and prompt.dim() == 2 and prompt.shape[0] != self.num_virtual_tokens:
+            return (f"num_virtual_tokens is {self.num_virtual_tokens}, but the file's prompt_embeddings has "
+                    f"{prompt.shape[0]} rows; the config or the weights are corrupted")
+        return ""
 
     def to_dict(self) -> dict[str, Any]:
         """peft's keys exactly: no target keys (prompt learning has none)."""
