@@ -32,6 +32,7 @@ from ..core.adapter import logical_name, resolve
 from ..core.io import WEIGHTS_NAME, AdapterFileError, adapter_tensors, load_adapter, read_adapter, split_adapter_spec
 from ..core.model import adapters as attached_adapters
 from ..core.model import attach, delete_adapter
+from ..compose.combine import combine_adapters
 from ..methods.lora import LoraConfig, LoraLinear
 from .sampling import RequestError
 
@@ -136,6 +137,40 @@ class AdapterRegistry:
     def blend(self, weights: Mapping[str, float]) -> str:
         """Attached name of the cached blend of `weights` (for Engine(blend=...)); not held."""
         return self._blend_entry(weights).internal
+
+    def add_combination(self, name: str, weights: Mapping[str, float], *, pin: bool = False,
+                        directory: str | os.PathLike | None = None, **options: Any) -> Entry:
+        """Make `name` a named combination of adapters (`deltatune.compose.combine_adapters` with `options`, e.g.
+        combination_type="svd", svd_rank=8; default cat). It is built once and saved under `directory` (default:
+        a temporary directory of this registry), then is a named adapter like any other: listed, counted against
+        max_bytes, evicted and reloaded from its file. Per-request blends stay ephemeral and unlisted."""
+        from ..compose.combine import CombineError
+        from ..core.io import save_adapter
+
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"adapter name {name!r} must be letters, digits and ._- (starting with a letter or digit)")
+        weights = _check_weights(weights)
+        options.setdefault("combination_type", "cat")
+        parts: dict[str, str] = {}
+        try:
+            for n in weights:  # held while the combination is built
+                parts[n] = self.acquire(n)
+            with self.lock:
+                temp = self._new_internal()
+                combine_adapters(self.model, [parts[n] for n in weights], list(weights.values()), temp, **options)
+                try:
+                    if directory is None:
+                        import tempfile
+                        self._combinations = getattr(self, "_combinations", None) or tempfile.mkdtemp(prefix="deltatune-combined-")
+                    path = save_adapter(self.model, Path(directory or self._combinations) / name, temp)
+                finally:
+                    delete_adapter(self.model, temp)
+        except CombineError as exc:
+            raise RequestError(f"cannot combine {', '.join(map(repr, weights))} into {name!r}: {exc}", param="adapters") from None
+        finally:
+            for internal_part in parts.values():
+                self.release(internal_part)
+        return self.add(name, path, pin=pin)
 
     def pin(self, name: str, pinned: bool = True) -> None:
         self._ensure(name).pinned = pinned
@@ -292,21 +327,5 @@ def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str) -> str
                                f"{adapter.config.peft_type} with other parts", param="adapters")
         for path, delta in deltas.items():
             sites.setdefault(path, {})[adapter_name] = delta
-    ranks = {n: max(d.lora_A.weight.shape[0] for s in sites.values() for a, d in s.items() if a == n) for n in weights}
-    rank = sum(ranks.values())
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=sorted(map(logical_name, sites)), inference_mode=True)
-    attach(model, config, name, activate=False)
-    with torch.no_grad():
-        for path, parts in sites.items():
-            target = model.get_submodule(resolve(model, path)).deltas[name]
-            A, B = target.lora_A.weight, target.lora_B.weight
-            A.zero_(), B.zero_()
-            start = 0
-            for adapter_name, weight in weights.items():
-                delta = parts.get(adapter_name)
-                if delta is not None:
-                    r = delta.lora_A.weight.shape[0]
-                    A[start: start + r] = delta.lora_A.weight
-                    B[:, start: start + r] = delta.lora_B.weight * (weight * delta.scaling)
-                start += ranks[adapter_name]
+    combine_adapters(model, list(weights), list(weights.values()), name, combination_type="cat")  # compose's cat
     return name
