@@ -53,6 +53,7 @@ CASES: dict[str, list[Case]] = {
                                                        init_lora_weights="loftq",
                                                        loftq_config={"loftq_bits": 4, "loftq_iter": 2}),
              identity_at_init=False, mergeable=False, mixable=False, max_trainable_fraction=0.5),  # W is now buffers
+        Case("eva-qv", lambda: dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva")),
     ],
     # output vectors on k/v, an input vector on down_proj (peft's Llama defaults); a regex with an input vector
     "IA3": [

@@ -54,11 +54,6 @@ def test_config_validation_names_the_field(bad, match):
         dt.LoraConfig(r=4, **bad)
 
 
-def test_eva_without_a_data_pass_is_refused_at_attach():
-    with pytest.raises(ConfigError, match="pass over training data"):
-        dt.attach(make_tiny_llama(), dt.LoraConfig(r=4, init_lora_weights="eva"))
-
-
 def test_inits_from_yaml_flags_and_python(tmp_path):
     from deltatune.train.config import load_config
 
@@ -241,3 +236,43 @@ def test_cli_loftq_train_eval_generate_merge_rebuild_the_base(tmp_path, model_di
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     ids = torch.randint(6, 22, (2, 9), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(_logits(merged, ids), _logits(rebuilt, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_eva_prepass_sets_A_to_the_principal_components_of_the_layer_inputs(input_ids):
+    from deltatune.train.prepass import local_data
+
+    examples = [{"input_ids": row.tolist(), "labels": row.tolist()} for row in input_ids]
+    config = dt.LoraConfig(r=3, target_modules=["q_proj", "k_proj", "down_proj"], init_lora_weights="eva")
+    model = dt.attach(make_tiny_llama(), config)
+    base = _logits(make_tiny_llama(), input_ids)
+    lora_init.eva_prepass(model, config, "default", local_data(examples))
+    torch.testing.assert_close(_logits(model, input_ids), base, atol=0, rtol=0)  # B = 0: the base exactly
+    inputs = {}
+    layer = model.model.layers[1]
+    handle = layer.mlp.down_proj.base_layer.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+    _logits(model, input_ids)
+    handle.remove()
+    x = inputs["x"].reshape(-1, inputs["x"].shape[-1]).double()
+    _, _, Vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+    A = layer.mlp.down_proj.deltas["default"].lora_A.weight.double()
+    torch.testing.assert_close((A @ Vh[:3].T).abs(), torch.eye(3, dtype=torch.float64), atol=1e-4, rtol=0)
+    assert (A.gather(1, A.abs().argmax(1, keepdim=True)) > 0).all()  # sklearn's sign convention
+    q, k = layer.self_attn.q_proj.deltas["default"], layer.self_attn.k_proj.deltas["default"]
+    assert torch.equal(q.lora_A.weight, k.lora_A.weight)  # one input, one decomposition
+    with pytest.raises(ConfigError, match="needs training data"):
+        lora_init.eva_prepass(model, config, "default", local_data([]))
+    for bad, match in (({"rho": 2.0}, "rank redistribution"), ({"whiten": True}, "whiten"), ({"tau": 2}, "tau")):
+        with pytest.raises(ConfigError, match=match):
+            dt.LoraConfig(r=3, init_lora_weights="eva", eva_config=bad)
+
+
+def test_train_with_eva_runs_the_prepass_and_writes_a_plain_lora(tmp_path, model_dir, chats, capsys):  # noqa: F811
+    from test_cli import run as run_cli
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["train", "--model", str(model_dir), "--data.train", str(chats), "--max_steps", "1",
+                                 "--batch_size", "2", "--output_dir", str(out), "--adapter.r", "2",
+                                 "--precision", "fp32", "--adapter.init_lora_weights", "eva"], capsys)
+    assert code == 0, err
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] == "eva" and saved["r"] == 2

@@ -224,4 +224,4 @@ def trained_biases(model: nn.Module, config: LoraConfig, sites: Sequence[str]) -
 
 
 register(LoraConfig, LoraLinear, LoraEmbedding, select=trained_biases, readers=("peft", "vLLM", "deltatune"),
-         resolve=lora_init.prepare_base, save_view=lora_init.save_view)
+         resolve=lora_init.prepare_base, save_view=lora_init.save_view, prepass=lora_init.eva_prepass)
