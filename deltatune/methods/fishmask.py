@@ -97,6 +97,7 @@ class SparseDelta(Delta):
         # placeholders until a file or the pre-pass gives the indices: k distinct positions, evenly spread
         self.register_buffer("fish_indices", (torch.arange(k) * (n // max(k, 1))).to(torch.int32))
         self.fish_values = nn.Parameter(torch.zeros(k))
+        self.recording: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # (input, probe) while the Fisher runs
 
     def set_mask(self, indices: torch.Tensor) -> None:
         """New sorted flat indices (values 0): the pre-pass's choice. Makes new tensors: build optimizers after."""
@@ -109,6 +110,10 @@ class SparseDelta(Delta):
         return flat.index_add(0, self.fish_indices.long(), self.fish_values.to(dtype)).view(self.shape)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, stage: Stage) -> torch.Tensor:
+        if self.recording is not None:  # the Fisher pre-pass: ∂L/∂W = Σ_t (∂L/∂y_t) x_tᵀ, from a probe on y
+            probe = torch.zeros_like(y, requires_grad=True)
+            self.recording.append((x.detach(), probe))
+            y = y + probe
         if not len(self.fish_values):
             return y
         return y + F.linear(x.to(self.fish_values.dtype), self.dense(self.fish_values.dtype)).to(y.dtype)
@@ -121,12 +126,6 @@ class SparseDelta(Delta):
 
 
 # ---- the Fisher pre-pass ------------------------------------------------------------------------------------
-def _base_weight_param(model: nn.Module, adapter: Any, path: str) -> nn.Parameter:
-    from ..core.adapter import resolve
-
-    return model.get_submodule(resolve(model, path)).base_layer.weight
-
-
 def example_log_likelihood(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Σ over labelled tokens of log p(y_t | x, y_<t), per row (B,)."""
     labels = batch["labels"]
@@ -137,36 +136,40 @@ def example_log_likelihood(model: nn.Module, batch: dict[str, torch.Tensor]) -> 
     return (picked * (targets != IGNORE_INDEX)).sum(dim=1)
 
 
-def fisher_scores(model: nn.Module, weights: dict[str, nn.Parameter], data: Any, *, per_example: bool,
+def fisher_scores(deltas: dict[str, SparseDelta], model: nn.Module, data: Any, *, per_example: bool,
                   batch_size: int = 8, clip: float | None = None) -> dict[str, torch.Tensor]:
-    """Σ_n (∂ log p(y_n|x_n)/∂W)² / N for each named base weight, summed over processes (data.reduce_sum).
-    per_example=False squares the gradient of each batch's mean log-likelihood instead. `clip` clips each
-    weight's gradient norm first (Child-tuning_D's rule)."""
-    flags = {k: w.requires_grad for k, w in weights.items()}
-    scores = {k: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for k, w in weights.items()}
+    """Σ_n (∂ log p(y_n|x_n)/∂W)² / N for the base weight under each delta, summed over processes
+    (data.reduce_sum). The gradient comes from the layer's input and a probe added to its output, so the base
+    weight needs no gradient and may be quantized (NF4): ∂L/∂W = Σ_t (∂L/∂y_t) x_tᵀ. per_example=False squares
+    the gradient of each batch's mean log-likelihood instead. `clip` first scales each weight's gradient to norm
+    at most `clip` (Child-tuning_D's rule)."""
+    scores = {k: torch.zeros(d.shape, dtype=torch.float32, device=d.fish_values.device) for k, d in deltas.items()}
     size = 1 if per_example else batch_size
     count = torch.zeros((), dtype=torch.float64)
     was_training = model.training
     model.eval()  # no dropout: the Fisher of the model as it is
     try:
-        for w in weights.values():
-            w.requires_grad_(True)
         for start in range(0, len(data.examples), size):
+            for delta in deltas.values():
+                delta.recording = []
             batch = data.collate(data.examples[start:start + size])
             with torch.enable_grad(), data.autocast():
-                loglik = example_log_likelihood(model, batch)
-            grads = torch.autograd.grad(loglik.mean(), list(weights.values()), allow_unused=True)
-            for key, g in zip(weights, grads):
-                if g is None:
-                    continue
-                g = g.float()
+                loglik = example_log_likelihood(model, batch).mean()
+            probes = [probe for d in deltas.values() for _, probe in d.recording]
+            grads = dict(zip(map(id, probes), torch.autograd.grad(loglik, probes, allow_unused=True)))
+            for key, delta in deltas.items():
+                g = torch.zeros_like(scores[key])
+                for x, probe in delta.recording:
+                    dy = grads[id(probe)]
+                    if dy is not None:
+                        g += dy.reshape(-1, dy.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
                 if clip is not None:
-                    g = g * min(1.0, clip / (float(g.norm()) + 1e-6))
+                    g *= min(1.0, clip / (float(g.norm()) + 1e-6))
                 scores[key] += g.square()
             count += 1
     finally:
-        for key, w in weights.items():
-            w.requires_grad_(flags[key])
+        for delta in deltas.values():
+            delta.recording = None
         model.train(was_training)
     data.reduce_sum(count)
     for value in scores.values():
@@ -199,8 +202,8 @@ def apply_masks(model: nn.Module, name: str, masks: dict[str, torch.Tensor]) -> 
 
 def fisher_prepass(model: nn.Module, config: FishMaskConfig, name: str, data: Any) -> None:
     """The pre-pass: the Fisher over the first N examples, then the global top-k mask."""
-    weights = {path: _base_weight_param(model, adapters(model)[name], path) for path, _ in adapters(model)[name].deltas(model)}
-    scores = fisher_scores(model, weights, data, per_example=config.fisher == "empirical", batch_size=config.batch_size)
+    deltas = {path: d for path, d in adapters(model)[name].deltas(model) if isinstance(d, SparseDelta)}
+    scores = fisher_scores(deltas, model, data, per_example=config.fisher == "empirical", batch_size=config.batch_size)
     apply_masks(model, name, top_k_masks(scores, config.keep_fraction))
 
 
