@@ -39,7 +39,17 @@ from ..core.registry import SavedView, register
 from ..core.sites import Stage, Target, weight_kind
 from ..train.distributed import agree
 from ..train.hooks import Hook
-from .lora import _PEFT_ONLY, DEFAULT_TARGETS, trained_biases
+from .lora import DEFAULT_TARGETS, trained_biases
+
+# Keys peft 0.21 writes in an ADALORA adapter_config.json (its LoraConfig's) that AdaLoRA does not use, at "off".
+_PEFT_ONLY = {
+    "megatron_config": None, "megatron_core": "megatron.core", "trainable_token_indices": None,
+    "loftq_config": {}, "eva_config": None, "corda_config": None, "lora_ga_config": None,
+    "velora_config": None, "alora_invocation_tokens": None, "use_qalora": False, "qalora_group_size": 16,
+    "monteclora_config": None, "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "use_bdlora": None, "arrow_config": None, "kasa_config": None, "ensure_weight_tying": False,
+    "alpha_pattern": {}, "use_rslora": False, "use_dora": False, "fan_in_fan_out": False,
+}
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,7 @@ class AdaLoraConfig(AdapterConfig):
 
     peft_type: ClassVar[str] = "ADALORA"
     recommended_lr: ClassVar[float] = 1e-3  # the paper's GLUE runs use 5e-4 to 1.2e-3 (DeBERTaV3-base, Table 9)
-    peft_only_defaults: ClassVar[Mapping[str, Any]] = {**_PEFT_ONLY, "alpha_pattern": {}, "use_rslora": False,
-                                                       "use_dora": False, "fan_in_fan_out": False}
+    peft_only_defaults: ClassVar[Mapping[str, Any]] = _PEFT_ONLY
     default_target_modules: ClassVar[Mapping[str, tuple[str, ...]]] = DEFAULT_TARGETS
     updatable_fields: ClassVar[tuple[str, ...]] = ("rank_pattern",)
 
