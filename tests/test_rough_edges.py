@@ -132,3 +132,27 @@ def test_bitfit_file_loads_where_a_lora_wraps_the_same_module(tmp_path):
     plain = dt.load_adapter(with_biases(), tmp_path / "again")
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, expected)
+
+
+def test_training_prints_trainable_parameters_and_resumed_elapsed_time_continues(tmp_path, model_dir, chats, capsys):  # noqa: F811
+    import time
+
+    flags = ["--model", str(model_dir), "--data.train", str(chats), "--batch_size", "2", "--save_every", "1",
+             "--output_dir", str(tmp_path / "run"), *TINY_LORA]
+    code, out, err = run(["train", *flags, "--max_steps", "2"], capsys)
+    assert code == 0, err
+    assert "trainable params: " in out and "|| all params: " in out and "|| trainable%: " in out
+    time.sleep(0.3)
+    code, out, err = run(["train", *flags, "--max_steps", "4", "--resume", "true"], capsys)
+    assert code == 0, err
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    elapsed = {r["step"]: r["elapsed_s"] for r in lines if "loss" in r}
+    assert elapsed[3] > elapsed[2]  # continued from the first run's count, not from 0
+
+
+def test_print_trainable_parameters_from_python(capsys):
+    model = dt.attach(make_tiny_llama(), dt.LoraConfig(r=4))
+    dt.print_trainable_parameters(model)
+    trainable, total = dt.trainable_parameters(model)
+    assert capsys.readouterr().out.strip() == (f"trainable params: {trainable:,} || all params: {total:,} || "
+                                               f"trainable%: {100 * trainable / total:.4f}")

@@ -304,6 +304,17 @@ def _route_names(names: object, per_token: bool) -> list[str | None]:
     return names
 
 
+def trainable_parameters_line(model: nn.Module) -> str:
+    """"trainable params: 4,884,480 || all params: 139,399,488 || trainable%: 3.5040", as peft prints it."""
+    trainable, total = trainable_parameters(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the trainable parameter count and share of the model (peft's `print_trainable_parameters`)."""
+    print(trainable_parameters_line(model))
+
+
 def merge(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = True) -> nn.Module:
     """Fold adapters (default: the active ones) into the base weights. Idempotent; all sites or none.
 

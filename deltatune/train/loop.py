@@ -40,7 +40,7 @@ from torch import nn
 
 from ..core.config import AdapterConfig, ConfigError
 from ..core.io import load_adapter, save_adapter, saved_as
-from ..core.model import active_adapters, adapter_configs, attach
+from ..core.model import active_adapters, adapter_configs, attach, trainable_parameters_line
 from ..core.registry import method_of
 from ..models import default_compute_dtype
 from ..data import collate
@@ -124,6 +124,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
     model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world, autocast)
     data = load_data(cfg, tokenizer, world)
     _attach_adapter(model, cfg, adapter_config, world)
+    _main_print(world, trainable_parameters_line(model))  # as peft's print_trainable_parameters
     _prepare_base(model, cfg, autocast, world)
     run_prepasses(model, data.train, data.pad_id, world, autocast)  # FishMask's Fisher: before the optimizer exists
     optimizer = build_optimizer(model, cfg.optim)
@@ -356,8 +357,13 @@ def _evaluate(model: nn.Module, data: TrainData, cfg: TrainConfig, world: World,
     model.eval()
     examples = data.eval[world.rank::world.size]
     totals = torch.zeros(2, dtype=torch.float64, device=world.device)
+    starts = range(0, len(examples), cfg.batch_size)
+    if world.is_main and len(starts) > 1:  # the final eval of a large split took minutes in silence
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="eval", unit="batch", leave=False, dynamic_ncols=True)
     with torch.no_grad():
-        for start in range(0, len(examples), cfg.batch_size):
+        for start in starts:
             batch = collate(examples[start:start + cfg.batch_size], data.pad_id)
             with autocast():
                 loss_sum, n = causal_lm_loss(model, {k: v.to(world.device) for k, v in batch.items()}, cfg.loss_chunk_size)

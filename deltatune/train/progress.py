@@ -5,7 +5,7 @@
     progress.log(50, {"eval_loss": 2.05})                          # an evaluation line
     progress.close()                                               # runs/x/loss.png
 
-Each line of output_dir/metrics.jsonl is `{"step", "time" (unix s), "elapsed_s" (since this Progress began),
+Each line of output_dir/metrics.jsonl is `{"step", "time" (unix s), "elapsed_s" (since the run began, a resumed run continuing the count),
 ...metrics}`. A `tokens` metric (tokens processed since the previous line) also yields `tokens_per_s`.
 A fresh run (start_step 0) starts the file anew; a resumed run appends to it, after dropping the lines a
 crashed run wrote past the checkpoint it resumes from (step > start_step), so every step appears once.
@@ -39,6 +39,19 @@ def _truncate(path: Path, last_step: int) -> None:
     os.replace(partial, path)  # a crash here leaves either the old file or the new one
 
 
+def _last_elapsed(path: Path) -> float:
+    """The largest elapsed_s recorded in `path` (0 if none)."""
+    best = 0.0
+    for line in path.read_text().splitlines():
+        try:
+            value = json.loads(line).get("elapsed_s")
+        except (json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            best = max(best, float(value))
+    return best
+
+
 def _tensorboard_writer(log_dir: Path):
     if importlib.util.find_spec("tensorboard") is None:
         raise ImportError("tensorboard: true needs the tensorboard package: pip install tensorboard "
@@ -64,11 +77,13 @@ class Progress:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if start_step > 0 and self.jsonl.exists():
             _truncate(self.jsonl, start_step)
+            self._start -= _last_elapsed(self.jsonl)  # a resumed run's elapsed_s continues from where it stopped
         self._writer = _tensorboard_writer(self.output_dir / "tensorboard") if tensorboard else None
         self._file = self.jsonl.open("a" if start_step > 0 else "w")
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        self._bar.start_t -= time.perf_counter() - self._start  # the bar's elapsed too (its rate: a moving average)
         self._postfix: dict[str, str] = {}
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
