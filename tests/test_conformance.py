@@ -83,6 +83,16 @@ CASES: dict[str, list[Case]] = {
         Case("kept-qv", lambda: dt.FishMaskConfig(target_modules=["q_proj", "v_proj"], kept={
             f"model.layers.{i}.self_attn.{m}": 8 for i in range(2) for m in ("q_proj", "v_proj")})),
     ],
+    # Child-tuning_F: full fine-tuning under Bernoulli gradient masks (a step hook); _D: FishMask's sparse form
+    "CHILD_TUNING_F": [
+        # the norms train on an NF4 base too (its 4-bit Linears hold no parameters to train in place)
+        Case("mlp-norms-p03", lambda: dt.ChildTuningConfig(target_modules=["mlp", "post_attention_layernorm"]),
+             mixable=False, max_trainable_fraction=0.6),
+    ],
+    "CHILD_TUNING_D": [
+        Case("kept-qv", lambda: dt.ChildTuningDConfig(target_modules=["q_proj", "v_proj"], kept={
+            f"model.layers.{i}.self_attn.{m}": 8 for i in range(2) for m in ("q_proj", "v_proj")})),
+    ],
     # serial adapters after self_attn and mlp: near identity (Houlsby init) or exactly (zero up-projection)
     "BOTTLENECK": [
         Case("houlsby-llama-defaults", lambda: dt.BottleneckConfig(), identity_at_init=False, mergeable=False),
