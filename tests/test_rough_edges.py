@@ -156,3 +156,22 @@ def test_print_trainable_parameters_from_python(capsys):
     trainable, total = dt.trainable_parameters(model)
     assert capsys.readouterr().out.strip() == (f"trainable params: {trainable:,} || all params: {total:,} || "
                                                f"trainable%: {100 * trainable / total:.4f}")
+
+
+@pytest.mark.parametrize("argv, suggested", [
+    (["--learning_rate", "1e-3"], "learning_rate (deltatune's key: optim.lr)"),
+    (["--num_train_epochs", "3"], "num_train_epochs (deltatune's key: max_steps"),
+    (["--per_device_train_batch_size", "4"], "(deltatune's key: batch_size)"),
+    (["--max_step", "3"], "(did you mean max_steps?)"),
+])
+def test_hugging_face_spellings_get_deltatune_keys_suggested(argv, suggested, capsys):
+    code, _, err = run(["train", *argv], capsys)
+    assert code == 2 and suggested in err
+
+
+def test_lower_case_method_names_are_accepted_and_files_keep_peft_spelling():
+    from deltatune.train.config import load_config
+
+    config = load_config(None, ["--adapter.peft_type", "ia3", "--data.train", "x.jsonl"])
+    assert type(config.adapter_config()).__name__ == "IA3Config" and config.adapter["peft_type"] == "IA3"
+    assert load_config(None, ["--adapter.peft_type", "prompt-tuning"]).adapter_config().peft_type == "PROMPT_TUNING"

@@ -183,12 +183,40 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     return coerce(key, value, hint, build=lambda cls, data, k: _build(cls, data, prefix=f"{k}."))
 
 
+# Hugging Face Trainer / TRL spellings people type, and deltatune's key for each (suggested, never applied).
+HF_KEYS = {
+    "learning_rate": "optim.lr", "lr": "optim.lr", "weight_decay": "optim.weight_decay",
+    "lr_scheduler_type": "optim.schedule", "warmup_steps": "optim.warmup_steps", "warmup_ratio": "optim.warmup_ratio",
+    "max_grad_norm": "optim.max_grad_norm", "optim": "optim.name", "adam_beta1": "optim.betas", "adam_beta2": "optim.betas",
+    "adam_epsilon": "optim.eps", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "num_train_epochs": "max_steps (optimizer steps: epochs x examples "
+    "/ (batch_size x grad_accum))", "epochs": "max_steps (optimizer steps)", "save_steps": "save_every",
+    "eval_steps": "eval_every", "logging_steps": "log_every", "save_total_limit": "keep_last",
+    "resume_from_checkpoint": "resume", "bf16": "precision: bf16", "fp16": "precision (bf16 or fp32)",
+    "max_seq_length": "data.max_length", "max_length": "data.max_length", "dataset": "data.train",
+    "train_file": "data.train", "model_name_or_path": "model", "peft_type": "adapter.peft_type",
+    "r": "adapter.r", "lora_r": "adapter.r", "lora_alpha": "adapter.lora_alpha", "lora_dropout": "adapter.lora_dropout",
+    "target_modules": "adapter.target_modules",
+}
+
+
+def _suggestion(key: str, prefix: str, names: set[str]) -> str:
+    """' (deltatune's key: optim.lr)' for a Hugging Face spelling, ' (did you mean max_steps?)' for a typo."""
+    import difflib
+
+    if key in HF_KEYS:
+        return f" (deltatune's key: {HF_KEYS[key]})"
+    close = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.75)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         raise ConfigError(
-            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(prefix + k for k in unknown)}; "
+            f"unknown config key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(prefix + k + _suggestion(k, prefix, names) for k in unknown)}; "
             f"known keys{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(names))}"
         )
     try:
@@ -279,8 +307,12 @@ def _adapter_types(data: Mapping[str, Any], *, text: bool, plain: bool = False) 
     peft_type = data.get("peft_type", "LORA")
     if isinstance(peft_type, _Text):
         data["peft_type"] = peft_type = str(peft_type)
+    from ..core.registry import registered_methods
+
+    spelled = str(peft_type).strip().upper().replace("-", "_")  # `--adapter.peft_type lora`; files keep LORA
+    if str(peft_type) not in registered_methods() and spelled in registered_methods():
+        data["peft_type"] = peft_type = spelled
     try:
-        from ..core.registry import registered_methods
 
         cls = registered_methods()[str(peft_type)].config_cls
         hints = typing.get_type_hints(cls)
