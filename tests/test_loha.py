@@ -117,3 +117,23 @@ def test_rank_and_module_dropout_in_training_only():
         assert outcomes == {"skipped", "dropped rows"}
         site.eval()
         torch.testing.assert_close(site(x), base + full)
+
+
+def test_svd_export_to_plain_lora_reports_its_error(input_ids, tmp_path):
+    model = make_tiny_llama()
+    torch.manual_seed(5)
+    dt.attach(model, dt.LoHaConfig(r=2, init_weights=False, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(ValueError, match="pass rank=k for its truncated SVD"):
+        dt.save_as_lora(model, tmp_path / "refused")
+    exact = dt.save_as_lora(model, tmp_path / "r4", rank=4)  # (W1a W1b) ⊙ (W2a W2b) has rank <= 2·2
+    assert max(exact.errors.values()) < 1e-5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), str(exact.path)).eval()
+    torch.testing.assert_close(no_grad_logits(theirs, input_ids), no_grad_logits(model, input_ids), atol=1e-4, rtol=1e-4)
+    cut = dt.save_as_lora(model, tmp_path / "r1", rank=1)
+    site = "model.layers.0.self_attn.q_proj"
+    dw = model.get_submodule(site).deltas["default"].delta_weight().detach()
+    s = torch.linalg.svdvals(dw)
+    assert cut.errors[site] == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4)  # Eckart-Young
+    assert dt.read_adapter(cut.path)[0].r == 1

@@ -96,3 +96,14 @@ def test_bad_options_are_named():
         dt.LoKrConfig(use_effective_conv2d=True)
     with pytest.raises(dt.TargetNotFoundError, match="LOKR cannot be applied"):
         dt.attach(make_tiny_llama(), dt.LoKrConfig(target_modules=["embed_tokens"]))
+
+
+def test_svd_export_to_plain_lora(input_ids, tmp_path):
+    model = make_tiny_llama()
+    torch.manual_seed(6)
+    dt.attach(model, dt.LoKrConfig(r=2, init_weights=False, target_modules=["q_proj"]))
+    full = dt.save_as_lora(model, tmp_path / "full", rank=64)  # full rank: exact
+    assert max(full.errors.values()) < 1e-5
+    loaded = dt.load_adapter(make_tiny_llama(), full.path)
+    torch.testing.assert_close(no_grad_logits(loaded, input_ids), no_grad_logits(model, input_ids), atol=1e-4, rtol=1e-4)
+    assert 0 < max(dt.save_as_lora(model, tmp_path / "r2", rank=2).errors.values()) < 1

@@ -9,7 +9,8 @@ which rescales whole rows, is not additive and so never low-rank, though it hold
 
 Two users read the view, so neither imports a method: the serving engine's fused multi-adapter kernel
 (`deltatune.serve.fused_lora`) serves every low-rank delta at LoRA's speed in mixed batches, and
-`save_as_lora` writes any adapter made only of low-rank deltas as a plain LoRA file that peft and vLLM read.
+`save_as_lora` writes any adapter made only of low-rank deltas as a plain LoRA file that peft and vLLM read
+(and, given a rank, LoHa's and LoKr's explicit ΔW as its truncated SVD, reporting the relative error).
 """
 from __future__ import annotations
 
@@ -44,9 +45,30 @@ def low_rank_factors(delta: nn.Module) -> LowRankFactors | None:
     return factors() if callable(factors) else None
 
 
-def lora_equivalent(model: nn.Module, name: str) -> tuple[object, dict[str, LowRankFactors]]:
-    """(LoraConfig, logical site -> factors) for adapter `name`, refused unless every delta is low-rank and the
-    adapter owns nothing else (full copies, parameters trained in place, a part with trainable state)."""
+class LoraExport(NamedTuple):
+    path: Path
+    errors: dict[str, float]  # site -> ‖ΔW − s·B·A‖_F / ‖ΔW‖_F of the file (0.0 where the export is exact)
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[LowRankFactors, float]:
+    """The best rank-`rank` approximation of ΔW (Eckart-Young: truncated SVD, √Σ split between A and B) and its
+    relative Frobenius error."""
+    W = weight.detach().float()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    k = min(rank, S.numel())
+    root = S[:k].sqrt()
+    A, B = root[:, None] * Vh[:k], U[:, :k] * root[None, :]  # (k, d_in), (d_out, k)
+    norm = torch.linalg.vector_norm(S)
+    error = float(torch.linalg.vector_norm(S[k:]) / norm) if norm > 0 else 0.0
+    return LowRankFactors(A, B, 1.0), error
+
+
+def lora_equivalent(model: nn.Module, name: str, rank: int | None = None
+                    ) -> tuple[object, dict[str, LowRankFactors], dict[str, float]]:
+    """(LoraConfig, logical site -> factors, site -> relative error) for adapter `name`. Low-rank deltas are
+    exact; with `rank`, any other delta that has an explicit ΔW (`delta_weight()`: LoHa, LoKr) is replaced by its
+    truncated SVD at that rank. Refused if a delta has neither, or the adapter owns anything else (full copies,
+    parameters trained in place, a part with trainable state)."""
     from ..methods.lora import LoraConfig
     from .model import adapters
 
@@ -56,12 +78,17 @@ def lora_equivalent(model: nn.Module, name: str) -> tuple[object, dict[str, LowR
         raise ValueError(f"adapter {name!r} owns more than low-rank deltas (modules_to_save, trained biases or a "
                          "trained model-level part); a plain LoRA file cannot hold it")
     factors: dict[str, LowRankFactors] = {}
+    errors: dict[str, float] = {}
     for path, delta in adapter.deltas(model):
-        f = low_rank_factors(delta)
+        f, error = low_rank_factors(delta), 0.0
+        if f is None and rank is not None and getattr(delta, "additive", False) and callable(getattr(delta, "delta_weight", None)):
+            with torch.no_grad():
+                f, error = svd_factors(delta.delta_weight(), rank)
         if f is None:
+            hint = "; pass rank=k for its truncated SVD" if callable(getattr(delta, "delta_weight", None)) and rank is None else ""
             raise ValueError(f"adapter {name!r} ({adapter.config.peft_type}) has a {type(delta).__name__} at {path}, "
-                             "which is not a low-rank product; only low-rank deltas export as LoRA")
-        factors[path] = f
+                             f"which is not a low-rank product{hint}")
+        factors[path], errors[path] = f, error
     if not factors:
         raise ValueError(f"adapter {name!r} has no deltas to export")
     # the most common (r, s) is the config's own; the others go to rank_pattern / alpha_pattern by exact name
@@ -75,17 +102,21 @@ def lora_equivalent(model: nn.Module, name: str) -> tuple[object, dict[str, LowR
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
         base_model_name_or_path=adapter.config.base_model_name_or_path, inference_mode=True,
     )
-    return config, factors
+    return config, factors, errors
 
 
-def save_as_lora(model: nn.Module, path: str | os.PathLike, name: str = "default") -> Path:
-    """Write adapter `name` as a plain LoRA file (peft's, which vLLM reads): exact for any adapter made of
-    low-rank deltas (DyLoRA at its rank b, VeRA). A LoRA adapter is attached beside it, filled from the
+def save_as_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", *, rank: int | None = None
+                 ) -> LoraExport:
+    """Write adapter `name` as a plain LoRA file (peft's, which vLLM reads); returns (path, error per site).
+
+    Exact for an adapter made of low-rank deltas (DyLoRA at its rank b, VeRA, AdaLoRA). With `rank`, a delta
+    that is not low-rank but has an explicit ΔW (LoHa, LoKr) is written as its truncated SVD at that rank, and
+    `errors` reports ‖ΔW − BA‖_F / ‖ΔW‖_F per site. A LoRA adapter is attached beside it, filled from the
     factors, saved and removed again, so the file is exactly what `save_adapter` writes for LoRA."""
     from .io import PREFIX, save_adapter, set_adapter_tensors
     from .model import active_adapters, adapters, attach, delete_adapter
 
-    config, factors = lora_equivalent(model, name)
+    config, factors, errors = lora_equivalent(model, name, rank)
     temp = f"{name}_as_lora"
     while temp in adapters(model):
         temp += "_"
@@ -97,7 +128,7 @@ def save_as_lora(model: nn.Module, path: str | os.PathLike, name: str = "default
             tensors[f"{PREFIX}{site}.lora_A.weight"] = A
             tensors[f"{PREFIX}{site}.lora_B.weight"] = B
         set_adapter_tensors(model, temp, tensors)
-        return save_adapter(model, path, temp)
+        return LoraExport(save_adapter(model, path, temp), errors)
     finally:
         delete_adapter(model, temp)
         if active and active_adapters(model) != active:

@@ -1,0 +1,193 @@
+"""VeRA, LoHa, LoKr and DyLoRA on the embedded SmolLM2, issue 15's "Measured" section (part B).
+
+    flock /tmp/deltatune-bench.lock python bench/bench_lowrank_family.py --part step      # vs peft's same method
+    flock /tmp/deltatune-bench.lock python bench/bench_lowrank_family.py --part quality   # event task, held-out
+
+step: one process per row, fp32, all-linear, batch 4 x 128, AdamW, median of 5 steps after 2, peak RSS of the
+process, trainable parameters and the saved file's size; each method against peft's same method (DyLoRA, which
+peft lacks, against peft's LoRA at the same r; its step includes the rank sampler's masked update).
+quality: the task family's hard task (event, docs/tasks.md), the recipe of docs/tasks.md's sanity check fixed
+before measuring (batch 8, cosine to 0.1, lr 1e-3; VeRA 1e-2, its vectors being few), not tuned; the held-out
+test split (50) scored once per seed. DyLoRA r=8 is trained once and scored at b = 2, 4, 8 (loaded with
+overrides={"rank": b}) beside LoRA trained at r = 2, 4, 8. Results: bench/results/lowrank_<part>.json/.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = Path(__file__).resolve().parents[1] / "deltatune" / "demo_data" / "tasks"
+ALL = "all-linear"
+VERA = {"peft_type": "VERA", "r": 256, "target_modules": ALL}
+LOHA = {"peft_type": "LOHA", "r": 8, "alpha": 16, "target_modules": ALL}
+LOKR = {"peft_type": "LOKR", "r": 8, "alpha": 16, "target_modules": ALL}
+DYLORA = {"peft_type": "DYLORA", "r": 8, "lora_alpha": 16, "target_modules": ALL}
+
+
+def lora(r: int) -> dict:
+    return {"peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ALL}
+
+
+def load() -> str:
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+# ---- step time, peak RSS, parameters, file size: one process per row --------------------------------------
+STEP_ROWS = {
+    "deltatune VeRA r=256": ("deltatune", VERA), "peft VeRA r=256": ("peft", VERA),
+    "deltatune LoHa r=8": ("deltatune", LOHA), "peft LoHa r=8": ("peft", LOHA),
+    "deltatune LoKr r=8": ("deltatune", LOKR), "peft LoKr r=8": ("peft", LOKR),
+    "deltatune DyLoRA r=8": ("deltatune", DYLORA), "peft LoRA r=8": ("peft", lora(8)),
+    "deltatune LoRA r=8": ("deltatune", lora(8)),
+}
+
+
+def step_child(row: str) -> dict:
+    import resource
+
+    import torch
+
+    from deltatune.models import load_model
+
+    impl, adapter = STEP_ROWS[row]
+    torch.manual_seed(0)
+    model, _ = load_model()
+    section = {k: v for k, v in adapter.items() if k != "peft_type"}
+    hooks = []
+    if impl == "peft":
+        import peft
+
+        cls = {"VERA": peft.VeraConfig, "LOHA": peft.LoHaConfig, "LOKR": peft.LoKrConfig, "LORA": peft.LoraConfig}
+        model = peft.get_peft_model(model, cls[adapter["peft_type"]](task_type="CAUSAL_LM", **section))
+        save = lambda path: model.save_pretrained(path)  # noqa: E731
+    else:
+        import deltatune as dt
+        from deltatune.core.registry import method_of
+        from deltatune.train.hooks import step_hooks
+
+        dt.attach(model, method_of(adapter["peft_type"]).config_cls(**section))
+        hooks = step_hooks(model)
+        save = lambda path: dt.save_adapter(model, path)  # noqa: E731
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
+    model.train()
+    times = []
+    for step in range(1, 8):
+        started = time.perf_counter()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for hook in hooks:
+            hook.before_step(model, optimizer, step)
+        optimizer.step()
+        for hook in hooks:
+            hook.on_step(model, optimizer, step)
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - started)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB -> GB
+    with tempfile.TemporaryDirectory() as tmp:
+        save(tmp)
+        size = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
+    return {"row": row, "step_s": round(statistics.median(times[2:]), 3), "peak_rss_gb": round(peak, 2),
+            "trainable": sum(p.numel() for p in params), "file_bytes": size, "load": load()}
+
+
+def step() -> list[dict]:
+    rows = []
+    for row in STEP_ROWS:
+        out = subprocess.run([sys.executable, __file__, "--step-child", row], capture_output=True, text=True)
+        line = [l for l in out.stdout.splitlines() if l.startswith("{")]
+        if out.returncode or not line:
+            raise RuntimeError(f"{row}: {out.stderr[-2000:]}")
+        rows.append(json.loads(line[-1]))
+        print(line[-1], flush=True)
+    return rows
+
+
+# ---- held-out exact match on the event task ------------------------------------------------------------------
+def quality(steps: int, seeds: list[int]) -> list[dict]:
+    from deltatune import load_adapter, trainable_parameters
+    from deltatune.data import load_records
+    from deltatune.models import load_model
+    from deltatune.train.evaluate import eval_generation
+    from deltatune.train.loop import train
+
+    test = load_records(TASKS / "event.test.jsonl")
+    runs = [("LoRA r=8", lora(8), 1e-3, [None]), ("VeRA r=256", VERA, 1e-2, [None]), ("LoHa r=8", LOHA, 1e-3, [None]),
+            ("LoKr r=8", LOKR, 1e-3, [None]), ("DyLoRA r=8", DYLORA, 1e-3, [2, 4, 8]),
+            ("LoRA r=2", lora(2), 1e-3, [None]), ("LoRA r=4", lora(4), 1e-3, [None])]
+    rows = []
+    for name, adapter, lr, ranks in runs:
+        for seed in seeds:
+            with tempfile.TemporaryDirectory() as tmp:
+                model, tokenizer = load_model()
+                started = time.perf_counter()
+                result = train(model=model, tokenizer=tokenizer, adapter=adapter, output_dir=tmp, log_every=steps,
+                               data={"train": str(TASKS / "event.train.jsonl"), "max_length": 96}, batch_size=8,
+                               max_steps=steps, seed=seed, precision="auto",
+                               optim={"lr": lr, "warmup_steps": 0, "schedule": "cosine", "min_lr_ratio": 0.1})
+                train_s = time.perf_counter() - started
+                trainable, _ = trainable_parameters(model)
+                size = sum(f.stat().st_size for f in Path(result.adapter_dir).iterdir())
+                for b in ranks:
+                    fresh, tokenizer = load_model()
+                    load_adapter(fresh, result.adapter_dir, overrides={"rank": b} if b else None)
+                    exact = eval_generation(fresh, tokenizer, test, max_new_tokens=48, match="exact", batch_size=25)["score"]
+                    row = {"method": name + (f" at b={b}" if b else ""), "seed": seed, "steps": steps, "lr": lr,
+                           "exact": exact, "trainable": trainable, "file_bytes": size,
+                           "step_s": round(train_s / steps, 2), "load": load()}
+                    print(json.dumps(row), flush=True)
+                    rows.append(row)
+    return rows
+
+
+def table(part: str, rows: list[dict], cpu: str) -> str:
+    head = (f"Measured on {cpu}, 2 cores shared with other jobs (load average per row in the .json), "
+            f"bench/bench_lowrank_family.py --part {part}.\n\n")
+    if part == "step":
+        lines = ["| row | step (fp32, 4x128) | peak RSS | trainable | file | load |", "|---|---:|---:|---:|---:|---|"]
+        lines += [f"| {r['row']} | {r['step_s']:.2f} s | {r['peak_rss_gb']:.2f} GB | {r['trainable']:,} | "
+                  f"{r['file_bytes'] / 1e6:.2f} MB | {r['load']} |" for r in rows]
+        return head + "\n".join(lines) + "\n"
+    seeds = sorted({r["seed"] for r in rows})
+    lines = [f"| method | steps | lr | held-out exact (event test, 50): mean [min, max] over {len(seeds)} seed(s) | "
+             "trainable | file | step |", "|---|---:|---:|---|---:|---:|---:|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        values = [r["exact"] for r in mine]
+        lines.append(f"| {method} | {mine[0]['steps']} | {mine[0]['lr']:g} | {statistics.mean(values):.0%} "
+                     f"[{min(values):.0%}, {max(values):.0%}] | {mine[0]['trainable']:,} | "
+                     f"{mine[0]['file_bytes'] / 1e6:.2f} MB | {statistics.median(r['step_s'] for r in mine):.2f} s |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("quality", "step"))
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--step-child", default=None)
+    args = parser.parse_args()
+    if args.step_child:
+        print(json.dumps(step_child(args.step_child)), flush=True)
+        return
+    from _common import cpu_name
+
+    rows = step() if args.part == "step" else quality(args.steps, args.seeds)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"lowrank_{args.part}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
+    text = table(args.part, rows, cpu_name())
+    (RESULTS / f"lowrank_{args.part}.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
