@@ -1,6 +1,7 @@
 """How much NF4 itself costs the embedded model, before any adapter: loss on text and on the demo answers. Not a test.
 
     python bench/bench_nf4_error.py            # ~5 min, one thread
+    python bench/bench_nf4_error.py --controls # NF4 on Gaussian weights, down/up kept in 16 bits, the inits' starts
 
 Each variant replaces the weights of the 210 quantizable linear layers of SmolLM2-135M-Instruct by their
 quantize-then-dequantize values (fp32; the same bits as `Linear4bit`, see docs/qlora.md "Format") and measures,
@@ -63,6 +64,9 @@ def main() -> None:
         u, s, vh = torch.linalg.svd(weight - q, full_matrices=False)
         return q + (u[:, :rank] * s[:rank]) @ vh[:rank]
 
+    if "--controls" in sys.argv:
+        return controls(model, names, original, text_loss, lambda: eval_loss(model, tokenizer, answers, batch_size=8,
+                                                                               bf16=bf16)["loss"], nf4)
     variants = {"16-bit (bf16 compute)": lambda n: original[n],
                 "NF4 + DQ (QLoRA)": lambda n: nf4(original[n]),
                 "NF4, no DQ": lambda n: nf4(original[n], double_quant=False),
@@ -92,6 +96,69 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['text_loss']:.4f} | {r['text_loss'] / base['text_loss'] - 1:+.1%} | "
                      f"{r['answer_loss']:.4f} | {r['answer_loss'] / base['answer_loss'] - 1:+.1%} |")
     (RESULTS / "nf4_error.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def controls(model, names, original, text_loss, answer_loss, nf4) -> None:
+    """`--controls`: NF4's relative weight error on these weights against Gaussian weights of the same shapes (per
+    layer type), and the losses of: NF4 + DQ with down_proj and up_proj kept in 16 bits (bitsandbytes' skip
+    list allows it), and the starting points of LoftQ and QPiSSA (2 iterations, r=16, alpha=32: Q_T + s·BA) and of
+    the replace form (one SVD of the stock NF4 + DQ residual), the weights alone before any training."""
+    from deltatune.methods.lora_init import _svd_split, loftq_factors, qpissa_factors
+
+    r, s = 16, 32 / 16
+    gen = torch.Generator().manual_seed(0)
+    errors: dict[str, list[tuple[float, float]]] = {}
+    for n in names:
+        w = original[n]
+        g = torch.randn(w.shape, generator=gen) * w.std()
+        rel = lambda x: float((x - nf4(x)).norm() / x.norm())  # noqa: E731
+        errors.setdefault(n.split(".")[-1], []).append((rel(w), rel(g)))
+
+    def loftq(n):
+        state, A, B = loftq_factors(original[n], r, s, 2)
+        from deltatune.quant.nf4 import dequantize_nf4
+        return dequantize_nf4(state, torch.float32) + s * (B @ A)
+
+    def qpissa(n):
+        state, A, B = qpissa_factors(original[n], r, s, 2, None, n)
+        from deltatune.quant.nf4 import dequantize_nf4
+        return dequantize_nf4(state, torch.float32) + s * (B @ A)
+
+    def replace(n):
+        q = nf4(original[n])
+        A, B = _svd_split(original[n].double() - q.double(), r)
+        return q + (B @ A).float()
+
+    variants = {"16-bit (bf16 compute)": lambda n: original[n],
+                "NF4 + DQ (QLoRA)": lambda n: nf4(original[n]),
+                "NF4 + DQ, down_proj and up_proj kept in 16 bits": lambda n: original[n]
+                if n.endswith(("down_proj", "up_proj")) else nf4(original[n]),
+                "replace form: NF4 + DQ + rank-16 SVD of its residual": replace,
+                "LoftQ start, 2 iterations (NF4 no DQ, Q_T + s·BA)": loftq,
+                "QPiSSA start, 2 iterations (NF4 no DQ, Q_T + s·BA)": qpissa}
+    rows = []
+    for label, weight_of in variants.items():
+        for n in names:
+            model.get_submodule(n).weight.data.copy_(weight_of(n))
+        rows.append({"variant": label, "text_loss": text_loss(), "answer_loss": answer_loss()})
+        print(json.dumps(rows[-1]), flush=True)
+    meta = {"cpu": cpu_name(), "torch": torch.__version__, "load": " ".join(f"{x:.1f}" for x in os.getloadavg())}
+    (RESULTS / "nf4_controls.json").write_text(json.dumps({"meta": meta, "errors": errors, "rows": rows}, indent=2) + "\n")
+    base, stock = rows[0], rows[1]
+    lines = [f"Measured on {meta['cpu']}, 1 thread, torch {meta['torch']}; load {meta['load']} at the end.", "",
+             "NF4 + DQ relative weight error ‖W − nf4(W)‖/‖W‖, mean over the 30 layers of each type:", "",
+             "| layer type | SmolLM2's weights (already on the Q4_1 grid) | Gaussian weights, same shapes and std |",
+             "|---|---:|---:|"]
+    for kind, pairs in errors.items():
+        lines.append(f"| {kind} | {sum(p[0] for p in pairs) / len(pairs):.4f} | {sum(p[1] for p in pairs) / len(pairs):.4f} |")
+    lines += ["", "| weights of the 210 linear layers | text loss | vs 16-bit | share of NF4's cost left | demo answer loss |",
+              "|---|---:|---:|---:|---:|"]
+    for row in rows:
+        left = (row["text_loss"] - base["text_loss"]) / (stock["text_loss"] - base["text_loss"])
+        lines.append(f"| {row['variant']} | {row['text_loss']:.4f} | {row['text_loss'] / base['text_loss'] - 1:+.2%} | "
+                     f"{left:.0%} | {row['answer_loss']:.4f} |")
+    (RESULTS / "nf4_controls.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -129,8 +129,14 @@ def test_loftq_quantizes_the_base_and_starts_closer_than_nf4(input_ids):
         start = site.base_layer.dequantize_weight() + site.deltas["default"].delta_weight()
         stock = dequantize_nf4(quantize_nf4(weight, blocksize=64, double_quant=False), torch.float32)
         assert (weight - start).norm() < (weight - stock).norm(), name
-    with pytest.raises(ConfigError, match="full-precision"):
+    with pytest.raises(ConfigError, match="adapters already attached"):
         dt.attach(model, config, "second")
+    quantized = make_tiny_llama()
+    from deltatune.quant import quantize_model
+
+    quantize_model(quantized, compute_dtype=torch.float32)
+    with pytest.raises(ConfigError, match="full-precision"):
+        dt.attach(quantized, config)
 
 
 def test_pissa_on_a_quantized_base_is_refused_naming_the_layer():

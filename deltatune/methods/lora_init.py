@@ -231,9 +231,15 @@ def prepare_base(model: nn.Module, config: Any) -> Any:
     for the delta. All layers are computed before the first is replaced. Other inits: nothing. Returns config."""
     if not quantizes_base(config):
         return config
+    from ..core.model import adapters
     from ..core.targets import find_targets
     from ..quant.linear4bit import Linear4bit
 
+    others = sorted(adapters(model))
+    if others:
+        raise ConfigError(f"init_lora_weights={config.init_lora_weights!r} with loftq_config quantizes the base for "
+                          f"itself, which would change it under the adapters already attached ({', '.join(others)}); "
+                          "attach (or serve) a LoftQ/QPiSSA adapter on a base of its own")
     names = find_targets(model, config, lambda m: isinstance(m, nn.Linear) or getattr(m, "quantized", False))
     quantized = [n for n in names if type(model.get_submodule(n)) is not nn.Linear]
     if quantized:
