@@ -20,7 +20,7 @@ from typing import Any, NoReturn, Sequence
 
 from . import __version__
 from .commands import (
-    CommandError, cmd_demo, cmd_eval, cmd_generate, cmd_info, cmd_inspect, cmd_merge, cmd_train,
+    CommandError, cmd_demo, cmd_eval, cmd_generate, cmd_info, cmd_inspect, cmd_merge, cmd_to_lora, cmd_train,
 )
 
 
@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="dtype of the merged model's weights")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("to-lora", help="write an adapter as a plain LoRA file peft and vLLM read (DyLoRA at DIR@rank=b, "
+                       "VeRA exactly; LoHa/LoKr as a rank --rank SVD, error reported)", allow_abbrev=False)
+    _base_and_adapter(p, "adapter directory (DIR@rank=4 picks a DyLoRA rank)", required=True, run=False)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--rank", type=_count("--rank", 1), default=None,
+                   help="rank of the truncated SVD for deltas that are not low-rank products (LoHa, LoKr)")
+    p.set_defaults(func=cmd_to_lora)
 
     p = sub.add_parser("generate", help="generate from a prompt (chat template applied), streamed", allow_abbrev=False)
     _base_and_adapter(p, "adapter directory to apply")

@@ -217,6 +217,21 @@ def declare_added_biases(model: Any) -> list[str]:
     return flags
 
 
+def cmd_to_lora(args: argparse.Namespace) -> None:
+    """The adapter as a plain LoRA file (deltatune.core.lowrank.save_as_lora), with the error of any SVD."""
+    from .core.lowrank import save_as_lora
+
+    model, _ = _load_base(args)
+    try:
+        export = save_as_lora(model, args.out, "default", rank=args.rank)
+    except ValueError as exc:
+        raise CommandError(f"--adapter {args.adapter}: {exc}") from None
+    worst = max(export.errors.values())
+    how = "exact" if worst == 0 else f"truncated SVD, relative error max {worst:.2e}, mean " \
+        f"{sum(export.errors.values()) / len(export.errors):.2e} (‖ΔW − BA‖ / ‖ΔW‖ per layer)"
+    print(f"plain LoRA written to {export.path} ({how})")
+
+
 def cmd_merge(args: argparse.Namespace) -> None:
     import torch
 

@@ -12,6 +12,7 @@ import deltatune as dt
 from conftest import assert_mixed_equals_alone, assert_unchanged, capture_state, make_tiny_llama, no_grad_logits
 from deltatune.core.io import split_adapter_spec
 from deltatune.methods.dylora import RankSampler
+from test_cli import model_dir  # noqa: F401  (a saved tiny model with a tokenizer, for the CLI)
 
 TARGETS = ["q_proj", "v_proj"]
 PREFIX = "base_model.model."
@@ -231,3 +232,19 @@ def test_serve_registry_and_cli_take_the_rank_after_the_path(tmp_path, capsys):
         registry.add("dy7", f"{tmp_path / 'dy'}@rank=7")
     from deltatune.commands import recorded_base_quantization
     assert recorded_base_quantization(f"{tmp_path / 'dy'}@rank=2") == ""  # reads the directory before '@'
+
+
+def test_cli_to_lora_at_rank_b(tmp_path, model_dir, capsys):
+    from deltatune.cli import main
+
+    base = model_dir
+    model, filled = _dylora(r=4, alpha=8)
+    dt.save_adapter(model, tmp_path / "dy")
+    code = main(["to-lora", "--base", str(base), "--adapter", f"{tmp_path / 'dy'}@rank=2", "--out", str(tmp_path / "lora"),
+                 "--quantize", "none"])
+    assert code in (0, None)
+    assert "exact" in capsys.readouterr().out
+    config, tensors, _ = dt.read_adapter(tmp_path / "lora")
+    assert (config.peft_type, config.r, config.lora_alpha) == ("LORA", 2, 8)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    assert torch.equal(tensors[key], filled[key][:2])
