@@ -40,6 +40,7 @@ from .methods.p_tuning import PromptEncoderConfig
 from .methods.prefix_tuning import PrefixTuningConfig
 from .methods.fishmask import FishMaskConfig
 from .methods.child_tuning import ChildTuningConfig, ChildTuningDConfig
+from .methods.adapter_fusion import AdapterFusionConfig
 from .methods.ia3 import IA3Config
 from .methods.bottleneck import BottleneckConfig, ParallelAdapterConfig, PfeifferConfig
 from .methods.bitfit import BitFitConfig
@@ -61,7 +62,7 @@ __all__ = [
     "Delta", "NotMergeableError", "adapters", "register_variant", "TargetNotFoundError",
     "LoraConfig", "IA3Config", "PromptTuningConfig", "BottleneckConfig", "BitFitConfig", "FullConfig",
     "PfeifferConfig", "ParallelAdapterConfig", "PromptEncoderConfig", "PrefixTuningConfig",
-    "FishMaskConfig", "ChildTuningConfig", "ChildTuningDConfig",
+    "FishMaskConfig", "ChildTuningConfig", "ChildTuningDConfig", "AdapterFusionConfig",
     "attach", "load_adapter", "save_adapter", "read_adapter", "adapter_tensors", "active_adapters",
     "adapter_configs", "set_active", "delete_adapter", "disable_adapters", "route", "merge", "unmerge",
     "unload", "merge_and_unload", "trainable_parameters", "print_trainable_parameters", "register", "registered_methods",

@@ -67,6 +67,11 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be an AdapterConfig such as deltatune.LoraConfig, got {type(config).__name__}")
     _check_name(model, name)
+    missing = [n for n in getattr(config, "depends_on", ()) if n not in adapters(model)]
+    if missing:  # an adapter that depends on other adapters (AdapterFusion): they come first
+        raise ConfigError(f"{config.peft_type} adapter {name!r} is an adapter that depends on other adapters "
+                          f"({', '.join(map(repr, config.depends_on))}); {missing[0]!r} is not attached: attach or load "
+                          "it first")
     method = method_of(config)
     if method.resolve is not None:  # model-dependent fields (prompt tuning's token_dim), checked against the model
         config = method.resolve(model, config)
@@ -220,6 +225,10 @@ def _mark_trainable(model: nn.Module, names: list[str]) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; layers left with no adapter are restored to their original modules."""
     _require(model, [name])
+    users = [n for n, a in adapters(model).items() if n != name and name in getattr(a.config, "depends_on", ())]
+    if users:
+        raise RuntimeError(f"adapter {name!r} is used by {users[0]!r}, an adapter that depends on other adapters; "
+                           f"delete {users[0]!r} first")
     merged = [path for path, host in hosts(model) if name in host.merged_adapters]
     if merged:  # checked up front: failing half-way would leave some modules deleted and others not
         raise RuntimeError(f"adapter {name!r} is merged into {merged[0]}; call deltatune.unmerge(model) first")

@@ -7,6 +7,7 @@ from . import p_tuning  # noqa: F401
 from . import prefix_tuning  # noqa: F401
 from . import fishmask  # noqa: F401
 from . import child_tuning  # noqa: F401
+from . import adapter_fusion  # noqa: F401
 from . import bottleneck  # noqa: F401
 from . import full  # noqa: F401
 from . import bitfit  # noqa: F401
