@@ -137,3 +137,27 @@ def test_svd_export_to_plain_lora_reports_its_error(input_ids, tmp_path):
     s = torch.linalg.svdvals(dw)
     assert cut.errors[site] == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4)  # Eckart-Young
     assert dt.read_adapter(cut.path)[0].r == 1
+
+
+@pytest.mark.parametrize("config", [
+    dt.LoHaConfig(r=2, init_weights=False, target_modules="all-linear"),
+    dt.LoKrConfig(r=2, init_weights=False, target_modules="all-linear"),
+    dt.VeraConfig(r=8, init_weights=False, target_modules="all-linear"),
+], ids=["loha", "lokr", "vera"])
+def test_on_a_4bit_base_equals_the_dequantized_base(config, input_ids, tmp_path):
+    quant = pytest.importorskip("deltatune.quant")
+    model = make_tiny_llama()
+    quant.quantize_model(model, compute_dtype=torch.float32)
+    torch.manual_seed(3)
+    dt.attach(model, config)
+    dt.save_adapter(model, tmp_path)
+    reference = dt.load_adapter(quant.dequantize_model(make_tiny_llama_quantized(quant)), tmp_path)
+    torch.testing.assert_close(no_grad_logits(model, input_ids), no_grad_logits(reference, input_ids), atol=1e-5, rtol=1e-5)
+    merged = dt.merge_and_unload(model)  # a quantized base merges into dequantized Linears
+    torch.testing.assert_close(no_grad_logits(merged, input_ids), no_grad_logits(reference, input_ids), atol=1e-4, rtol=1e-4)
+
+
+def make_tiny_llama_quantized(quant):
+    model = make_tiny_llama()
+    quant.quantize_model(model, compute_dtype=torch.float32)
+    return model
