@@ -1,7 +1,7 @@
 """BitFit (Ben Zaken et al. 2021, arXiv:2106.10199): train the bias terms only (`peft_type: "BITFIT"`).
 
     y = W·x + b,   W frozen, b trained                       (existing biases, the paper's method)
-    y = W·x + (b + Δb),   Δb = 0 at start, W and b frozen    (add_biases=True, METHODS.md §13 option (a))
+    y = W·x + (b + Δb),   Δb = 0 at start, W and b frozen    (add_biases=True, docs/methods.md, BitFit: option (a))
 
 On BERT the paper trains every bias (Q/K/V, attention output, both FFN linears, the LayerNorms), ~0.08% of the
 parameters, plus the task head (here `modules_to_save=["classifier"]`). The existing biases are trained in
@@ -11,7 +11,7 @@ under their own names and nothing else.
 
 Llama, Mistral and Gemma have no biases, so plain BitFit would train nothing. `add_biases` decides, at
 attach, from the model (`resolve`): left unset (None), BitFit trains the existing biases of the target modules
-if there are any (BERT; Qwen2's q/k/v biases, METHODS.md §13 option (c)) and otherwise warns and uses option
+if there are any (BERT; Qwen2's q/k/v biases, docs/methods.md, BitFit: option (c)) and otherwise warns and uses option
 (a): a zero-initialised bias Δb on each target Linear, a weight-site delta. The model equals the base at start,
 Δb merges into the layer's bias (creating it where there was none), and it works in mixed batches. Existing
 biases stay frozen in that mode (training Δb on top of b is the same as training b). The adapter keeps and
@@ -56,7 +56,7 @@ class BitFitConfig(AdapterConfig):
     add_biases: None (default): decided at attach: False if the target modules hold biases, else True, with a
         warning; the adapter records the result. False: train the existing biases (a model with none is an
         error). True: add a zero-initialised bias to each target Linear (target_modules None: every decoder
-        Linear of llama, mistral, qwen2/3, gemma/2) and train those; mergeable (METHODS.md §13 option (a)).
+        Linear of llama, mistral, qwen2/3, gemma/2) and train those; mergeable (docs/methods.md, BitFit: option (a)).
 
     Recommended learning rate: 1e-4 to 1e-3 (the paper sweeps 1e-4..1e-3 on GLUE); biases move little per
     step, so BitFit wants 10-100× full fine-tuning's learning rate.
@@ -86,7 +86,7 @@ def resolve(model: nn.Module, config: BitFitConfig) -> BitFitConfig:
         return config.replace(add_biases=False)
     warnings.warn(
         f"BITFIT: {type(model).__name__} has no biases in the target modules, so BitFit adds zero-initialised "
-        "biases to the target Linears and trains those (METHODS.md §13 option (a); mergeable); the adapter records "
+        "biases to the target Linears and trains those (docs/methods.md, BitFit: option (a); mergeable); the adapter records "
         "add_biases=True. Set add_biases explicitly to silence this", stacklevel=3,
     )
     return config.replace(add_biases=True)
@@ -95,14 +95,14 @@ def resolve(model: nn.Module, config: BitFitConfig) -> BitFitConfig:
 def existing_biases(model: nn.Module, config: BitFitConfig, sites: Sequence[str]) -> list[str]:
     """The existing biases BitFit trains in place; none with add_biases=True (its deltas are the biases)."""
     if config.add_biases:  # the added biases are this adapter's deltas
-        log.info("BITFIT: training zero-initialised biases added to %d Linear layers (add_biases=True, METHODS.md "
-                 "§13 option (a)); the model's existing biases stay frozen", len(sites))
+        log.info("BITFIT: training zero-initialised biases added to %d Linear layers (add_biases=True, docs/methods.md, "
+                 "BitFit: option (a)); the model's existing biases stay frozen", len(sites))
         return []
     if not any(_is_bias(name) for name in base_parameters(model)):
         raise ConfigError(
             f"add_biases=False, but {type(model).__name__} has no bias parameters (Llama, Mistral and Gemma have "
             "none), so BitFit would train nothing. Set add_biases=True (CLI: --adapter.add_biases true) to add "
-            "zero-initialised biases to the target Linears and train those (METHODS.md §13 option (a); mergeable)"
+            "zero-initialised biases to the target Linears and train those (docs/methods.md, BitFit: option (a); mergeable)"
         )
     names = parameters_in_targets(model, config, _is_bias)
     if not names:
