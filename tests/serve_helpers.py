@@ -79,13 +79,18 @@ def hf_greedy(model, ids: list[int], name: str | None, max_new_tokens: int) -> l
 
 
 @contextlib.contextmanager
-def running_server(app):
-    """uvicorn serving `app` on 127.0.0.1 at a free port, in a thread; yields the base URL."""
+def running_server(app, holder: dict | None = None):
+    """uvicorn serving `app` (an ASGI app, or a deltatune Server with its limits) on 127.0.0.1 at a free port, in
+    a thread; yields the base URL. `holder["uvicorn"]` gets the uvicorn.Server (to stop it from a test)."""
     import uvicorn
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    config = app.uvicorn_config(lifespan="on") if hasattr(app, "uvicorn_config") else \
+        uvicorn.Config(app, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    if holder is not None:
+        holder["uvicorn"] = server
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

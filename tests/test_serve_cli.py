@@ -74,9 +74,15 @@ def test_serve_process_answers_the_openai_client(base_dir):
         assert [m.id for m in client.models.list().data] == ["tiny", "helper"]
         out = client.completions.create(model="helper", prompt="hi", max_tokens=5, temperature=0)
         assert out.usage.completion_tokens == 5
+        proc.terminate()  # SIGTERM: drains (nothing running here), says so, exits
+        log = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode in (0, -15), log  # uvicorn re-raises the signal once drained
+        assert "accepting no new requests" in log and "shut down" in log, log
+        assert '"POST /v1/completions" 200' in log  # the access log: one line per request
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 # ---- --quantize: a 4-bit NF4 base ------------------------------------------------------------------------
@@ -109,7 +115,7 @@ def test_quantize_flag_and_auto_follow_the_adapters_files(base_dir, nf4_adapter,
 
 
 def test_serve_quantize_nf4_loads_a_4bit_base_the_engine_serves(base_dir, nf4_adapter, monkeypatch):
-    """serve_main up to uvicorn.run: the base loads in NF4 with the adapter, and the engine's greedy tokens
+    """serve_main up to uvicorn's Server.run: the base loads in NF4 with the adapter, and the engine's greedy tokens
     equal transformers' generate() on that same 4-bit model."""
     import uvicorn
 
@@ -125,7 +131,7 @@ def test_serve_quantize_nf4_loads_a_4bit_base_the_engine_serves(base_dir, nf4_ad
             engines.append(self)
 
     monkeypatch.setattr(engine_module, "Engine", Recorded)
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *args, **kwargs: None)
     code = main(["serve", "--base", str(base_dir / "tiny"), "--adapter", f"q={nf4_adapter}", "--precision", "fp32",
                  "--threads", "1"])
     assert code in (0, None) and len(engines) == 1

@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     registry = AdapterRegistry(model, adapter_dirs=[root])
     registry.add("named", root / "ad0", pin=True)
     server = Server(Engine(model, tok, max_batch_size=64), registry, base_name="tiny", api_key=KEY, admin_token=ADMIN)
-    with running_server(server.app()) as url:
+    with running_server(server) as url:
         yield {"url": url, "tok": tok, "reference": reference, "server": server, "root": root}
 
 
@@ -127,7 +127,7 @@ def test_blends_by_name_and_by_extra_body(setup, client):
     (dict(max_tokens=-1), openai.BadRequestError, None),
     (dict(max_tokens=10**9), openai.BadRequestError, "context_length_exceeded"),
     (dict(temperature=5), openai.BadRequestError, None),
-    (dict(n=2), openai.BadRequestError, None),
+    (dict(n=17), openai.BadRequestError, None),
     (dict(model="ad1:0.5+zz:0.5"), openai.NotFoundError, "model_not_found"),
     (dict(stream=True, stream_options=[1]), openai.BadRequestError, None),
 ])

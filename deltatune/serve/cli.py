@@ -73,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    "(default): NF4 if every --adapter was trained on an NF4 base, as their files record; none: "
                    "the base as --precision loads it")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: one per idle core)")
+    p.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"), default=2 << 20,
+                   help="a request body larger than this gets 413, before it is read (default 2 MiB)")
+    p.add_argument("--max-connections", type=_positive("--max-connections"), default=1024,
+                   help="open connections at most; one more gets 503 at once (default 1024)")
+    p.add_argument("--request-timeout", type=_positive("--request-timeout"), default=30,
+                   help="seconds for a request's headers and body to arrive, else 408 (default 30)")
+    p.add_argument("--no-access-log", action="store_true", help="no line per request on stderr")
 
 
 def base_quantization(args: argparse.Namespace) -> str | None:
@@ -93,15 +100,17 @@ def base_quantization(args: argparse.Namespace) -> str | None:
 
 def serve_main(args: argparse.Namespace) -> None:
     import torch
-    import uvicorn
 
     from ..cli import CommandError
     from ..models import default_compute_dtype, load_model
     from ..threads import apply_threads
     from .engine import Engine, check_servable
     from .registry import AdapterRegistry
+    from .guards import Limits
     from .sampling import RequestError
     from .server import Server
+
+    DrainingServer = _draining_server()
 
     line = apply_threads(args.threads)
     if line:
@@ -114,8 +123,11 @@ def serve_main(args: argparse.Namespace) -> None:
         check_servable(model)
     except TypeError as exc:
         raise CommandError(f"--base: {exc}") from None
-    try:
-        registry = AdapterRegistry(model, adapter_dirs=args.adapter_dir, max_bytes=args.max_adapter_memory)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                    max_prefill_tokens=args.max_prefill_tokens)
+    try:  # an adapter the engine cannot run (full fine-tuning, BitFit, ...) is refused here, by name
+        registry = AdapterRegistry(model, adapter_dirs=args.adapter_dir, max_bytes=args.max_adapter_memory,
+                                   check=engine.check_adapter)
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from None
     for name, path in args.adapter:
@@ -128,11 +140,46 @@ def serve_main(args: argparse.Namespace) -> None:
             registry.pin(name)
         except RequestError as exc:
             raise CommandError(f"--pin {name}: {exc}") from None
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                    max_prefill_tokens=args.max_prefill_tokens)
     base_name = args.served_model_name or os.path.basename(os.path.normpath(args.base or "smollm2-135m-instruct"))
-    server = Server(engine, registry, base_name=base_name, api_key=args.api_key, admin_token=args.admin_token)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_connections=args.max_connections,
+                    request_timeout=float(args.request_timeout))
+    server = Server(engine, registry, base_name=base_name, api_key=args.api_key, admin_token=args.admin_token,
+                    limits=limits)
     weights = (f"{quantize.upper()}, computing in " if quantize else "") + ("bf16" if dtype == torch.bfloat16 else "fp32")
     print(f"deltatune serve: {base_name} ({weights}) with {len(registry.entries)} adapters loaded, "
           f"{len(registry.available())} available; http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(server.app(), host=args.host, port=args.port, log_level="warning")
+    _log_to_stderr(access=not args.no_access_log)
+    DrainingServer(server.uvicorn_config(args.host, args.port), engine).run()
+
+
+def _log_to_stderr(access: bool) -> None:
+    """deltatune.serve's warnings, and its access lines unless turned off, on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    for name, level in (("deltatune.serve", logging.WARNING), ("deltatune.serve.access", logging.INFO if access else
+                                                                 logging.WARNING)):
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if name == "deltatune.serve":
+            logger.addHandler(handler)
+
+
+def _draining_server():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server saying what SIGTERM/SIGINT does: no new connections, running requests finish."""
+
+        def __init__(self, config, engine) -> None:
+            super().__init__(config)
+            self.engine = engine
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                print(f"deltatune serve: signal {sig}: accepting no new requests, finishing {len(self.engine.running)} "
+                      f"running and {len(self.engine.waiting)} waiting (again to stop now)", file=sys.stderr, flush=True)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer

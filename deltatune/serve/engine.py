@@ -43,7 +43,7 @@ from ..core.sites import hosts
 from .fused_lora import FusedLora
 from .kv import SlotKVCache
 from .request import Completion, Request, StepOutput, new_text
-from .sampling import RequestError, SamplingParams, choose
+from .sampling import RequestError, SamplingParams, choose, top_logprobs
 
 SUPPORTED_MODEL_TYPES = ("llama",)  # Mistral (sliding window) and Qwen2 share the layout but are untested
 _BYPASSED = re.compile(r"(model)?")  # the modules the engine runs around rather than calls: the model, its body
@@ -122,8 +122,9 @@ class Engine:
         return [int(t) for t in prompt]
 
     def add_request(self, prompt: Prompt, adapter: AdapterSpec = None, params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Request:
-        """Queue a request; it joins the running batch at the next step. Raises RequestError if it cannot run."""
+                    request_id: str | None = None, label: str | None = None) -> Request:
+        """Queue a request; it joins the running batch at the next step. Raises RequestError if it cannot run
+        (`label`: the adapter's name in those errors, where the client knows it by another)."""
         params = params or SamplingParams()
         ids = self.encode(prompt)
         if not ids:
@@ -136,19 +137,19 @@ class Engine:
                 f"this model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} tokens "
                 f"and max_tokens asks for {params.max_new_tokens} more. Shorten the prompt or lower max_tokens",
                 param="max_tokens" if len(ids) < self.max_model_len else "prompt", code="context_length_exceeded")
-        name = self.resolve_adapter(adapter)
+        name = self.resolve_adapter(adapter, label)
         request = Request(request_id or f"req-{next(self._ids)}", ids, name, params)
         request.virtual = 0 if self.virtual_tokens(name) is None else self.virtual_tokens(name).shape[0]
         if request.virtual and len(ids) + request.virtual + params.max_new_tokens > self.max_model_len:
             raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; adapter "
-                               f"{adapter!r} adds {request.virtual} virtual tokens to the prompt's {len(ids)} and "
+                               f"{label or adapter!r} adds {request.virtual} virtual tokens to the prompt's {len(ids)} and "
                                f"max_tokens asks for {params.max_new_tokens} more", param="max_tokens",
                                code="context_length_exceeded")
         with self._lock:
             self.waiting.append(request)
         return request
 
-    def resolve_adapter(self, adapter: AdapterSpec) -> str | None:
+    def resolve_adapter(self, adapter: AdapterSpec, label: str | None = None) -> str | None:
         """The attached adapter a request runs with; a {name: weight} blend is built once and cached."""
         if isinstance(adapter, Mapping):
             key = tuple(sorted((str(k), float(v)) for k, v in adapter.items()))
@@ -160,27 +161,31 @@ class Engine:
                     self._blends[key] = blend_lora(self.model, dict(key), blend_name(dict(key)))
                 adapter = self._blends[key]
         if adapter is not None:
-            self.check_adapter(adapter)
+            self.check_adapter(adapter, label)
         return adapter
 
-    def check_adapter(self, name: str) -> None:
+    def check_adapter(self, name: str, label: str | None = None) -> None:
+        """Raise RequestError unless attached adapter `name` can be served (errors call it `label` if given)."""
         found = attached_adapters(self.model).get(name)
         if found is None:
-            raise RequestError(f"no adapter named {name!r} is loaded; loaded: {sorted(attached_adapters(self.model))}",
+            known = "" if label else f"; loaded: {sorted(attached_adapters(self.model))}"
+            raise RequestError(f"no adapter named {label or name!r} is loaded{known}",
                                param="model", code="model_not_found", status=404)
         if self._checked.get(name) is found:
             return
+        shown = label or name
         part = found.part(self.model)  # one of frozen buffers only (VeRA's projections) is read by its deltas
-        if part is not None and not _is_prompt(part) and any(True for _ in part.parameters()):
-            raise RequestError(f"adapter {name!r} ({found.config.peft_type}) adds a model-level part the serving engine "
-                               "does not run (it runs virtual tokens: `prompt_embeddings`)", param="model")
+        if part is not None and not _is_prompt(part) and (any(True for _ in part.parameters()) or _adds_positions(part)):
+            raise RequestError(f"adapter {shown!r} ({found.config.peft_type}) adds a model-level part the serving engine "
+                               "does not run (it runs parts that put embeddings before a row: prompt tuning, "
+                               "P-tuning; a prefix in every layer's cache is not served)", param="model")
         if found.in_place():
-            raise RequestError(f"adapter {name!r} ({found.config.peft_type}) changes base parameters in place, which "
+            raise RequestError(f"adapter {shown!r} ({found.config.peft_type}) changes base parameters in place, which "
                                "cannot differ per row of a shared batch; merge it into its own model to serve it",
                                param="model")
         bypassed = [p for p in found.sites + found.saved if _BYPASSED.fullmatch(p)]
         if bypassed:
-            raise RequestError(f"adapter {name!r} wraps {bypassed[0] or 'the whole model'}, which the serving engine "
+            raise RequestError(f"adapter {shown!r} wraps {bypassed[0] or 'the whole model'}, which the serving engine "
                                "does not call as a module", param="model")
         self._checked[name] = found
 
@@ -190,7 +195,7 @@ class Engine:
         The engine prepends them itself (as the adapter's hook on the decoder would) and numbers the row's
         positions from its first virtual token, as deltatune's mixed batches and peft do."""
         part = None if name is None else attached_adapters(self.model)[name].part(self.model)
-        return part.prompt_embeddings if part is not None and _is_prompt(part) else None
+        return part.row_embeddings().detach() if part is not None and _is_prompt(part) else None
 
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe); its slot is freed at the start of the next step."""
@@ -325,14 +330,18 @@ class Engine:
         return new
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
-        tokens = choose(logits, [r.params for r in requests], [r.generator for r in requests])
+        tokens = choose(logits, [r.params for r in requests], [r.generator for r in requests],
+                        [r.output_ids for r in requests])
         now = time.perf_counter()
         outputs = []
-        for request, token in zip(requests, tokens):
+        for i, (request, token) in enumerate(zip(requests, tokens)):
             request.first_token_at = request.first_token_at or now
+            if request.params.logprobs is not None:  # the model's distribution, as a forward of the sequence gives
+                request.logprobs.append((token, *top_logprobs(logits[i], token, request.params.logprobs)))
             request.output_ids.append(token)
             if token in self.eos_ids and not request.params.ignore_eos:
                 request.finish_reason = "stop"
+                request.stopped_by_eos = True
             elif len(request.output_ids) >= request.params.max_new_tokens:
                 request.finish_reason = "length"
             text = new_text(request, self.tokenizer)
@@ -393,8 +402,14 @@ _CACHE_KWARG: dict[type, str] = {}
 
 
 def _is_prompt(part: nn.Module) -> bool:
-    embeddings = getattr(part, "prompt_embeddings", None)
-    return isinstance(embeddings, torch.Tensor) and embeddings.dim() == 2
+    """A part that puts embeddings before a row (the virtual-token base's kind "embeddings"): the engine asks it
+    what it adds (`row_embeddings()`, (p, e)) instead of reading one method's tensor."""
+    return getattr(part, "kind", None) == "embeddings" and callable(getattr(part, "row_embeddings", None))
+
+
+def _adds_positions(part: nn.Module) -> bool:
+    """A virtual-token part of another kind (prefix tuning's keys and values in every layer's cache)."""
+    return getattr(part, "kind", None) is not None and callable(getattr(part, "row_key_values", None))
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

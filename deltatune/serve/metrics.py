@@ -20,6 +20,9 @@ class ServeMetrics:
         r = self.registry
         self.requests = Counter("deltatune_requests", "Finished requests by adapter and outcome",
                                 ["adapter", "outcome"], registry=r)
+        self.rejected = Counter("deltatune_rejected_requests", "Requests refused before generating (bad field, unknown "
+                                "model, body too large, connection cap, timeout, ...) by HTTP status and error code",
+                                ["status", "code"], registry=r)
         self.prompt_tokens = Counter("deltatune_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generation_tokens = Counter("deltatune_generation_tokens", "Tokens generated", ["adapter"], registry=r)
         self.ttft = Histogram("deltatune_time_to_first_token_seconds", "Time from arrival to the first token",
@@ -62,6 +65,10 @@ class ServeMetrics:
             self.adapter_bytes.remove(name)
         except KeyError:
             pass
+
+    def request_rejected(self, status: int, code: str | None) -> None:
+        """A refused request: labels are the status and OpenAI's error code, never client-chosen text."""
+        self.rejected.labels(str(status), code or "none").inc()
 
     # ---- called when a request ends --------------------------------------------------------------------
     def request_done(self, adapter: str, outcome: str, prompt_tokens: int, generated: int,

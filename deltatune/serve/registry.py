@@ -17,13 +17,14 @@ the attach and copy, not for the disk.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ class Entry:
     internal: str  # attached adapter name
     path: Path | None  # None for a blend
     nbytes: int = 0
+    parts: tuple[str, ...] = ()  # a blend's parts (attached names)
     pinned: bool = False
     refs: int = 0
     last_used: float = 0.0
@@ -57,8 +59,12 @@ class _NoMetrics:
 
 class AdapterRegistry:
     def __init__(self, model: nn.Module, *, adapter_dirs: list[str | os.PathLike] = (), max_bytes: int | None = None,
-                 dtype: torch.dtype | None = None, lock: threading.RLock | None = None, metrics: Any = None) -> None:
+                 dtype: torch.dtype | None = None, lock: threading.RLock | None = None, metrics: Any = None,
+                 check: Callable[[str, str], None] | None = None) -> None:
         self.model = model
+        # check(attached name, public name) raises RequestError for an adapter the engine cannot serve
+        # (Engine.check_adapter): it is refused when it loads, not at every request
+        self.check = check
         self.adapter_dirs = [Path(d).resolve() for d in adapter_dirs]
         for d in self.adapter_dirs:
             if not d.is_dir():
@@ -71,6 +77,7 @@ class AdapterRegistry:
         self.lock = lock or threading.RLock()  # held by the engine during each forward
         self.metrics = metrics or _NoMetrics()
         self.entries: dict[str, Entry] = {}  # resident adapters by public name
+        self.retired: dict[str, Entry] = {}  # replaced adapters still held by requests, by attached name
         self.known: dict[str, Path] = {}  # named adapters (reloaded on demand after an eviction)
         self.overrides: dict[str, dict[str, Any]] = {}  # config overrides of a named adapter (`PATH@rank=4`)
         self._load_lock = threading.Lock()  # one load at a time; never held during a forward
@@ -104,20 +111,34 @@ class AdapterRegistry:
 
     def available(self) -> list[str]:
         """Public names a request may use: resident, named, and every adapter subdirectory of the allowed dirs."""
-        names = set(self.entries) | set(self.known)
-        for root in self.adapter_dirs:
-            names.update(p.name for p in root.iterdir() if _NAME.fullmatch(p.name) and (p / WEIGHTS_NAME).is_file())
+        names = {n for n, e in self.entries.items() if e.path is not None} | set(self.known)  # not blends
+        for root in self.adapter_dirs:  # what find() accepts: a symlink out of the directory is not listed
+            names.update(p.name for p in root.iterdir() if self.find(p.name) is not None)
         return sorted(names)
+
+    def public_name(self, internal: str) -> str:
+        """The name a client used for attached adapter `internal` (for messages); `internal` if unknown."""
+        for entry in (*self.entries.values(), *self.retired.values()):
+            if entry.internal == internal:
+                return entry.name
+        return internal
 
     # ---- loading, holding, evicting -----------------------------------------------------------------------
     def add(self, name: str, path: str | os.PathLike, *, pin: bool = False) -> Entry:
-        """Make `name` a named adapter read from `path` (any directory the operator gives) and load it now."""
+        """Make `name` a named adapter read from `path` (any directory the operator gives) and load it now.
+
+        A name already loaded is replaced atomically: the new adapter loads under a new attached name (its
+        version), new requests get it, and requests holding the old one finish on it (it is removed when the
+        last releases it); blends built from the old one are dropped. If the new one fails to load, the old
+        one stays."""
         if not _NAME.fullmatch(name):
             raise ValueError(f"adapter name {name!r} must be letters, digits and ._- (starting with a letter or digit)")
         path, overrides = split_adapter_spec(path)  # `PATH@rank=4`: config overrides (a DyLoRA's rank)
-        self.known[name] = Path(path).resolve()
-        self.overrides[name] = overrides
-        entry = self._ensure(name)
+        path = Path(path).resolve()
+        with self._load_lock:
+            entry = self._load(name, path, overrides)
+            self.known[name] = path
+            self.overrides[name] = overrides
         entry.pinned = entry.pinned or pin
         return entry
 
@@ -129,6 +150,13 @@ class AdapterRegistry:
 
     def release(self, internal: str) -> None:
         with self.lock:
+            old = self.retired.get(internal)
+            if old is not None:
+                old.refs -= 1
+                if old.refs <= 0:
+                    del self.retired[internal]
+                    delete_adapter(self.model, internal)
+                return
             for entry in self.entries.values():
                 if entry.internal == internal and entry.refs > 0:
                     entry.refs -= 1
@@ -183,7 +211,7 @@ class AdapterRegistry:
                 raise KeyError(f"adapter {name!r} is not loaded; loaded: {sorted(self.entries)}")
             if entry.refs:
                 raise RuntimeError(f"adapter {name!r} is in use by {entry.refs} request(s); unload it when they finish")
-            self._drop(entry, evicted=False)
+            self._retire(entry)  # and the blends built from it
             self.known.pop(name, None)
 
     def resident_bytes(self) -> int:
@@ -212,8 +240,9 @@ class AdapterRegistry:
                     return self.entries[name]
             return self._load(name, path)
 
-    def _load(self, name: str, path: Path) -> Entry:
+    def _load(self, name: str, path: Path, overrides: Mapping[str, Any] | None = None) -> Entry:
         started = time.perf_counter()
+        overrides = self.overrides.get(name, {}) if overrides is None else overrides
         try:
             config, tensors, _ = read_adapter(path)  # disk and validation, outside the model lock
         except AdapterFileError as exc:
@@ -223,9 +252,18 @@ class AdapterRegistry:
             self._make_room(needed)
             internal = self._new_internal()
             try:
-                load_adapter(self.model, path, internal, activate=False, overrides=self.overrides.get(name))
+                load_adapter(self.model, path, internal, activate=False, overrides=overrides)  # from the page cache
             except AdapterFileError as exc:
                 raise RequestError(f"adapter {name!r} does not fit this base model: {exc}", param="model") from None
+            if self.check is not None:
+                try:
+                    self.check(internal, name)
+                except RequestError:
+                    delete_adapter(self.model, internal)
+                    raise
+            old = self.entries.get(name)
+            if old is not None:
+                self._retire(old)
             entry = self._register(name, internal, path)
         self.metrics.adapter_loaded(name, entry.nbytes, time.perf_counter() - started)
         return entry
@@ -260,6 +298,16 @@ class AdapterRegistry:
                 f"adapter memory is full ({self.resident_bytes()} of {self.max_bytes} bytes held by pinned adapters "
                 "or running requests); retry later or raise --max-adapter-memory", code="adapter_memory_full", status=503)
 
+    def _retire(self, old: Entry) -> None:
+        """Take `old` (and the blends built from it) out of service: removed now if idle, else when released."""
+        stale = [e for e in self.entries.values() if old.internal in e.parts]
+        for entry in [old, *stale]:
+            if entry.refs:
+                del self.entries[entry.name]
+                self.retired[entry.internal] = entry
+            else:
+                self._drop(entry, evicted=False)
+
     def _drop(self, entry: Entry, *, evicted: bool) -> None:
         delete_adapter(self.model, entry.internal)
         del self.entries[entry.name]
@@ -280,8 +328,11 @@ class AdapterRegistry:
             with self.lock:
                 sizes = [self.entries[n].nbytes for n in weights]
                 self._make_room(sum(sizes))
-                internal = blend_lora(self.model, {parts[n]: w for n, w in weights.items()}, self._new_internal())
+                labels = {parts[n]: n for n in weights}
+                internal = blend_lora(self.model, {parts[n]: w for n, w in weights.items()}, self._new_internal(),
+                                      labels=labels)
                 entry = self._register(name, internal, None)
+                entry.parts = tuple(parts.values())
         finally:
             for internal_part in parts.values():
                 self.release(internal_part)
@@ -292,9 +343,10 @@ class AdapterRegistry:
 def _check_weights(weights: Mapping[str, float]) -> dict[str, float]:
     if not weights or not all(isinstance(k, str) for k in weights):
         raise RequestError("a blend names one or more adapters with weights, e.g. {\"a\": 0.7, \"b\": 0.3}", param="adapters")
-    bad = [k for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v]
+    bad = [k for k, v in weights.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)]
     if bad:
-        raise RequestError(f"blend weight of {bad[0]!r} must be a number, got {weights[bad[0]]!r}", param="adapters")
+        raise RequestError(f"blend weight of {bad[0]!r} must be a number (and finite), got {weights[bad[0]]!r}",
+                           param="adapters")
     return {k: float(weights[k]) for k in sorted(weights)}
 
 
@@ -304,18 +356,22 @@ def blend_name(weights: Mapping[str, float]) -> str:
     return "blend_" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str) -> str:
+def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str,
+               labels: Mapping[str, str] | None = None) -> str:
     """Attach `name`: the LoRA adapter whose delta is Σ wᵢ·ΔWᵢ of the attached LoRA adapters `weights` names.
 
     Exact, not an approximation: at every site ΔW = Σ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁ … wₖsₖBₖ]·[A₁; …; Aₖ], so the
     blend is one LoRA of rank Σ rᵢ (scale 1) with the A's stacked and the scaled B's side by side (LoRAX's
     linear merge). Sites that only some adapters target get zero blocks for the others. LoRA only: DoRA and
-    IA3 are not linear in their parameters.
+    IA3 are not linear in their parameters. `labels` names adapters in errors (attached -> public name).
+    Built by `deltatune.compose.combine_adapters(..., combination_type="cat")`, the one implementation.
     """
+    labels = labels or {}
     attached = attached_adapters(model)
     missing = [n for n in weights if n not in attached]
     if missing:
-        raise RequestError(f"blend names {missing[0]!r}, which is not loaded", param="adapters", status=404)
+        raise RequestError(f"blend names {labels.get(missing[0], missing[0])!r}, which is not loaded", param="adapters",
+                           status=404)
     sites: dict[str, dict[str, LoraLinear]] = {}
     for adapter_name in weights:
         adapter = attached[adapter_name]
@@ -323,7 +379,8 @@ def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str) -> str
         plain = adapter.config.peft_type == "LORA" and not getattr(adapter.config, "use_dora", False)
         if not plain or adapter.saved or adapter.selected or adapter.part(model) is not None or \
                 not all(type(d) is LoraLinear for d in deltas.values()):
-            raise RequestError(f"only plain LoRA adapters on linear layers can be blended; {adapter_name!r} is "
+            raise RequestError(f"only plain LoRA adapters on linear layers can be blended; "
+                               f"{labels.get(adapter_name, adapter_name)!r} is "
                                f"{adapter.config.peft_type} with other parts", param="adapters")
         for path, delta in deltas.items():
             sites.setdefault(path, {})[adapter_name] = delta

@@ -29,12 +29,14 @@ class Request:
         self.id, self.prompt_ids, self.adapter, self.params = request_id, prompt_ids, adapter, params
         self.generator = params.generator()
         self.output_ids: list[int] = []
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []  # (token, its logprob, top-k) per token
         self.text = ""  # decoded output, cut at a stop string
         self.sent = 0  # characters of `text` already handed out as deltas
         self.slot: int | None = None
         self.virtual = 0  # virtual tokens (prompt tuning) before the prompt
         self.length = 0  # tokens whose K/V are in the cache (virtual ones included)
         self.finish_reason: str | None = None
+        self.stopped_by_eos = False  # the last output token is the end-of-sequence token (not in the text)
         self.arrival = time.perf_counter()
         self.first_token_at: float | None = None
         self.finished_at: float | None = None

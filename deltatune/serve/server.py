@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
+import math
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -25,14 +27,18 @@ from typing import Any, AsyncIterator
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .engine import Engine
+from .fields import check_fields
+from .guards import AccessLog, Limits, guarded_protocol
 from .request import StepOutput
+from .responses import Shape, event, logprobs_wanted
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
-from .registry import AdapterRegistry, blend_name
+from .registry import AdapterRegistry, _check_weights, blend_name
 from .sampling import RequestError, SamplingParams
 from .worker import EngineWorker
 
@@ -46,9 +52,15 @@ def error_response(status: int, message: str, *, param: str | None = None, code:
 
 
 class Server:
+    MAX_N = 16  # choices per request at most
+
     def __init__(self, engine: Engine, registry: AdapterRegistry, *, base_name: str = "base",
-                 api_key: str | None = None, admin_token: str | None = None, metrics: ServeMetrics | None = None) -> None:
+                 api_key: str | None = None, admin_token: str | None = None, metrics: ServeMetrics | None = None,
+                 limits: Limits | None = None) -> None:
         self.engine, self.registry, self.tokenizer = engine, registry, engine.tokenizer
+        self.limits = limits or Limits()
+        if registry.check is None:  # refuse an adapter the engine cannot run when it loads, not per request
+            registry.check = engine.check_adapter
         self.base_name, self.api_key, self.admin_token = base_name, api_key, admin_token
         self.metrics = metrics or ServeMetrics()
         registry.metrics = self.metrics
@@ -66,26 +78,49 @@ class Server:
         if self.admin_token:
             routes += [Route("/admin/adapters", self.admin_list), Route("/admin/adapters", self.admin_load, methods=["POST"]),
                        Route("/admin/adapters/{name}", self.admin_unload, methods=["DELETE"])]
-        handlers = {HTTPException: self._http_error, RequestError: self._request_error, Exception: self._internal_error}
-        return Starlette(routes=routes, exception_handlers=handlers, lifespan=self._lifespan)
+        if self.admin_token:  # vLLM's spelling of the same guarded admin path
+            routes += [Route("/v1/load_lora_adapter", self.vllm_load, methods=["POST"]),
+                       Route("/v1/unload_lora_adapter", self.vllm_unload, methods=["POST"])]
+        routes += [Route("/tokenize", self.tokenize, methods=["POST"]), Route("/detokenize", self.detokenize, methods=["POST"])]
+        handlers = {HTTPException: self._http_error, RequestError: self._request_error, ClientDisconnect: self._gone,
+                    Exception: self._internal_error}
+        access = Middleware(AccessLog, max_body_bytes=self.limits.max_body_bytes, on_reject=self.metrics.request_rejected)
+        return Starlette(routes=routes, exception_handlers=handlers, lifespan=self._lifespan, middleware=[access])
+
+    def uvicorn_config(self, host: str = "127.0.0.1", port: int = 8000, **kwargs):
+        """uvicorn's Config for this server: its limits enforced by the HTTP protocol (guards.py)."""
+        import uvicorn
+
+        protocol = guarded_protocol(self.limits, self.metrics.request_rejected)
+        return uvicorn.Config(self.app(), host=host, port=port, http=protocol, timeout_keep_alive=self.limits.keep_alive,
+                              log_level=kwargs.pop("log_level", "warning"), **kwargs)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app):
         self.worker.start()
         try:
             yield
-        finally:
+        finally:  # uvicorn has stopped accepting and waited for open requests: the engine has drained
+            left = len(self.engine.running) + len(self.engine.waiting)
             self.worker.stop()
+            log.warning("deltatune serve: shut down, every open request answered (%d left unfinished)", left)
 
     # ---- errors and auth -----------------------------------------------------------------------------
     async def _http_error(self, request: Request, exc: HTTPException) -> JSONResponse:
+        self.metrics.request_rejected(exc.status_code, None)
         return error_response(exc.status_code, str(exc.detail))
 
     async def _request_error(self, request: Request, exc: RequestError) -> JSONResponse:
+        self.metrics.request_rejected(exc.status, exc.code)
         return error_response(exc.status, str(exc), param=exc.param, code=exc.code)
+
+    async def _gone(self, request: Request, exc: ClientDisconnect) -> Response:
+        self.metrics.request_rejected(499, "client_disconnected")
+        return error_response(499, "the client went away before its request arrived whole")
 
     async def _internal_error(self, request: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed")
+        self.metrics.request_rejected(500, "internal_error")
         return error_response(500, f"internal server error ({type(exc).__name__})")
 
     @staticmethod
@@ -122,15 +157,29 @@ class Server:
     # ---- generation ----------------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         self._check_key(request)
-        body = await _json_body(request)
-        ids = self._prompt_ids(body.get("prompt"))
+        body = await self._json_body(request)
+        check_fields(body, chat=False)
+        ids = await run_in_threadpool(self._prompt_ids, body.get("prompt"))  # tokenizing off the event loop
         return await self._generate(request, body, ids, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
         self._check_key(request)
-        body = await _json_body(request)
-        ids = self._chat_ids(body.get("messages"))
+        body = await self._json_body(request)
+        check_fields(body, chat=True)
+        ids = await run_in_threadpool(self._chat_ids, body.get("messages"))
         return await self._generate(request, body, ids, chat=True)
+
+    async def _json_body(self, request: Request) -> dict:
+        """The body as a JSON object, read at most max_body_bytes (413 beyond, before reading the rest)."""
+        limit, chunks, size = self.limits.max_body_bytes, [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"the request body exceeds {limit} bytes, the most accepted", code="body_too_large",
+                                   status=413)
+            chunks.append(chunk)
+        raw = b"".join(chunks)
+        return await run_in_threadpool(_parse_json, raw) if size > 65536 else _parse_json(raw)
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -171,15 +220,16 @@ class Server:
                     blend[name.strip()] = float(weight) if weight else 1.0
                 except ValueError:
                     raise RequestError(f"cannot read blend {model!r}: write name:weight+name:weight", param="model") from None
+                if not math.isfinite(blend[name.strip()]):
+                    raise RequestError(f"blend weight of {name.strip()!r} must be finite, got {weight!r}", param="model")
         if blend is not None:
             if not isinstance(blend, dict):
                 raise RequestError("adapters must be an object {name: weight}", param="adapters")
+            blend = _check_weights(blend)  # finite numbers, 400 naming the field otherwise
             return blend, blend_name(blend)
         return (None, "base") if model == self.base_name else (model, model)
 
     def _params(self, body: dict, prompt_len: int, chat: bool) -> SamplingParams:
-        if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
-            raise RequestError("only n=1 is served; send several requests instead", param="n")
         max_tokens = body.get("max_completion_tokens") if chat else None
         max_tokens = max_tokens if max_tokens is not None else body.get("max_tokens", None if chat else 16)
         if max_tokens is None:
@@ -188,15 +238,44 @@ class Server:
         stop = [] if stop is None else stop
         if not isinstance(stop, (str, list)):
             raise RequestError("stop must be a string or a list of strings", param="stop")
-        temperature = body.get("temperature")
-        top_p = body.get("top_p")
-        return SamplingParams(max_new_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
-                              top_p=1.0 if top_p is None else top_p, seed=body.get("seed"),
-                              stop=(stop,) if isinstance(stop, str) else tuple(stop))
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise RequestError("ignore_eos must be true or false", param="ignore_eos")
+        get = lambda key, default: default if body.get(key) is None else body[key]  # noqa: E731
+        return SamplingParams(max_new_tokens=max_tokens, temperature=get("temperature", 1.0), top_p=get("top_p", 1.0),
+                              seed=body.get("seed"), stop=(stop,) if isinstance(stop, str) else tuple(stop),
+                              ignore_eos=ignore_eos, top_k=get("top_k", 0), presence_penalty=get("presence_penalty", 0.0),
+                              frequency_penalty=get("frequency_penalty", 0.0), logprobs=logprobs_wanted(body, chat),
+                              constraint=self._constraint(body.get("response_format")))
+
+    def _constraint(self, response_format: Any):
+        """None for free text; a JSON constraint for response_format json_object / json_schema."""
+        if response_format is None:
+            return None
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "text":
+            return None
+        if kind in ("json_object", "json_schema"):
+            from .constrain import json_constraint  # noqa: PLC0415
+
+            return json_constraint(response_format, self.tokenizer, self.engine.eos_ids)
+        raise RequestError("response_format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
+                           "\"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}", param="response_format")
+
+    def _choice_params(self, params: SamplingParams, n: int) -> list[SamplingParams]:
+        """n choices: a seeded request gives choice i the seed seed + i (each reproducible alone)."""
+        if n == 1:
+            return [params]
+        return [dataclasses.replace(params, seed=None if params.seed is None else params.seed + i) for i in range(n)]
 
     async def _generate(self, request: Request, body: dict, ids: list[int], *, chat: bool) -> Response:
         spec, label = self._model_spec(body)
         params = self._params(body, len(ids), chat)
+        n = body.get("n", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.MAX_N:
+            raise RequestError(f"n must be an integer in [1, {self.MAX_N}], got {n!r}", param="n")
+        if body.get("best_of") not in (None, 1, n):
+            raise RequestError("best_of must equal n (or be omitted): choices are not ranked here", param="best_of")
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise RequestError("stream must be true or false", param="stream")
@@ -204,52 +283,72 @@ class Server:
         if not isinstance(options, dict):
             raise RequestError("stream_options must be an object, e.g. {\"include_usage\": true}", param="stream_options")
         include_usage = bool(options.get("include_usage")) if stream else False
-        adapter = await run_in_threadpool(self.registry.acquire, spec) if spec is not None else None
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        ids_of = [f"{request_id}-{i}" if n > 1 else request_id for i in range(n)]
+        submitted: list[str] = []
         try:
-            self.worker.submit(request_id, ids, adapter, params, label,
-                               lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+            for sub_id, choice in zip(ids_of, self._choice_params(params, n)):
+                adapter = await run_in_threadpool(self.registry.acquire, spec) if spec is not None else None
+                try:
+                    self.worker.submit(sub_id, ids, adapter, choice, label,
+                                       lambda out: loop.call_soon_threadsafe(queue.put_nowait, out))
+                except BaseException:
+                    if adapter is not None:
+                        self.registry.release(adapter)
+                    raise
+                submitted.append(sub_id)
         except BaseException:
-            if adapter is not None:
-                self.registry.release(adapter)
+            for sub_id in submitted:
+                self.worker.abort(sub_id)
             raise
-        shape = _Shape(request_id, body["model"], chat, len(ids))
+        shape = Shape(request_id, body["model"], chat, len(ids), self.tokenizer, {s: i for i, s in enumerate(ids_of)})
         if stream:
-            return StreamingResponse(self._sse(queue, request_id, shape, include_usage), media_type="text/event-stream")
-        return await self._collect(request, queue, request_id, shape)
+            return StreamingResponse(self._sse(queue, ids_of, shape, include_usage), media_type="text/event-stream")
+        return await self._collect(request, queue, ids_of, shape)
 
-    async def _collect(self, request: Request, queue: asyncio.Queue, request_id: str, shape: "_Shape") -> JSONResponse:
-        while True:
+    async def _collect(self, request: Request, queue: asyncio.Queue, ids_of: list[str], shape: Shape) -> JSONResponse:
+        done: dict[str, Any] = {}
+        while len(done) < len(ids_of):
             try:
                 out: StepOutput = await asyncio.wait_for(queue.get(), timeout=1.0)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    self.worker.abort(request_id)
+                    for sub_id in ids_of:
+                        self.worker.abort(sub_id)
                     return error_response(499, "client disconnected")
                 continue
             if out.finished:
                 if out.request.finish_reason == "error":
+                    for sub_id in ids_of:
+                        self.worker.abort(sub_id)
                     return error_response(500, "the engine failed while generating this request; retry")
-                return JSONResponse(shape.full(out.request))
+                done[out.request.id] = out.request
+        return JSONResponse(shape.full([done[s] for s in ids_of]))
 
-    async def _sse(self, queue: asyncio.Queue, request_id: str, shape: "_Shape", include_usage: bool) -> AsyncIterator[str]:
-        done = False
+    async def _sse(self, queue: asyncio.Queue, ids_of: list[str], shape: Shape, include_usage: bool) -> AsyncIterator[str]:
+        finished: dict[str, Any] = {}
         try:
             if shape.chat:
-                yield _event(shape.chunk({"role": "assistant", "content": ""}, None))
-            while not done:
+                for i in range(len(ids_of)):
+                    yield event(shape.chunk(i, {"role": "assistant", "content": ""}, None))
+            while len(finished) < len(ids_of):
                 out: StepOutput = await queue.get()
-                done = out.finished
-                reason = out.request.finish_reason if done else None
-                if out.text or done:
-                    yield _event(shape.chunk({"content": out.text} if shape.chat else out.text, reason))
+                index = shape.index[out.request.id]
+                reason = out.request.finish_reason if out.finished else None
+                if out.finished:
+                    finished[out.request.id] = out.request
+                if out.text or out.finished or (out.token_ids and out.request.params.logprobs is not None):
+                    piece = {"content": out.text} if shape.chat else out.text
+                    yield event(shape.chunk(index, piece, reason, shape.logprobs(out.request, out.token_ids)))
             if include_usage:
-                yield _event({**shape.chunk(None, None), "choices": [], "usage": shape.usage(out.request)})
+                yield event({**shape.chunk(0, None, None), "choices": [],
+                             "usage": shape.usage([finished[s] for s in ids_of])})
             yield "data: [DONE]\n\n"
         finally:
-            if not done:  # the client went away: free the slot
-                self.worker.abort(request_id)
+            for sub_id in ids_of:  # the client went away: free the slots
+                if sub_id not in finished:
+                    self.worker.abort(sub_id)
 
     # ---- admin ---------------------------------------------------------------------------------------
     async def admin_list(self, request: Request) -> JSONResponse:
@@ -261,10 +360,18 @@ class Server:
 
     async def admin_load(self, request: Request) -> JSONResponse:
         self._check_admin(request)
-        body = await _json_body(request)
+        body = await self._json_body(request)
         name, path, pin = body.get("name"), body.get("path"), body.get("pin", False)
         if not isinstance(name, str) or not isinstance(path, str) or not isinstance(pin, bool):
             raise RequestError("send {\"name\": str, \"path\": str (inside --adapter-dir), \"pin\": bool}", param="name")
+        entry = await self._load(name, path, pin)
+        return JSONResponse({"name": entry.name, "bytes": entry.nbytes, "pinned": entry.pinned})
+
+    async def _load(self, name: str, path: str, pin: bool = False):
+        """Load (or atomically replace: requests in flight finish on the old one) adapter `name` from `path`."""
+        if name == self.base_name:
+            raise RequestError(f"{name!r} is the base model's name; choose another adapter name", param="name",
+                               code="name_taken", status=409)
         try:
             resolved = self.registry.allowed_path(path)
         except PermissionError as exc:
@@ -272,66 +379,77 @@ class Server:
         except FileNotFoundError as exc:
             raise RequestError(str(exc), param="path", status=404) from None
         try:
-            entry = await run_in_threadpool(self.registry.add, name, resolved, pin=pin)
+            return await run_in_threadpool(self.registry.add, name, resolved, pin=pin)
         except ValueError as exc:
+            if isinstance(exc, RequestError):
+                raise
             raise RequestError(str(exc), param="name") from None
-        return JSONResponse({"name": entry.name, "bytes": entry.nbytes, "pinned": entry.pinned})
 
-    async def admin_unload(self, request: Request) -> JSONResponse:
-        self._check_admin(request)
-        name = request.path_params["name"]
+    async def _unload(self, name: str) -> None:
         try:
             await run_in_threadpool(self.registry.unload, name)
         except KeyError as exc:
             raise RequestError(str(exc.args[0]), param="name", status=404) from None
         except RuntimeError as exc:
             raise RequestError(str(exc), param="name", status=409) from None
+
+    async def admin_unload(self, request: Request) -> JSONResponse:
+        self._check_admin(request)
+        name = request.path_params["name"]
+        await self._unload(name)
         return JSONResponse({"name": name, "unloaded": True})
 
+    async def vllm_load(self, request: Request) -> Response:
+        """vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"} (admin token required)."""
+        self._check_admin(request)
+        body = await self._json_body(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not isinstance(path, str):
+            raise RequestError("send {\"lora_name\": str, \"lora_path\": str (inside --adapter-dir)}", param="lora_name")
+        await self._load(name, path)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
-async def _json_body(request: Request) -> dict:
+    async def vllm_unload(self, request: Request) -> Response:
+        """vLLM's POST /v1/unload_lora_adapter {"lora_name"} (admin token required)."""
+        self._check_admin(request)
+        body = await self._json_body(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str):
+            raise RequestError("send {\"lora_name\": str}", param="lora_name")
+        await self._unload(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    # ---- tokenizer (vLLM's /tokenize and /detokenize) -----------------------------------------------------
+    async def tokenize(self, request: Request) -> JSONResponse:
+        self._check_key(request)
+        body = await self._json_body(request)
+        if "messages" in body:
+            ids = await run_in_threadpool(self._chat_ids, body["messages"])
+        elif isinstance(body.get("prompt"), str):
+            special = body.get("add_special_tokens", True)
+            if not isinstance(special, bool):
+                raise RequestError("add_special_tokens must be true or false", param="add_special_tokens")
+            ids = await run_in_threadpool(self.engine.encode, body["prompt"], add_special_tokens=special)
+        else:
+            raise RequestError("send {\"prompt\": str} or {\"messages\": [...]}", param="prompt")
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.max_model_len, "tokens": ids})
+
+    async def detokenize(self, request: Request) -> JSONResponse:
+        self._check_key(request)
+        body = await self._json_body(request)
+        tokens, vocab = body.get("tokens"), self.engine.model.config.vocab_size
+        if not isinstance(tokens, list) or not all(type(t) is int and 0 <= t < vocab for t in tokens):
+            raise RequestError(f"tokens must be a list of token ids in [0, {vocab})", param="tokens")
+        if self.tokenizer is None:
+            raise RequestError("this server has no tokenizer", param="tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(tokens)})
+
+
+def _parse_json(raw: bytes) -> dict:
     try:
-        body = json.loads(await request.body())
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     return body
-
-
-def _event(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-class _Shape:
-    """OpenAI's response and chunk objects for one request."""
-
-    def __init__(self, request_id: str, model: str, chat: bool, prompt_tokens: int) -> None:
-        self.id, self.model, self.chat, self.prompt_tokens = request_id, model, chat, prompt_tokens
-        self.created = int(time.time())
-
-    def usage(self, request) -> dict:
-        n = len(request.output_ids)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
-
-    def _head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def full(self, request) -> dict:
-        reason = request.finish_reason if request.finish_reason in ("stop", "length") else "stop"
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": request.text}, "logprobs": None,
-                      "finish_reason": reason}
-            return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage(request)}
-        choice = {"index": 0, "text": request.text, "logprobs": None, "finish_reason": reason}
-        return {**self._head("text_completion"), "choices": [choice], "usage": self.usage(request)}
-
-    def chunk(self, piece: Any, reason: str | None) -> dict:
-        if reason is not None and reason not in ("stop", "length"):
-            reason = "stop"
-        if self.chat:
-            delta = piece if piece is not None else {}
-            return {**self._head("chat.completion.chunk"),
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-        return {**self._head("text_completion"),
-                "choices": [{"index": 0, "text": piece or "", "logprobs": None, "finish_reason": reason}]}

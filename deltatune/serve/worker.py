@@ -45,7 +45,7 @@ class EngineWorker:
         """Queue a request (raises RequestError if it cannot run); `on_output` is called from the engine thread."""
         self._subs[request_id] = (on_output, label)
         try:
-            self.engine.add_request(prompt_ids, adapter, params, request_id=request_id)
+            self.engine.add_request(prompt_ids, adapter, params, request_id=request_id, label=label)
         except BaseException:
             del self._subs[request_id]
             raise
