@@ -161,3 +161,11 @@ def make_tiny_llama_quantized(quant):
     model = make_tiny_llama()
     quant.quantize_model(model, compute_dtype=torch.float32)
     return model
+
+
+def test_hadamard_backward_equals_autograd_of_the_formula():
+    from deltatune.methods.loha import _Hadamard
+
+    g = torch.Generator().manual_seed(0)
+    factors = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True) for s in ((5, 3), (3, 4), (5, 3), (3, 4))]
+    assert torch.autograd.gradcheck(_Hadamard.apply, factors)

@@ -129,7 +129,26 @@ class LoHaLinear(_LycorisDelta):
             nn.init.zeros_(self.hada_w2_b)
 
     def make_weight(self) -> torch.Tensor:
-        return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
+        return _Hadamard.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b)
+
+
+class _Hadamard(torch.autograd.Function):
+    """(W1a·W1b) ⊙ (W2a·W2b), saving only the four factors: the two (d_out, d_in) products are recomputed in
+    the backward rather than kept per layer (as peft's HadaWeight does), with
+    ∂/∂W1a = (G ⊙ W2a·W2b)·W1bᵀ, ∂/∂W1b = W1aᵀ·(G ⊙ W2a·W2b), and the same for W2 with W1's product."""
+
+    @staticmethod
+    def forward(ctx, w1a, w1b, w2a, w2b):  # type: ignore[override]
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        return (w1a @ w1b) * (w2a @ w2b)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        other = grad * (w2a @ w2b)
+        g1a, g1b = other @ w1b.T, w1a.T @ other
+        other = grad * (w1a @ w1b)
+        return g1a, g1b, other @ w2b.T, w2a.T @ other
 
 
 register(LoHaConfig, LoHaLinear, readers=("peft", "deltatune"))
