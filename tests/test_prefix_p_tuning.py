@@ -213,3 +213,42 @@ def test_training_moves_the_encoder_and_the_loss_falls(case):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert all(not torch.equal(a, b) for a, b in zip(before, params))  # every encoder tensor trained
+
+
+def test_serve_runs_p_tuning_rows_beside_lora_and_refuses_a_prefix():
+    """The engine asks a part what it adds to a row (`row_embeddings`): P-tuning's encoder output is served
+    with prompt tuning's path; a prefix in every layer's cache is refused with the reason."""
+    from deltatune.serve.engine import Engine
+    from deltatune.serve.sampling import RequestError
+    from serve_helpers import add_lora, byte_tokenizer, hf_greedy, tiny_llama
+
+    model, tok = tiny_llama(), byte_tokenizer()
+    add_lora(model, "lora", 4, seed=1)
+    torch.manual_seed(2)
+    dt.attach(model, dt.PromptEncoderConfig(num_virtual_tokens=3), "ptune", activate=False)
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=2), "prefix", activate=False)
+    with torch.no_grad():
+        for tensor in dt.adapter_tensors(model, "ptune").values():
+            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    engine = Engine(model, tok)
+    prompts = [[5, 9, 23, 41], [7, 7, 100, 3, 2], [60, 61]]
+    names = ["ptune", "lora", None]
+    outs = engine.generate(prompts, names, max_new_tokens=5)
+    expected = [greedy_by_full_forwards_alone(model, p, n, 5) for p, n in zip(prompts, names)]
+    assert [o.token_ids for o in outs] == expected
+    assert outs[0].token_ids == hf_greedy(model.eval(), prompts[0], "ptune", 5)
+    with pytest.raises(RequestError, match="prefix"):
+        engine.add_request([5, 6], "prefix")
+
+
+def greedy_by_full_forwards_alone(model, prompt, name, steps):
+    previous = dt.active_adapters(model)
+    ids = torch.tensor([prompt])
+    try:
+        if name is None:
+            with dt.disable_adapters(model):
+                return greedy_by_full_forwards(model, ids, torch.ones_like(ids), steps)[0].tolist()
+        dt.set_active(model, name)
+        return greedy_by_full_forwards(model, ids, torch.ones_like(ids), steps)[0].tolist()
+    finally:
+        dt.set_active(model, previous)
