@@ -2,6 +2,10 @@
 
     count, why = choose_threads(0)      # 0: automatic; a positive number is taken as given
     torch.set_num_threads(count)
+
+An automatic choice is a snapshot; the training loop calls `retune()` after every step, which refits it to the
+cores other work leaves idle (issue 14: 2 threads picked in a quiet moment ran a step ~10x slower once another
+process took a core; figures in docs/benchmarks.md, "Threads on a busy machine").
 """
 from __future__ import annotations
 
@@ -48,11 +52,71 @@ def _busy_cores(samples: int = 5, interval: float = 0.05) -> float:
 
 def apply_threads(requested: int = 0) -> str | None:
     """Set torch's CPU thread count by `choose_threads` and return the line that says so; None on a GPU machine
-    (the CPU then only feeds the device) unless a count was requested."""
+    (the CPU then only feeds the device) unless a count was requested. An automatic choice is kept up to date
+    during training (`retune`), since other work may arrive or leave after this snapshot."""
     import torch
 
     if requested <= 0 and torch.cuda.is_available():
         return None
     count, why = choose_threads(requested)
     torch.set_num_threads(count)
+    _GOVERNOR.enable(count if requested <= 0 and "OMP_NUM_THREADS" not in os.environ else 0)
     return f"using {count} CPU thread{'s' if count > 1 else ''} ({why})"
+
+
+class _Governor:
+    """Keeps an automatic thread count fitted to the idle cores while a run goes on: one cheap sample of the
+    other runnable tasks per call (no sleeping: /proc/loadavg minus this process's own running threads),
+    and every `every` calls the count becomes one thread per core the others leave idle, if that differs."""
+
+    def __init__(self, every: int = 3) -> None:
+        self.every, self.current, self.samples = every, 0, []
+
+    def enable(self, count: int) -> None:
+        self.current, self.samples = count, []  # 0: a count was given (--threads, OMP_NUM_THREADS): never change it
+
+    def __call__(self) -> str | None:
+        if not self.current:
+            return None
+        other = _other_runnable()
+        if other is None:
+            return None
+        self.samples.append(other)
+        if len(self.samples) < self.every:
+            return None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = sorted(self.samples)[len(self.samples) // 2]  # the median: one odd sample changes nothing
+        self.samples = []
+        wanted = max(1, min(cores, cores - busy))
+        if wanted == self.current:
+            return None
+        import torch
+
+        torch.set_num_threads(wanted)
+        line = (f"using {wanted} CPU thread{'s' if wanted > 1 else ''} (was {self.current}: {busy} of {cores} cores "
+                "now busy with other work)")
+        self.current = wanted
+        return line
+
+
+def _other_runnable() -> int | None:
+    """Runnable tasks of other processes right now (Linux), or None where /proc does not say."""
+    try:
+        with open("/proc/loadavg") as f:
+            running = int(f.read().split()[3].split("/")[0])
+        mine = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/stat") as f:
+                mine += f.read().rpartition(")")[2].split()[0] == "R"
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0, running - max(mine, 1))
+
+
+_GOVERNOR = _Governor()
+
+
+def retune() -> str | None:
+    """Call between training steps: refits an automatic thread count to the cores idle now; returns the line to
+    print when it changed the count (None otherwise, and always when the count was given)."""
+    return _GOVERNOR()

@@ -42,6 +42,7 @@ from ..core.config import AdapterConfig, ConfigError
 from ..core.io import load_adapter, save_adapter, saved_as
 from ..core.model import active_adapters, adapter_configs, attach, trainable_parameters_line
 from ..core.registry import method_of
+from ..threads import retune as retune_threads
 from ..models import default_compute_dtype
 from ..data import collate
 from ..quant import check_quantized_training, footprint, is_quantized_model, quantize_model
@@ -152,6 +153,9 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
             run_on_step(hooks, model, optimizer, step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            retuned = retune_threads()  # an automatic thread count follows the cores other work leaves idle
+            if retuned:
+                _main_print(world, retuned)
             losses[step], tokens = loss, tokens + step_tokens
             if step % cfg.log_every == 0 or step == cfg.max_steps:  # Progress adds tokens_per_s from `tokens`
                 logged = {"loss": loss, "lr": lr, "tokens": tokens, "grad_norm": grad_norm}
