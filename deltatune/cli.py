@@ -280,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"deltatune {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    finally:
+        from .threads import stop_retuning
+
+        stop_retuning()  # the automatic count is refitted during this command only
     return 0
 
 

@@ -116,6 +116,11 @@ def _other_runnable() -> int | None:
 _GOVERNOR = _Governor()
 
 
+def stop_retuning() -> None:
+    """`retune` does nothing from now on, until the next automatic `apply_threads`."""
+    _GOVERNOR.enable(0)
+
+
 def retune() -> str | None:
     """Call between training steps: refits an automatic thread count to the cores idle now; returns the line to
     print when it changed the count (None otherwise, and always when the count was given)."""

@@ -15,7 +15,7 @@ def two_cores(monkeypatch):
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
-    threads._GOVERNOR.enable(0)
+    threads.stop_retuning()
 
 
 def test_an_automatic_count_follows_other_work(two_cores, monkeypatch):
@@ -39,3 +39,12 @@ def test_a_given_count_is_never_changed(two_cores, monkeypatch):
 def test_other_runnable_reads_proc_without_sleeping():
     value = threads._other_runnable()
     assert value is None or value >= 0
+
+
+def test_the_cli_stops_retuning_when_its_command_ends(two_cores, monkeypatch, capsys):
+    from deltatune.cli import main
+
+    monkeypatch.setattr(threads, "_busy_cores", lambda: 0.0)
+    monkeypatch.setattr(threads, "_other_runnable", lambda: 1)
+    assert main(["eval", "--data", "missing.jsonl"]) == 2  # any command that chose its threads
+    assert all(threads.retune() is None for _ in range(6))
