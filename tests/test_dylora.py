@@ -248,3 +248,56 @@ def test_cli_to_lora_at_rank_b(tmp_path, model_dir, capsys):
     assert (config.peft_type, config.r, config.lora_alpha) == ("LORA", 2, 8)
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
     assert torch.equal(tensors[key], filled[key][:2])
+
+
+DDP_ADAPTER = {"peft_type": "DYLORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+               "init_lora_weights": "gaussian"}
+DDP_COMMON = dict(max_steps=3, precision="fp32", optim={"lr": 1e-2, "weight_decay": 0.1}, adapter=DDP_ADAPTER)
+
+
+def _ddp_rank(rank: int, port: int, data: str, out: str, errors) -> None:
+    import os
+    import traceback
+
+    from deltatune.train.loop import train
+    from test_train_loop import make_tokenizer
+
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                          LOCAL_RANK=str(rank))
+        train(model=make_tiny_llama(), tokenizer=make_tokenizer(), output_dir=out, data={"train": data}, batch_size=2,
+              **DDP_COMMON)
+    except BaseException:
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+
+
+def test_two_processes_sample_the_same_ranks_and_equal_one_process(tmp_path):
+    """Each process samples b from its own generator (the run's seed): they agree (checked every step by one
+    all_reduce), so 2 processes x batch 2 train what 1 process x batch 4 trains."""
+    import sys
+
+    import torch.multiprocessing as mp
+
+    from deltatune.train.loop import train
+    from test_ddp import _free_port
+    from test_train_loop import make_tokenizer, prompt_completion, write_jsonl
+
+    data = str(write_jsonl(tmp_path / "train.jsonl", prompt_completion(8)))
+    single = train(model=make_tiny_llama(), tokenizer=make_tokenizer(), output_dir=str(tmp_path / "single"),
+                   data={"train": data}, batch_size=4, **DDP_COMMON)
+    ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
+    errors, port = ctx.SimpleQueue(), _free_port()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, port, data, str(tmp_path / "ddp"), errors)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    failures = []
+    while not errors.empty():
+        failures.append(errors.get())
+    assert not failures and all(p.exitcode == 0 for p in procs), "\n".join(failures)
+    a, b = dt.read_adapter(tmp_path / "ddp" / "adapter")[1], dt.read_adapter(single.adapter_dir)[1]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)

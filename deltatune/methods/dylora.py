@@ -118,6 +118,9 @@ class RankSampler:
         return [d for _, d in self.adapters(self.model)[self.name].deltas(self.model)]
 
     def _apply(self) -> None:
+        from ..train.distributed import agree
+
+        agree(self.rank, f"DyLoRA's sampled rank of adapter {self.name!r}")  # one scalar all_reduce under DDP
         for delta in self._deltas():
             delta.sampled = self.rank
 
