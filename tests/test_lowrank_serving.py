@@ -1,4 +1,4 @@
-"""The low-rank view served: DyLoRA at a rank chosen when loading and VeRA rows take the engine's fused LoRA
+"""The low-rank view served: DyLoRA at a rank chosen when loading, VeRA and AdaLoRA rows take the engine's fused LoRA
 kernels beside LoRA rows (LoHa, not a low-rank product, takes the routed path), with every request's tokens
 equal to greedy decoding alone."""
 from __future__ import annotations
@@ -31,11 +31,14 @@ def test_dylora_and_vera_rows_are_fused_with_lora_rows(tmp_path):
     _randomise(model, "vera", 3)
     dt.attach(model, dt.LoHaConfig(r=2, target_modules=["q_proj"]), "loha", activate=False)
     _randomise(model, "loha", 4)
+    dt.attach(model, dt.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["k_proj", "v_proj"]), "ada",
+              activate=False)
+    _randomise(model, "ada", 6)
     engine = Engine(model, tok)
-    assert [engine.fused.eligible(n) for n in ("lora", "dy3", "vera", "loha")] == [True, True, True, False]
+    assert [engine.fused.eligible(n) for n in ("lora", "dy3", "vera", "ada", "loha")] == [True, True, True, True, False]
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, 250, (int(n),), generator=g).tolist() for n in (4, 11, 7, 3, 9, 6)]
-    names = ["dy3", "lora", "vera", None, "loha", "dy3"]
+    prompts = [torch.randint(0, 250, (int(n),), generator=g).tolist() for n in (4, 11, 7, 3, 9, 6, 5)]
+    names = ["dy3", "lora", "vera", None, "loha", "dy3", "ada"]
     fused = [o.token_ids for o in engine.generate(prompts, names, max_new_tokens=7)]
     expected = [hf_greedy(model.eval(), p, n, 7) for p, n in zip(prompts, names)]
     assert fused == expected

@@ -35,6 +35,7 @@ from torch import nn
 from ..core.adapter import update_config
 from ..core.config import AdapterConfig, ConfigError, check_positive_int, check_range
 from ..core.delta import Delta
+from ..core.lowrank import LowRankFactors
 from ..core.registry import SavedView, register
 from ..core.sites import Stage, Target, weight_kind
 from ..train.distributed import agree
@@ -151,6 +152,10 @@ class AdaLoraLinear(Delta):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scaling  # (d_out, d_in)
+
+    def low_rank_factors(self) -> LowRankFactors:
+        """(Λ ⊙ Q, P, s): the low-rank view the serving kernels and LoRA exports read (deltatune.core.lowrank)."""
+        return LowRankFactors(self.lora_A * self.lora_E, self.lora_B, float(self.scaling))
 
     def merge(self, weight, bias):
         return weight + self.delta_weight().to(weight.dtype), bias
