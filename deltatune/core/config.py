@@ -99,8 +99,11 @@ class AdapterConfig:
         hyperparameters, variant or sizes with a few lines: `return {"variant": ..., **super().describe(t)}`."""
         modules = self.adapted_modules(tensors)
         targets = self.target_modules
+        if targets is None:  # the architecture's default: name what the file holds
+            found = sorted({m.rpartition(".")[2] for m in modules})
+            targets = f"{', '.join(found) or '-'} (the architecture's default)"
         return {
-            "targets": ", ".join(targets) if isinstance(targets, tuple) else (targets or "the architecture's default"),
+            "targets": ", ".join(targets) if isinstance(targets, tuple) else targets,
             "modules": f"{len(modules)} adapted (e.g. {modules[0] if modules else '-'})",
         }
 
