@@ -107,3 +107,22 @@ def test_svd_export_to_plain_lora(input_ids, tmp_path):
     loaded = dt.load_adapter(make_tiny_llama(), full.path)
     torch.testing.assert_close(no_grad_logits(loaded, input_ids), no_grad_logits(model, input_ids), atol=1e-4, rtol=1e-4)
     assert 0 < max(dt.save_as_lora(model, tmp_path / "r2", rank=2).errors.values()) < 1
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_rank_dropout_rescales_kept_rows_only_with_rank_dropout_scale(scale):
+    model = make_tiny_llama()
+    torch.manual_seed(0)
+    dt.attach(model, dt.LoKrConfig(r=2, init_weights=False, rank_dropout=0.5, rank_dropout_scale=scale,
+                                   target_modules=["q_proj"]))
+    site = model.get_submodule("model.layers.0.self_attn.q_proj")
+    d = site.deltas["default"]
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        full, base = x @ d.delta_weight().T, site.base_layer(x)
+        site.train()
+        out = site(x) - base
+    kept = [j for j in range(64) if not torch.allclose(out[:, j], torch.zeros(3))]
+    assert 0 < len(kept) < 64
+    factor = 64 / len(kept) if scale else 1.0
+    torch.testing.assert_close(out[:, kept], full[:, kept] * factor, atol=1e-5, rtol=1e-4)
