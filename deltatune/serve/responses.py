@@ -83,7 +83,15 @@ class Shape:
             offsets.append(at)
             at += len(text(t))
         return {"tokens": [text(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": [{text(a): alp for a, alp in top} for _, _, top in entries], "text_offset": offsets}
+                "top_logprobs": [_by_text(top, text) for _, _, top in entries], "text_offset": offsets}
+
+
+def _by_text(top: list[tuple[int, float]], text) -> dict[str, float]:
+    """Completions' {token text: logprob}; tokens of the same text (partial UTF-8) keep the likeliest."""
+    out: dict[str, float] = {}
+    for token, logprob in top:
+        out.setdefault(text(token), logprob)
+    return out
 
 
 def _reason(reason: str | None) -> str:
