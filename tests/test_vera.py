@@ -127,3 +127,17 @@ def test_bad_config_is_named():
     with pytest.raises(dt.ConfigError, match="vera_dropout"):
         dt.VeraConfig(vera_dropout=1.0)
     assert isinstance(VeraProjections, type)
+
+
+def test_inspect_describes_and_check_file_refuses_a_wrong_r(tmp_path, capsys):
+    from deltatune.cli import main
+
+    model = make_tiny_llama()
+    dt.attach(model, dt.VeraConfig(r=8, target_modules=TARGETS))
+    dt.save_adapter(model, tmp_path)
+    assert main(["inspect", str(tmp_path)]) in (0, None)
+    out = capsys.readouterr().out
+    assert "6 adapted (e.g. model.layers.0.mlp.down_proj)" in out and "saved in the file" in out
+    config, tensors, _ = dt.read_adapter(tmp_path)
+    problem = config.replace(r=4).check_file({k.removeprefix("base_model.model."): t for k, t in tensors.items()})
+    assert "base_model.vera_A has shape (8, 128), but r=4" in problem

@@ -20,7 +20,7 @@ vLLM read. DyLoRA is not in peft: its own file has peft_type "DYLORA" with LoRA'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,17 @@ class DyLoraConfig(AdapterConfig):
             if self.rank > self.r:
                 raise ConfigError(f"rank={self.rank} is above the trained maximum r={self.r}; a DyLoRA adapter "
                                   f"computes at any rank from 1 to {self.r}")
+
+    file_suffixes: ClassVar[tuple[str, ...]] = ("lora_A.weight", "lora_B.weight")
+
+    def describe(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        return {"r": f"{self.r} (trained maximum)", "rank": f"{self.rank or self.r} (any of 1..{self.r} with DIR@rank=b)",
+                "lora_alpha": self.lora_alpha, "mode": "frozen (component b per step)" if self.frozen else "all b first",
+                **super().describe(tensors)}
+
+    def check_file(self, tensors: Mapping[str, Any]) -> str:
+        wrong = next((k for k, t in tensors.items() if k.endswith("lora_A.weight") and t.shape[0] != self.r), None)
+        return f"{wrong} has {tensors[wrong].shape[0]} rows but r={self.r}" if wrong else ""
 
     def rank_and_scale(self, module_name: str) -> tuple[int, float]:  # LoraLinear's parameters at r_max
         return self.r, self.lora_alpha / self.r

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import ClassVar, Mapping
+from typing import Any, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,10 @@ class LycorisConfig(AdapterConfig):
         if self.use_effective_conv2d:
             raise ConfigError(f"use_effective_conv2d=True applies to Conv layers, which deltatune's {self.peft_type} "
                               "does not adapt (Linear layers only); set it to false")
+
+    def describe(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "rank_dropout": self.rank_dropout,
+                "module_dropout": self.module_dropout, **super().describe(tensors)}
 
     def rank_and_scale(self, module_name: str) -> tuple[int, float]:
         r = pattern_value(self.rank_pattern, module_name, self.r)

@@ -58,6 +58,10 @@ class LoKrConfig(LycorisConfig):
     rank_dropout_scale: bool = False
     init_weights: bool | Literal["lycoris"] = True
 
+    def describe(self, tensors):
+        return {**super().describe(tensors), "decompose_both": self.decompose_both,
+                "decompose_factor": self.decompose_factor}
+
     def validate(self) -> None:
         super().validate()
         if self.decompose_factor == 0 or self.decompose_factor < -1:

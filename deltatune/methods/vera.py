@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,23 @@ class VeraConfig(AdapterConfig):
     fan_in_fan_out: bool = False
     bias: str = "none"
     init_weights: bool = True
+
+    def adapted_modules(self, tensors: Mapping[str, Any]) -> list[str]:
+        return super().adapted_modules({k: t for k, t in tensors.items() if k not in FILE_KEYS})
+
+    def describe(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        saved = all(k in tensors for k in FILE_KEYS)
+        return {"r": self.r, "prng key": f"{self.projection_prng_key} (projection_prng_key)",
+                "projections": "saved in the file" if saved else "regenerated from the key on load",
+                "d_initial": self.d_initial, **super().describe(tensors)}
+
+    def check_file(self, tensors: Mapping[str, Any]) -> str:
+        A, B = (tensors.get(k) for k in FILE_KEYS)
+        if A is not None and (A.dim() != 2 or A.shape[0] != self.r):
+            return f"{FILE_KEYS[0]} has shape {tuple(A.shape)}, but r={self.r} needs ({self.r}, largest d_in)"
+        if B is not None and (B.dim() != 2 or B.shape[1] != self.r):
+            return f"{FILE_KEYS[1]} has shape {tuple(B.shape)}, but r={self.r} needs (largest d_out, {self.r})"
+        return ""
 
     def to_dict(self) -> dict:
         out = super().to_dict()
