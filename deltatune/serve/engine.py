@@ -14,9 +14,10 @@ one forward belong to different adapters, or to the base model (adapter None): t
 
 The forward is the model's own modules driven by the engine (embeddings, each decoder layer with the
 engine's slot KV cache and mask, final norm, head), so every site inside a decoder layer (LoRA, DoRA, IA3 on
-linear layers; bottleneck adapters on an MLP or attention block) serves as it trains. Only Llama models are
-served (their decoder layer takes `position_embeddings`, `attention_mask` and the cache); anything
-else is refused. Greedy decoding in fp32 gives each request the tokens it gets alone.
+linear layers; bottleneck adapters on an MLP or attention block) serves as it trains. Llama, Mistral (with or
+without its sliding window), Qwen2, Qwen3 and Gemma 1 are served (their decoder layers take
+`position_embeddings`, `attention_mask` and the cache; sliding-window layers get a windowed mask); anything
+else is refused by name. Greedy decoding in fp32 gives each request the tokens it gets alone.
 
 Precision: the engine computes in the model's own dtype (an fp32 model, or one loaded in bf16 as `deltatune
 serve` does), or with `autocast=torch.bfloat16` under autocast over the weights as they are: the computation
@@ -45,7 +46,9 @@ from .kv import SlotKVCache
 from .request import Completion, Request, StepOutput, new_text
 from .sampling import RequestError, SamplingParams, choose, top_logprobs
 
-SUPPORTED_MODEL_TYPES = ("llama",)  # Mistral (sliding window) and Qwen2 share the layout but are untested
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # each tested against generate()
+# config features the engine's forward does not apply (Gemma 2's soft-capping, ...): refused by name
+_UNHANDLED_CONFIG = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "use_bidirectional_attention")
 _BYPASSED = re.compile(r"(model)?")  # the modules the engine runs around rather than calls: the model, its body
 
 Prompt = str | Sequence[int]
@@ -65,6 +68,12 @@ def check_servable(model: nn.Module) -> None:
             f"with model.embed_tokens/layers/norm/rotary_emb and lm_head); got {type(model).__name__} "
             f"(model_type {model_type!r}). Generate with model.generate() for other architectures"
         )
+    unhandled = [f for f in _UNHANDLED_CONFIG if getattr(config, f, None) not in (None, False)]
+    kinds = set(getattr(config, "layer_types", None) or ()) - {"full_attention", "sliding_attention"}
+    if unhandled or kinds:
+        raise TypeError(f"deltatune.serve does not apply {model_type} config feature "
+                        f"{unhandled[0] if unhandled else 'layer_types ' + repr(sorted(kinds))}; generate with "
+                        "model.generate() instead")
     bypassed = [path for path, _ in hosts(model) if _BYPASSED.fullmatch(path)]
     if bypassed:
         raise TypeError(f"an adapter wraps {bypassed[0] or 'the whole model'}, which the serving engine does not call as "
@@ -286,11 +295,11 @@ class Engine:
             for row, prefix in (prefixes or {}).items():
                 h[row, : prefix.shape[0]] = prefix.to(h.dtype)
             scores = self.autocast or h.dtype  # the dtype attention scores are computed in: the mask stays finite
-            mask = torch.zeros(allowed.shape, dtype=scores, device=device).masked_fill_(
-                ~allowed.to(device), torch.finfo(scores).min)  # additive: read alike by sdpa and eager attention
+            windows = sliding_windows(model.config)
+            masks = {w: _additive_mask(allowed, positions, w, scores, device) for w in set(windows)}
             position_embeddings = inner.rotary_emb(h, positions)
-            for layer in inner.layers[: model.config.num_hidden_layers]:
-                out = layer(h, attention_mask=mask, position_ids=positions, **{cache_kwarg(layer): cache},
+            for layer, window in zip(inner.layers[: model.config.num_hidden_layers], windows):
+                out = layer(h, attention_mask=masks[window], position_ids=positions, **{cache_kwarg(layer): cache},
                             use_cache=True, position_embeddings=position_embeddings)
                 h = out[0] if isinstance(out, tuple) else out
             h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=device), last.to(device)]
@@ -386,6 +395,28 @@ class _Unfused:
     @contextlib.contextmanager
     def apply(self, names):
         yield list(names)
+
+
+def sliding_windows(config) -> list[int | None]:
+    """Each decoder layer's sliding window (None: full attention), as transformers' masks apply it: Qwen2/Qwen3
+    name each layer's kind in `layer_types`; Mistral slides every layer when `sliding_window` is set."""
+    window = getattr(config, "sliding_window", None)
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return [window if kind == "sliding_attention" else None for kind in kinds[: config.num_hidden_layers]]
+    return [window] * config.num_hidden_layers
+
+
+def _additive_mask(allowed: torch.Tensor, positions: torch.Tensor, window: int | None, dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """0 where a query may attend to a key, the dtype's minimum elsewhere (read alike by sdpa and eager
+    attention). `allowed` (1 or B, 1, T, K); with a window, key j is visible to the query at position p only
+    if j > p - window (transformers' sliding_window_overlay)."""
+    allowed = allowed.to(device)
+    if window is not None:
+        keys = torch.arange(allowed.shape[-1], device=device)
+        allowed = allowed & (keys > positions.to(device)[:, None, :, None] - window)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
 
 
 def cache_kwarg(layer: nn.Module) -> str:
