@@ -2,6 +2,7 @@
 
     flock /tmp/deltatune-bench.lock python bench/bench_lowrank_family.py --part step      # vs peft's same method
     flock /tmp/deltatune-bench.lock python bench/bench_lowrank_family.py --part quality   # event task, held-out
+    flock /tmp/deltatune-bench.lock python bench/bench_lowrank_family.py --part serve     # decode step, fused kernels
 
 step: one process per row, fp32, all-linear, batch 4 x 128, AdamW, median of 5 steps after 2, peak RSS of the
 process, trainable parameters and the saved file's size; each method against peft's same method (DyLoRA, which
@@ -9,7 +10,12 @@ peft lacks, against peft's LoRA at the same r; its step includes the rank sample
 quality: the task family's hard task (event, docs/tasks.md), the recipe of docs/tasks.md's sanity check fixed
 before measuring (batch 8, cosine to 0.1, lr 1e-3; VeRA 1e-2, its vectors being few), not tuned; the held-out
 test split (50) scored once per seed. DyLoRA r=8 is trained once and scored at b = 2, 4, 8 (loaded with
-overrides={"rank": b}) beside LoRA trained at r = 2, 4, 8. Results: bench/results/lowrank_<part>.json/.md.
+overrides={"rank": b}) beside LoRA trained at r = 2, 4, 8.
+serve: the serving engine's decode step (fp32, 16 requests of 64-token prompts, adapters on q_proj and v_proj
+with random factors), median over steps taken in strict alternation between the rows (bench_serve.paired_decode,
+so other processes' load falls on every row alike): the base, 4 LoRA r=8, 4 DyLoRA r=8 served at rank 4, 4 VeRA
+r=256, all 12 mixed through the fused kernels (the low-rank view), and the same mix through the routed path.
+Results: bench/results/lowrank_<part>.json/.md.
 """
 from __future__ import annotations
 
@@ -148,9 +154,49 @@ def quality(steps: int, seeds: list[int]) -> list[dict]:
     return rows
 
 
+def serve(steps: int) -> list[dict]:
+    import torch
+
+    import deltatune as dt
+    from bench_serve import paired_decode
+    from deltatune.models import load_model
+
+    model, tokenizer = load_model()
+    qv = ["q_proj", "v_proj"]
+    kinds = {"lora": dt.LoraConfig(r=8, lora_alpha=16, target_modules=qv, init_lora_weights=False),
+             "dylora": dt.DyLoraConfig(r=8, lora_alpha=16, target_modules=qv, rank=4, init_lora_weights=False),
+             "vera": dt.VeraConfig(r=256, target_modules=qv, init_weights=False)}
+    names: dict[str, list[str]] = {}
+    for kind, config in kinds.items():
+        for i in range(4):
+            name = f"{kind}{i}"
+            torch.manual_seed(i)
+            dt.attach(model, config, name, activate=False)
+            with torch.no_grad():  # small random factors: a real change of every row, no overflow
+                for key, t in dt.adapter_tensors(model, name).items():
+                    if isinstance(t, torch.nn.Parameter):
+                        t.normal_(0, 0.02 if kind != "vera" else 0.1)
+            names.setdefault(kind, []).append(name)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 49152, (64,), generator=g).tolist() for _ in range(16)]
+    rows_of = lambda pool: [pool[i % len(pool)] for i in range(16)]  # noqa: E731
+    mixed = rows_of(names["lora"] + names["dylora"] + names["vera"])
+    configs = {"base": ([None] * 16, True), "4 LoRA r=8": (rows_of(names["lora"]), True),
+               "4 DyLoRA r=8 at rank 4": (rows_of(names["dylora"]), True), "4 VeRA r=256": (rows_of(names["vera"]), True),
+               "12 mixed, fused": (mixed, True), "12 mixed, routed": (mixed, False)}
+    before = load()
+    medians = paired_decode(model, tokenizer, prompts, configs, steps)
+    return [{"row": label, "decode_step_s": round(t, 4), "vs_base": round(t / medians["base"], 3),
+             "load_before": before, "load_after": load()} for label, t in medians.items()]
+
+
 def table(part: str, rows: list[dict], cpu: str) -> str:
     head = (f"Measured on {cpu}, 2 cores shared with other jobs (load average per row in the .json), "
             f"bench/bench_lowrank_family.py --part {part}.\n\n")
+    if part == "serve":
+        lines = ["| row (16 requests) | decode step | vs base |", "|---|---:|---:|"]
+        lines += [f"| {r['row']} | {r['decode_step_s'] * 1e3:.1f} ms | {r['vs_base']:.2f}x |" for r in rows]
+        return head + "\n".join(lines) + f"\n\nload average before/after: {rows[0]['load_before']} / {rows[0]['load_after']}\n"
     if part == "step":
         lines = ["| row | step (fp32, 4x128) | peak RSS | trainable | file | load |", "|---|---:|---:|---:|---:|---|"]
         lines += [f"| {r['row']} | {r['step_s']:.2f} s | {r['peak_rss_gb']:.2f} GB | {r['trainable']:,} | "
@@ -170,7 +216,7 @@ def table(part: str, rows: list[dict], cpu: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("quality", "step"))
+    parser.add_argument("--part", choices=("quality", "step", "serve"))
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--step-child", default=None)
@@ -180,7 +226,7 @@ def main() -> None:
         return
     from _common import cpu_name
 
-    rows = step() if args.part == "step" else quality(args.steps, args.seeds)
+    rows = {"step": step, "quality": lambda: quality(args.steps, args.seeds), "serve": lambda: serve(args.steps)}[args.part]()
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"lowrank_{args.part}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
     text = table(args.part, rows, cpu_name())
