@@ -44,3 +44,29 @@ def test_dylora_and_vera_rows_are_fused_with_lora_rows(tmp_path):
     assert fused == expected
     routed = [o.token_ids for o in Engine(model, tok, fused_lora=False).generate(prompts, names, max_new_tokens=7)]
     assert routed == expected
+
+
+def test_save_as_lora_keeps_per_layer_ranks_and_scales_and_peft_reads_it(tmp_path):
+    import warnings
+
+    import pytest
+
+    from conftest import make_tiny_llama, no_grad_logits
+
+    peft = pytest.importorskip("peft")
+    model = make_tiny_llama()
+    torch.manual_seed(2)
+    dt.attach(model, dt.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "v_proj", "o_proj"],
+                                   rank_pattern={"layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3.0}))
+    export = dt.save_as_lora(model, tmp_path)
+    assert set(export.errors.values()) == {0.0}
+    config = dt.read_adapter(tmp_path)[0]
+    assert (config.r, config.lora_alpha) == (4, 8) and list(config.rank_pattern.values()) == [6]
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(make_tiny_llama(), str(tmp_path)).eval()
+    torch.testing.assert_close(no_grad_logits(theirs, ids), no_grad_logits(model, ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not a low-rank product"):
+        dt.attach(model, dt.IA3Config(), "ia3")
+        dt.save_as_lora(model, tmp_path / "ia3", "ia3")
