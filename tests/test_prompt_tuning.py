@@ -382,8 +382,11 @@ def test_a_decode_step_prepends_nothing_whatever_the_cache_is_called(key):
     model = dt.attach(lively_llama(), dt.PromptTuningConfig(num_virtual_tokens=P))
     decoder, part = model.get_decoder(), model.deltatune_parts["default"]
     cache = DynamicCache()
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.25: cache
     with torch.no_grad():
-        model(input_ids=torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+        model(input_ids=torch.tensor([[1, 2, 3]]), use_cache=True, **{name: cache})
     assert cache.get_seq_length() == P + 3
     _, kwargs = part._decoder_hook(model, decoder, (), {"input_ids": torch.tensor([[4]]), key: cache,
                                                         "attention_mask": torch.ones(1, 4, dtype=torch.long)})
