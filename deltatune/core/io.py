@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -424,11 +425,12 @@ def with_overrides(config: Any, overrides: Mapping[str, Any], path: Any = "") ->
 def value_problem(tensors: Mapping[str, torch.Tensor]) -> str:
     """What is wrong with the values of an adapter file's tensors ("" if nothing): NaN/Inf, or magnitudes no
     trained adapter holds (beyond LARGEST_VALUE, e.g. 3e38: finite, but they overflow in the first product)."""
-    floats = {k: t for k, t in tensors.items() if t.is_floating_point()}
-    bad = [k for k, t in floats.items() if not torch.isfinite(t).all()]
+    extremes = {k: torch.aminmax(t.detach()) for k, t in tensors.items() if t.is_floating_point() and t.numel()}
+    magnitude = {k: max(-float(lo), float(hi)) for k, (lo, hi) in extremes.items()}  # one pass, no copy; NaN stays NaN
+    bad = [k for k, m in magnitude.items() if not math.isfinite(m)]
     if bad:
         return f"{len(bad)} tensors hold NaN/Inf (first: {bad[0]}); the run that wrote it diverged"
-    huge = {k: float(t.abs().max()) for k, t in floats.items() if t.numel() and t.abs().max() > LARGEST_VALUE}
+    huge = {k: m for k, m in magnitude.items() if m > LARGEST_VALUE}
     if huge:
         first = next(iter(huge))
         return (f"{len(huge)} tensors hold values beyond ±{LARGEST_VALUE:.0e} (first: {first}, |x| up to "
