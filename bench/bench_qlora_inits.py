@@ -4,8 +4,8 @@
     python bench/bench_qlora_inits.py --steps 40 --seeds 0,1,2 --name qlora_inits_40   # the full table
     python bench/bench_qlora_inits.py --runs lora,qlora,loftq
 
-The demo's budget (deltatune/demo.py: LoRA r=16 alpha=32 all-linear, 8 examples a step, lr 1e-3 cosine to 0.1,
-bf16 autocast where native), only the init or the base changing; nothing is tuned (no choice is made on the
+The demo's budget (deltatune/demo.py: LoRA r=16 alpha=32 all-linear, 8 examples a step, lr 1e-3 cosine to 0.1),
+in fp32 (--precision bf16 for autocast), only the init or the base changing; nothing is tuned (no choice is made on the
 held-out set, so there is no validation split to carve):
 
     lora      16-bit base, default init (reference)          qlora     NF4 + DQ base (QLoRA), default init
@@ -60,16 +60,18 @@ def replace_start(out: Path, adapter: dict) -> Path:
     return dt.save_adapter(model, out / "replace_start")
 
 
-def run_one(run: str, seed: int, steps: int, out: Path) -> dict:
+def run_one(run: str, seed: int, steps: int, out: Path, precision: str = "fp32") -> dict:
     from deltatune import load_adapter
     from deltatune.commands import quantize_for, recorded_base_quantization
     from deltatune.data import load_records
-    from deltatune.demo import _score, data_path, demo_config
+    from deltatune.demo import MAX_NEW_TOKENS, data_path, demo_config
+    from deltatune.train.evaluate import eval_generation, is_match
     from deltatune.models import load_model
     from deltatune.train.loop import train
 
     extra, quantize = adapter_for(run)
-    values = {**demo_config(out / "run", steps), "seed": seed, "quantize": quantize, "log_every": steps}
+    values = {**demo_config(out / "run", steps), "seed": seed, "quantize": quantize, "log_every": steps,
+              "precision": precision}
     values["adapter"] = {**values["adapter"], **extra}
     started = time.perf_counter()
     if run == "replace":
@@ -78,12 +80,16 @@ def run_one(run: str, seed: int, steps: int, out: Path) -> dict:
     result = train(**values)
     train_s = time.perf_counter() - started
     recorded = recorded_base_quantization(result.adapter_dir)
-    fresh, tokenizer = load_model(quantize=quantize_for(recorded))
+    compute = torch.float32 if precision == "fp32" else torch.bfloat16  # of 4-bit layers, as the loop trained them
+    fresh, tokenizer = load_model(quantize=quantize_for(recorded), compute_dtype=compute)
     load_adapter(fresh, result.adapter_dir)
-    score = _score(fresh, tokenizer, load_records(data_path("test")), None)
+    test = load_records(data_path("test"))
+    gen = eval_generation(fresh, tokenizer, test, max_new_tokens=MAX_NEW_TOKENS, match="exact", batch_size=len(test),
+                          bf16=precision == "bf16")
+    json_match = sum(is_match(s["output"], s["reference"], "json") for s in gen["samples"]) / len(gen["samples"])
     return {"run": run, "seed": seed, "steps": steps, "base_recorded": recorded or "16-bit",
-            "train_loss": result.last_loss, "eval_loss": result.eval["eval_loss"], "exact": score["exact"],
-            "json": score["json"], "train_s": round(train_s, 1)}
+            "train_loss": result.last_loss, "eval_loss": result.eval["eval_loss"], "exact": gen["score"],
+            "json": json_match, "train_s": round(train_s, 1)}
 
 
 def table(rows: list[dict], meta: dict) -> str:
@@ -92,7 +98,8 @@ def table(rows: list[dict], meta: dict) -> str:
         by_run.setdefault(r["run"], []).append(r)
     loss = {(r["run"], r["seed"]): r["eval_loss"] for r in rows}
     lines = [f"Measured on {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}; demo task, {meta['steps']} "
-             f"steps of 8, LoRA r=16 alpha=32 all-linear, lr 1e-3, LoftQ/QPiSSA {ITERS} iterations; seeds "
+             f"steps of 8, LoRA r=16 alpha=32 all-linear, lr 1e-3, {meta.get('precision', 'fp32')}, LoftQ/QPiSSA "
+             f"{ITERS} iterations; seeds "
              f"{meta['seeds']}. 1-min load average {meta['load_start']} at the start, {meta['load_end']} at the end "
              "(2 shared cores).", "",
              "| run | base (as the file records) | held-out exact | JSON match | eval loss | recovery | train s |",
@@ -119,18 +126,21 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32 by default: this AMD EPYC (AVX512-BF16, no AMX) ran the bf16 step 2-4x slower")
     parser.add_argument("--name", default="qlora_inits", help="results file stem in bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds, runs = [int(s) for s in args.seeds.split(",")], args.runs.split(",")
     meta = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "steps": args.steps,
+            "precision": args.precision,
             "seeds": seeds, "load_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
     rows = []
     for seed in seeds:
         for run in runs:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    row = run_one(run, seed, args.steps, Path(tmp))
+                    row = run_one(run, seed, args.steps, Path(tmp), args.precision)
                 except Exception as exc:  # one failed run does not lose the others
                     print(f"{run} seed {seed} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
                     continue
