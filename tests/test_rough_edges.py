@@ -175,3 +175,16 @@ def test_lower_case_method_names_are_accepted_and_files_keep_peft_spelling():
     config = load_config(None, ["--adapter.peft_type", "ia3", "--data.train", "x.jsonl"])
     assert type(config.adapter_config()).__name__ == "IA3Config" and config.adapter["peft_type"] == "IA3"
     assert load_config(None, ["--adapter.peft_type", "prompt-tuning"]).adapter_config().peft_type == "PROMPT_TUNING"
+
+
+def test_merged_added_biases_an_architecture_cannot_declare_are_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from deltatune.commands import CommandError, declare_added_biases
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)  # no *_bias flag at all
+    model = dt.attach(MistralForCausalLM(config), dt.BitFitConfig(add_biases=True, target_modules=["q_proj"]))
+    with pytest.raises(CommandError, match="cannot declare .*q_proj.bias"):
+        declare_added_biases(dt.merge_and_unload(model))
+    assert declare_added_biases(dt.merge_and_unload(dt.attach(make_tiny_llama(), dt.LoraConfig(r=2)))) == []
