@@ -163,3 +163,32 @@ def test_resume_from_the_middle_is_bitwise_the_uninterrupted_run(tmp_path, quant
     assert resumed.losses == {s: full.losses[s] for s in (5, 6)}
     (ca, a, _), (cb, b, _) = dt.read_adapter(resumed.adapter_dir), dt.read_adapter(full.adapter_dir)
     assert ca == cb and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_sequence_classifier_uses_log_p_of_the_class_and_its_head_trains_dense():
+    """The MiniLM task's shape on a tiny random BERT: class labels (B,), a modules_to_save head."""
+    import contextlib
+
+    import transformers
+
+    from deltatune.train.prepass import PrepassData
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_labels=3)).eval()
+    dt.attach(model, dt.FishMaskConfig(keep_fraction=0.01, num_examples=6, modules_to_save=["classifier"]))
+    rows = [(torch.randint(0, 100, (7,)), i % 3) for i in range(6)]
+
+    def collate(batch):
+        return {"input_ids": torch.stack([r[0] for r in batch]), "labels": torch.tensor([r[1] for r in batch])}
+
+    data = PrepassData(rows, collate, contextlib.nullcontext, lambda t: t)
+    fm.fisher_prepass(model, dt.adapter_configs(model)["default"], "default", data)
+    batch = collate(rows)
+    expected = torch.log_softmax(model(input_ids=batch["input_ids"]).logits, -1)[torch.arange(6), batch["labels"]]
+    torch.testing.assert_close(fm.example_log_likelihood(model, batch), expected)
+    kept = dt.adapter_configs(model)["default"].kept
+    assert "classifier" not in " ".join(kept) and sum(kept.values()) > 0  # the head is not ranked: it trains dense
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier.modules_to_save" in n for n in names)

@@ -127,8 +127,12 @@ class SparseDelta(Delta):
 
 # ---- the Fisher pre-pass ------------------------------------------------------------------------------------
 def example_log_likelihood(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Σ over labelled tokens of log p(y_t | x, y_<t), per row (B,)."""
+    """Σ over labelled tokens of log p(y_t | x, y_<t), per row (B,); for class labels (B,) (a sequence
+    classifier such as MiniLM with a head), log p(y | x)."""
     labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if labels.dim() == 1:
+        return torch.log_softmax(model(**inputs).logits.float(), dim=-1).gather(-1, labels[:, None]).squeeze(-1)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, -labels.shape[1]:]
     logits, targets = logits[:, :-1].float(), labels[:, 1:]
     logp = torch.log_softmax(logits, dim=-1)
