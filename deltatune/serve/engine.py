@@ -43,6 +43,7 @@ from ..core.model import route
 from ..core.sites import hosts
 from .fused_lora import FusedLora
 from .kv import SlotKVCache
+from .prefix import AdapterVersions, PrefixCache
 from .request import Completion, Request, StepOutput, new_text
 from .sampling import RequestError, SamplingParams, choose, top_logprobs
 
@@ -90,11 +91,13 @@ class Engine:
     `blend_lora` with a cache). fused_lora: run plain LoRA adapters as one stacked product per site
     (deltatune.serve.fused_lora) instead of the core's one product per adapter. autocast: run every forward
     under `torch.autocast` to this dtype (bf16 where the hardware computes it natively), weights untouched.
+    prefix_cache_bytes: memory bound of the prefix cache (deltatune.serve.prefix; 0: no prefix caching).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch_size: int = 64,
                  max_model_len: int | None = None, max_prefill_tokens: int = 4096, blend=None,
-                 fused_lora: bool = True, autocast: torch.dtype | None = None) -> None:
+                 fused_lora: bool = True, autocast: torch.dtype | None = None,
+                 prefix_cache_bytes: int = 256 << 20) -> None:
         check_servable(model)
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
@@ -119,6 +122,8 @@ class Engine:
         self._eval_for: set[tuple] = set()  # (model, its adapters) seen in eval mode
         self.fused = FusedLora(model, dtype=autocast) if fused_lora else _Unfused()
         self._blends: dict[tuple, str] = {}
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._versions = AdapterVersions()
 
     # ---- requests ------------------------------------------------------------------------------------
     def encode(self, prompt: Prompt, *, add_special_tokens: bool = True) -> list[int]:
@@ -231,22 +236,55 @@ class Engine:
         for i, request in enumerate(new):
             request.slot = start + i
         self.running.extend(new)
-        width = max(r.virtual + len(r.prompt_ids) for r in new)
+        reused = [self._reuse_prefix(r) for r in new]  # prompt tokens whose K/V the prefix cache had
+        width = max(r.virtual + len(r.prompt_ids) - c for r, c in zip(new, reused))
         ids = torch.zeros(len(new), width, dtype=torch.long)  # a row: [its virtual tokens] prompt [padding]
         prefixes = {}
-        for i, request in enumerate(new):
-            ids[i, request.virtual: request.virtual + len(request.prompt_ids)] = torch.tensor(request.prompt_ids)
+        for i, (request, c) in enumerate(zip(new, reused)):
+            ids[i, request.virtual: request.virtual + len(request.prompt_ids) - c] = torch.tensor(request.prompt_ids[c:])
             if request.virtual:
                 prefixes[i] = self.virtual_tokens(request.adapter)
-        positions = torch.arange(width).expand(len(new), width)
-        # causal mask; a row's padding comes after its prompt, so no real token ever attends to it
-        allowed = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
-        last = torch.tensor([r.virtual + len(r.prompt_ids) - 1 for r in new])
-        self._prepare(slice(start, start + len(new)), None, width)
+        last = torch.tensor([r.virtual + len(r.prompt_ids) - c - 1 for r, c in zip(new, reused)])
+        rows = slice(start, start + len(new))
+        if any(reused):  # rows start at their cached length: explicit positions, keys 0..start+t visible
+            positions = torch.tensor(reused)[:, None] + torch.arange(width)
+            kv_len = int(positions.max()) + 1
+            allowed = (torch.arange(kv_len)[None, None, None, :] <= positions[:, None, :, None])
+            self._prepare(rows, positions.to(self.device), kv_len)
+        else:
+            positions = torch.arange(width).expand(len(new), width)
+            # causal mask; a row's padding comes after its prompt, so no real token ever attends to it
+            allowed = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
+            self._prepare(rows, None, width)
         logits = self._logits(ids, positions, allowed, [r.adapter for r in new], last, prefixes)
         for request in new:
             request.length = request.virtual + len(request.prompt_ids)
+            self._store_prefix(request)
         return outputs + self._advance(new, logits)
+
+    # ---- prefix caching ------------------------------------------------------------------------------
+    def _prefix_owner(self, request: Request):
+        """Everything besides the tokens that changes a prompt's K/V (prefix.py): None if not cached."""
+        if self.prefix_cache is None or request.virtual:
+            return None
+        adapter = None if request.adapter is None else attached_adapters(self.model).get(request.adapter)
+        version = self._versions.version(request.adapter, adapter)
+        return (id(self.model), request.adapter, version, next(self.model.parameters()).dtype, self.autocast)
+
+    def _reuse_prefix(self, request: Request) -> int:
+        """Copy the longest cached prefix of `request`'s prompt into its slot; the number of tokens reused."""
+        owner = self._prefix_owner(request)
+        blocks = [] if owner is None else self.prefix_cache.lookup(owner, request.prompt_ids)
+        if blocks:
+            self.cache.write(request.slot, [torch.cat([b.k[i] for b in blocks], dim=1) for i in range(len(blocks[0].k))],
+                             [torch.cat([b.v[i] for b in blocks], dim=1) for i in range(len(blocks[0].v))])
+        return len(blocks) * (self.prefix_cache.block if blocks else 0)
+
+    def _store_prefix(self, request: Request) -> None:
+        owner = self._prefix_owner(request)
+        if owner is not None and len(request.prompt_ids) >= self.prefix_cache.block:
+            k, v = self.cache.row(request.slot, len(request.prompt_ids))
+            self.prefix_cache.store(owner, request.prompt_ids, k, v)
 
     @torch.inference_mode()
     def decode_step(self) -> list[StepOutput]:
@@ -356,7 +394,8 @@ class Engine:
             text = new_text(request, self.tokenizer)
             if request.finished:
                 self._finish(request, request.finish_reason)
-            outputs.append(StepOutput(request, [token], text, request.finished))
+            outputs.append(StepOutput(request, [token], text, request.finished,
+                                      request.logprobs[-1:] if request.params.logprobs is not None else []))
         return outputs
 
     def _finish(self, request: Request, reason: str) -> None:

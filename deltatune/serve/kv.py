@@ -49,10 +49,24 @@ class SlotKVCache:
             v[slots, :, self._positions] = value.transpose(1, 2)
         return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
-    def _fit(self, store: list[torch.Tensor | None], layer_idx: int, new: torch.Tensor) -> torch.Tensor:
-        """`store[layer_idx]`, grown to the rows and positions of this forward, in the dtype of `new`."""
+    def write(self, slot: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Put k[layer], v[layer] ((kv_heads, n, head_dim): a cached prefix) at positions 0..n-1 of `slot`."""
+        for store, parts in ((self.k, k), (self.v, v)):
+            for layer, part in enumerate(parts):
+                t = self._fit(store, layer, part[None], slots=slot + 1, capacity=part.shape[1])
+                t[slot, :, : part.shape[1]] = part
+
+    def row(self, slot: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Views of slot `slot`'s first `length` positions, per layer: (kv_heads, length, head_dim)."""
+        return [t[slot, :, :length] for t in self.k], [t[slot, :, :length] for t in self.v]
+
+    def _fit(self, store: list[torch.Tensor | None], layer_idx: int, new: torch.Tensor, slots: int | None = None,
+             capacity: int | None = None) -> torch.Tensor:
+        """`store[layer_idx]`, grown to the rows and positions of this forward (or `slots`, `capacity`), in the
+        dtype of `new`."""
         t = store[layer_idx]
-        slots, capacity = self._rows.stop, self._kv_len
+        slots = self._rows.stop if slots is None else slots
+        capacity = self._kv_len if capacity is None else capacity
         if t is not None and t.shape[0] >= slots and t.shape[2] >= capacity and t.dtype == new.dtype:
             return t
         old_slots, old_cap = (t.shape[0], t.shape[2]) if t is not None else (0, 0)

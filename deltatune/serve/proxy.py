@@ -32,7 +32,8 @@ Side = tuple[nn.Module, str | None]  # a model and the adapter it runs with (Non
 class ProxyEngine(Engine):
     def __init__(self, model: nn.Module, tokenizer: Any, *, expert: Side, anti_expert: Side, alpha: float = 1.0,
                  expert_tokenizer: Any = None, **engine_kwargs: Any) -> None:
-        super().__init__(model, tokenizer, fused_lora=False, **engine_kwargs)
+        # no prefix caching: the expert's and anti-expert's caches would need theirs too
+        super().__init__(model, tokenizer, fused_lora=False, **{**engine_kwargs, "prefix_cache_bytes": 0})
         self.alpha = float(alpha)
         self.sides: list[tuple[nn.Module, str | None, SlotKVCache]] = []
         for role, (small, adapter) in (("expert", expert), ("anti_expert", anti_expert)):

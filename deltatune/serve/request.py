@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .sampling import SamplingParams
@@ -57,6 +57,7 @@ class StepOutput:
     token_ids: list[int]  # tokens generated in this step
     text: str  # new text safe to show (held back while it could still become a stop string)
     finished: bool
+    logprobs: list = field(default_factory=list)  # this step's (token, logprob, top) entries, if asked for
 
 
 def new_text(request: Request, tokenizer: Any) -> str:

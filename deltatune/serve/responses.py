@@ -65,13 +65,14 @@ class Shape:
         return {**self._head("text_completion"),
                 "choices": [{"index": index, "text": piece or "", "logprobs": logprobs, "finish_reason": reason}]}
 
-    def logprobs(self, request, token_ids: list[int] | None = None) -> dict | None:
-        """The logprobs object of `request` (all its tokens, or the last len(token_ids) of them); None if not
-        asked for. The end-of-sequence token that stopped a request is not part of its text, nor of these."""
+    def logprobs(self, request, step: list | None = None) -> dict | None:
+        """The logprobs object of `request` (all its tokens, or one step's entries); None if not asked for.
+        The end-of-sequence token that stopped a request is not part of its text, nor of these."""
         if request.params.logprobs is None:
             return None
-        entries = request.logprobs if token_ids is None else request.logprobs[len(request.logprobs) - len(token_ids):]
-        if request.stopped_by_eos and entries and entries[-1] is request.logprobs[-1]:
+        entries = request.logprobs if step is None else step
+        if request.stopped_by_eos and entries and entries[-1] is request.logprobs[-1] and \
+                (step is None or request.finished):
             entries = entries[:-1]
         text = lambda t: self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)  # noqa: E731
         if self.chat:

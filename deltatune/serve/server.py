@@ -340,7 +340,7 @@ class Server:
                     finished[out.request.id] = out.request
                 if out.text or out.finished or (out.token_ids and out.request.params.logprobs is not None):
                     piece = {"content": out.text} if shape.chat else out.text
-                    yield event(shape.chunk(index, piece, reason, shape.logprobs(out.request, out.token_ids)))
+                    yield event(shape.chunk(index, piece, reason, shape.logprobs(out.request, out.logprobs)))
             if include_usage:
                 yield event({**shape.chunk(0, None, None), "choices": [],
                              "usage": shape.usage([finished[s] for s in ids_of])})
