@@ -36,7 +36,7 @@ import torch
 from _common import cpu_name  # bench/ is on sys.path when this script runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = ("lora", "qlora", "loftq", "qpissa", "replace", "gguf", "pissa", "olora", "eva")
+RUNS = ("lora", "qlora", "gguf", "replace", "loftq", "qpissa", "pissa", "olora", "eva")  # most wanted first
 ITERS = 2  # LoftQ's and QPiSSA's iterations (the QPiSSA authors use 5; 2 here: each costs ~50 s of SVDs on these cores)
 
 

@@ -17,7 +17,7 @@ import torch
 
 import deltatune as dt
 from deltatune.core.config import ConfigError
-from deltatune.methods import lora_init
+from deltatune.methods import lora_eva, lora_init
 from deltatune.quant import Linear4bit, quantize_nf4, dequantize_nf4
 
 from conftest import make_tiny_llama
@@ -251,7 +251,7 @@ def test_eva_prepass_sets_A_to_the_principal_components_of_the_layer_inputs(inpu
     config = dt.LoraConfig(r=3, target_modules=["q_proj", "k_proj", "down_proj"], init_lora_weights="eva")
     model = dt.attach(make_tiny_llama(), config)
     base = _logits(make_tiny_llama(), input_ids)
-    lora_init.eva_prepass(model, config, "default", local_data(examples))
+    lora_eva.eva_prepass(model, config, "default", local_data(examples))
     torch.testing.assert_close(_logits(model, input_ids), base, atol=0, rtol=0)  # B = 0: the base exactly
     inputs = {}
     layer = model.model.layers[1]
@@ -266,7 +266,7 @@ def test_eva_prepass_sets_A_to_the_principal_components_of_the_layer_inputs(inpu
     q, k = layer.self_attn.q_proj.deltas["default"], layer.self_attn.k_proj.deltas["default"]
     assert torch.equal(q.lora_A.weight, k.lora_A.weight)  # one input, one decomposition
     with pytest.raises(ConfigError, match="needs training data"):
-        lora_init.eva_prepass(model, config, "default", local_data([]))
+        lora_eva.eva_prepass(model, config, "default", local_data([]))
     for bad, match in (({"rho": 2.0}, "rank redistribution"), ({"whiten": True}, "whiten"), ({"tau": 2}, "tau")):
         with pytest.raises(ConfigError, match=match):
             dt.LoraConfig(r=3, init_lora_weights="eva", eva_config=bad)

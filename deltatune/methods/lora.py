@@ -29,7 +29,7 @@ from ..core.config import AdapterConfig, ConfigError, check_positive_int, check_
 from ..core.delta import Delta
 from ..core.lowrank import LowRankFactors
 from ..core.registry import register
-from . import lora_init
+from . import lora_eva, lora_init
 from ..core.sites import Stage, Target, weight_kind
 
 # peft LoraConfig keys for features deltatune does not implement, with the values that mean "off".
@@ -224,4 +224,4 @@ def trained_biases(model: nn.Module, config: LoraConfig, sites: Sequence[str]) -
 
 
 register(LoraConfig, LoraLinear, LoraEmbedding, select=trained_biases, readers=("peft", "vLLM", "deltatune"),
-         resolve=lora_init.prepare_base, save_view=lora_init.save_view, prepass=lora_init.eva_prepass)
+         resolve=lora_init.prepare_base, save_view=lora_init.save_view, prepass=lora_eva.eva_prepass)
