@@ -55,6 +55,10 @@ CASES: dict[str, list[Case]] = {
                                                        loftq_config={"loftq_bits": 4, "loftq_iter": 2}),
              identity_at_init=False, mergeable=False, mixable=False, max_trainable_fraction=0.5),  # W is now buffers
         Case("eva-qv", lambda: dt.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="eva")),
+        Case("qpissa-niter-all-linear", lambda: dt.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear",
+                                                              init_lora_weights="pissa_niter_2",
+                                                              loftq_config={"loftq_bits": 4, "loftq_iter": 1}),
+             identity_at_init=False, mergeable=False, mixable=False, max_trainable_fraction=0.5),
     ],
     # output vectors on k/v, an input vector on down_proj (peft's Llama defaults); a regex with an input vector
     "IA3": [
