@@ -143,7 +143,10 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     rows["written by"] = (f"deltatune {metadata['deltatune_version']}" if "deltatune_version" in metadata
                           else "peft (or another tool)")
     if metadata.get(BASE_QUANTIZATION_KEY):
-        rows["trained on"] = f"a {metadata[BASE_QUANTIZATION_KEY]} base (QLoRA); loads onto the full-precision base too"
+        recorded = metadata[BASE_QUANTIZATION_KEY]
+        rows["trained on"] = (f"a {recorded} base, built by the adapter's init: loading it onto the full-precision "
+                              "base rebuilds that base (deltatune only)" if quantize_for(recorded) is None else
+                              f"a {recorded} base (QLoRA); loads onto the full-precision base too")
     problems = [p for p in (value_problem(tensors), config.check_file(keyed)) if p]
     problems += [f"tensor {k} is {str(t.dtype).removeprefix('torch.')}, not floating point"
                  for k, t in tensors.items() if not t.is_floating_point()][:1]
