@@ -1,5 +1,6 @@
-"""Prefix caching: reused K/V give the tokens a full prefill gives, and never cross what changes K/V (the
-adapter, its version under the same name, blend weights, precision); memory stays within its bound."""
+"""Prefix caching and chunked prefill: reused or chunked K/V give the tokens a full prefill gives; cached K/V never
+cross what changes them (the adapter, its version under the same name, blend weights, precision); memory stays
+within its bound."""
 from __future__ import annotations
 
 import torch
@@ -91,3 +92,20 @@ def test_memory_bound_and_eviction():
     cache = PrefixCache(0)
     cache.store("x", list(range(16)), [torch.zeros(2, 16, 4)], [torch.zeros(2, 16, 4)])
     assert not cache.blocks  # a zero budget stores nothing
+
+
+def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
+    """Prompts of up to 50 tokens in chunks of 5, arriving while others decode, with the prefix cache: each
+    request's tokens are generate()'s with its adapter alone."""
+    model = _model()
+    engine = Engine(model, byte_tokenizer(), max_batch_size=4, prefill_chunk=5)
+    prompts, names = _prompts(7, seed=12), ["a", None, "b", "a", "b", None, "a"]
+    requests = [engine.add_request(prompts[0], names[0], dt.serve.SamplingParams(max_new_tokens=12))]
+    engine.step()
+    engine.step()  # the first request is still prefilling (35+ tokens in chunks of 5) when the others arrive
+    assert requests[0].prefilling and not requests[0].output_ids
+    requests += [engine.add_request(p, n, dt.serve.SamplingParams(max_new_tokens=7)) for p, n in zip(prompts[1:], names[1:])]
+    while engine.has_unfinished():
+        engine.step()
+    assert [r.output_ids for r in requests] == [hf_greedy(model, p, n, 12 if i == 0 else 7)
+                                                for i, (p, n) in enumerate(zip(prompts, names))]

@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="prompt + generated tokens at most (default: the model's context length)")
     p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=4096,
                    help="padded prompt tokens prefilled per step (bounds how long new requests stall running ones)")
+    p.add_argument("--prefill-chunk", type=_positive("--prefill-chunk"), default=512,
+                   help="prompt tokens of one request prefilled per step at most; a longer prompt continues at the "
+                   "next steps while the running requests decode (chunked prefill)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 weights where the CPU computes bf16 natively (AVX512-BF16/AMX), else fp32")
     p.add_argument("--quantize", choices=("auto", "nf4", "gguf", "none"), default="auto",
@@ -124,7 +127,7 @@ def serve_main(args: argparse.Namespace) -> None:
     except TypeError as exc:
         raise CommandError(f"--base: {exc}") from None
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                    max_prefill_tokens=args.max_prefill_tokens)
+                    max_prefill_tokens=args.max_prefill_tokens, prefill_chunk=args.prefill_chunk)
     try:  # an adapter the engine cannot run (full fine-tuning, BitFit, ...) is refused here, by name
         registry = AdapterRegistry(model, adapter_dirs=args.adapter_dir, max_bytes=args.max_adapter_memory,
                                    check=engine.check_adapter)

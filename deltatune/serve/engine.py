@@ -92,12 +92,14 @@ class Engine:
     (deltatune.serve.fused_lora) instead of the core's one product per adapter. autocast: run every forward
     under `torch.autocast` to this dtype (bf16 where the hardware computes it natively), weights untouched.
     prefix_cache_bytes: memory bound of the prefix cache (deltatune.serve.prefix; 0: no prefix caching).
+    prefill_chunk: prompt tokens of one request prefilled per step at most (chunked prefill: a long prompt no
+    longer stalls the running requests for its whole prefill; None: whole prompts).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, *, max_batch_size: int = 64,
                  max_model_len: int | None = None, max_prefill_tokens: int = 4096, blend=None,
                  fused_lora: bool = True, autocast: torch.dtype | None = None,
-                 prefix_cache_bytes: int = 256 << 20) -> None:
+                 prefix_cache_bytes: int = 256 << 20, prefill_chunk: int | None = 512) -> None:
         check_servable(model)
         if max_batch_size < 1 or max_prefill_tokens < 1:
             raise ValueError("max_batch_size and max_prefill_tokens must be >= 1")
@@ -123,6 +125,9 @@ class Engine:
         self.fused = FusedLora(model, dtype=autocast) if fused_lora else _Unfused()
         self._blends: dict[tuple, str] = {}
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         self._versions = AdapterVersions()
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -227,40 +232,57 @@ class Engine:
 
     @torch.inference_mode()
     def prefill_step(self) -> list[StepOutput]:
-        """Apply aborts, admit waiting requests and prefill them (their first tokens)."""
+        """Apply aborts, admit waiting requests and prefill them: at most `prefill_chunk` prompt tokens of each
+        row per step (a longer prompt continues at the next step, while the others decode); a row whose prompt
+        is complete samples its first token."""
         outputs = self._apply_aborts()
+        pending = [r for r in self.running if r.prefilling]
         new = self._admit()
-        if not new:
-            return outputs
         start = len(self.running)
         for i, request in enumerate(new):
             request.slot = start + i
         self.running.extend(new)
-        reused = [self._reuse_prefix(r) for r in new]  # prompt tokens whose K/V the prefix cache had
-        width = max(r.virtual + len(r.prompt_ids) - c for r, c in zip(new, reused))
-        ids = torch.zeros(len(new), width, dtype=torch.long)  # a row: [its virtual tokens] prompt [padding]
+        for request in new:
+            request.length = self._reuse_prefix(request)  # prompt tokens whose K/V the prefix cache had
+        rows = pending + new
+        if not rows:
+            return outputs
+        begins = [r.length for r in rows]
+        pieces = [self._piece(r) for r in rows]
+        width = max(pieces)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)  # a row: [its virtual tokens] prompt [padding]
         prefixes = {}
-        for i, (request, c) in enumerate(zip(new, reused)):
-            ids[i, request.virtual: request.virtual + len(request.prompt_ids) - c] = torch.tensor(request.prompt_ids[c:])
-            if request.virtual:
+        for i, (request, begin, n) in enumerate(zip(rows, begins, pieces)):
+            tokens = request.prompt_ids[max(begin - request.virtual, 0): begin + n - request.virtual]
+            ids[i, request.virtual if begin == 0 else 0:][: len(tokens)] = torch.tensor(tokens)
+            if request.virtual:  # never chunked nor cached: the whole row in this step
                 prefixes[i] = self.virtual_tokens(request.adapter)
-        last = torch.tensor([r.virtual + len(r.prompt_ids) - c - 1 for r, c in zip(new, reused)])
-        rows = slice(start, start + len(new))
-        if any(reused):  # rows start at their cached length: explicit positions, keys 0..start+t visible
-            positions = torch.tensor(reused)[:, None] + torch.arange(width)
+        last = torch.tensor(pieces) - 1
+        slots = [r.slot for r in rows]
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        where = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=self.device)
+        if any(begins) or not contiguous:  # rows start at their cached or prefilled length: explicit positions
+            positions = torch.tensor(begins)[:, None] + torch.arange(width)
             kv_len = int(positions.max()) + 1
             allowed = (torch.arange(kv_len)[None, None, None, :] <= positions[:, None, :, None])
-            self._prepare(rows, positions.to(self.device), kv_len)
+            self._prepare(where, positions.to(self.device), kv_len)
         else:
-            positions = torch.arange(width).expand(len(new), width)
+            positions = torch.arange(width).expand(len(rows), width)
             # causal mask; a row's padding comes after its prompt, so no real token ever attends to it
             allowed = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
-            self._prepare(rows, None, width)
-        logits = self._logits(ids, positions, allowed, [r.adapter for r in new], last, prefixes)
-        for request in new:
-            request.length = request.virtual + len(request.prompt_ids)
-            self._store_prefix(request)
-        return outputs + self._advance(new, logits)
+            self._prepare(where, None, width)
+        logits = self._logits(ids, positions, allowed, [r.adapter for r in rows], last, prefixes)
+        for request, n in zip(rows, pieces):
+            request.length += n
+        done = [i for i, r in enumerate(rows) if not r.prefilling]
+        for i in done:
+            self._store_prefix(rows[i])
+        return outputs + self._advance([rows[i] for i in done], logits[done])
+
+    def _piece(self, request: Request) -> int:
+        """Prompt tokens `request` prefills in this step: the rest of its prompt, at most prefill_chunk."""
+        rest = request.virtual + len(request.prompt_ids) - request.length
+        return rest if request.virtual or self.prefill_chunk is None else min(rest, self.prefill_chunk)
 
     # ---- prefix caching ------------------------------------------------------------------------------
     def _prefix_owner(self, request: Request):
@@ -292,14 +314,19 @@ class Engine:
         running = list(self.running)
         if not running:
             return []
-        ids = torch.tensor([[r.output_ids[-1]] for r in running])
+        # a row still prefilling (a chunked prompt) runs a placeholder token at the position its next chunk
+        # overwrites; its logits are dropped
+        ids = torch.tensor([[r.output_ids[-1] if r.output_ids else 0] for r in running])
         positions = torch.tensor([[r.length] for r in running])  # (B, 1): where each row's new token goes
         kv_len = int(positions.max()) + 1
         allowed = (torch.arange(kv_len)[None, :] <= positions)[:, None, None, :]  # (B, 1, 1, kv_len)
         self._prepare(slice(0, len(running)), positions.to(self.device), kv_len)
         logits = self._logits(ids, positions, allowed, [r.adapter for r in running], None, {})
-        for request in running:
-            request.length += 1
+        decoding = [i for i, r in enumerate(running) if not r.prefilling]
+        for i in decoding:
+            running[i].length += 1
+        if len(decoding) < len(running):
+            return self._advance([running[i] for i in decoding], logits[decoding])
         return self._advance(running, logits)
 
     def _caches(self) -> list[SlotKVCache]:
@@ -370,7 +397,7 @@ class Engine:
         new: list[Request] = []
         with self._lock:
             while self.waiting and len(self.running) + len(new) < self.max_batch_size:
-                width = max(r.virtual + len(r.prompt_ids) for r in [*new, self.waiting[0]])
+                width = max(self._piece(r) for r in [*new, self.waiting[0]])
                 if new and width * (len(new) + 1) > self.max_prefill_tokens:
                     break
                 new.append(self.waiting.popleft())

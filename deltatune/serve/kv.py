@@ -31,8 +31,9 @@ class SlotKVCache:
         self._positions: torch.Tensor | None = None  # (B, T) write positions, None: 0..T-1 for every row
         self._kv_len = 0
 
-    def prepare(self, rows: slice, positions: torch.Tensor | None, kv_len: int) -> None:
-        """The next forward writes rows `rows` at `positions` ((B, T); None: 0..T-1) and attends over kv_len keys."""
+    def prepare(self, rows: slice | torch.Tensor, positions: torch.Tensor | None, kv_len: int) -> None:
+        """The next forward writes rows `rows` (a slice, or a tensor of slots: a gather, for a chunked prefill
+        whose rows are not contiguous) at `positions` ((B, T); None: 0..T-1) and attends over kv_len keys."""
         self._rows, self._positions, self._kv_len = rows, positions, kv_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -44,7 +45,8 @@ class SlotKVCache:
             k[rows, :, : key.shape[2]] = key
             v[rows, :, : key.shape[2]] = value
         else:
-            slots = torch.arange(rows.start, rows.stop, device=key.device)[:, None]  # (B, 1)
+            slots = rows[:, None] if isinstance(rows, torch.Tensor) else \
+                torch.arange(rows.start, rows.stop, device=key.device)[:, None]  # (B, 1)
             k[slots, :, self._positions] = key.transpose(1, 2)  # indexed view is (B, T, kv_heads, head_dim)
             v[slots, :, self._positions] = value.transpose(1, 2)
         return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
@@ -65,7 +67,8 @@ class SlotKVCache:
         """`store[layer_idx]`, grown to the rows and positions of this forward (or `slots`, `capacity`), in the
         dtype of `new`."""
         t = store[layer_idx]
-        slots = self._rows.stop if slots is None else slots
+        rows = self._rows
+        slots = (int(rows.max()) + 1 if isinstance(rows, torch.Tensor) else rows.stop) if slots is None else slots
         capacity = self._kv_len if capacity is None else capacity
         if t is not None and t.shape[0] >= slots and t.shape[2] >= capacity and t.dtype == new.dtype:
             return t

@@ -42,6 +42,11 @@ class Request:
         self.finished_at: float | None = None
 
     @property
+    def prefilling(self) -> bool:
+        """Running, its prompt not all in the cache yet (chunked prefill)."""
+        return self.slot is not None and self.length < self.virtual + len(self.prompt_ids)
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
