@@ -146,16 +146,21 @@ def test_tokenizing_runs_off_the_event_loop(setup, client, monkeypatch):
 
 def test_admin_load_over_a_loaded_name_replaces_it_atomically(setup, tmp_path):
     registry = setup["server"].registry
-    old = registry.acquire("l1")  # a request in flight on l1
+    ids = setup["tok"]("swap adapters under one name, with a prompt of blocks", add_special_tokens=False)["input_ids"]
+    old = registry.acquire("l1")  # a request in flight on l1, whose prompt's blocks are in the prefix cache
+    setup["server"].engine.generate([ids], [old], max_new_tokens=2)
     status, body = _post(setup, "/admin/adapters", {"name": "l1", "path": "l2"}, token=ADMIN)
     assert status == 200
     new = registry.entries["l1"].internal
     assert new != old and old in dt.adapters(registry.model)  # the old one serves its request to the end
     registry.release(old)
     assert old not in dt.adapters(registry.model)
-    ids = setup["tok"]("swap", add_special_tokens=False)["input_ids"]
+    ids = setup["tok"]("swap adapters under one name, with a prompt of blocks", add_special_tokens=False)["input_ids"]
     out = setup["server"].engine.generate([ids], [new], max_new_tokens=5)[0].token_ids
-    assert out == hf_greedy(setup["reference"], ids, "l2", 5)  # new requests get the new file
+    assert out == hf_greedy(setup["reference"], ids, "l2", 5)  # new requests get the new file...
+    again = setup["server"].engine.generate([ids], [old_after := registry.acquire("l1")], max_new_tokens=5)[0]
+    registry.release(old_after)
+    assert again.token_ids == out  # ...and its own cached prefix, never the old adapter's
     status, body = _post(setup, "/admin/adapters", {"name": "tiny", "path": "l2"}, token=ADMIN)
     assert status == 409 and body["error"]["param"] == "name"  # the base model's name is not an adapter's
     status, body = _post(setup, "/v1/load_lora_adapter", {"lora_name": "l1", "lora_path": "l1"}, token=ADMIN)
@@ -235,6 +240,7 @@ def test_rejections_are_counted_and_every_request_is_logged(setup, client, caplo
     assert any('"POST /v1/completions" 404' in line for line in lines)
     assert any('"POST /v1/completions" 200' in line for line in lines)
     assert 'deltatune_rejected_requests_total{code="model_not_found",status="404"}' in _metrics(setup)
+    assert "deltatune_prefix_cache_bytes " in _metrics(setup)
 
 
 def test_tokenize_and_detokenize(setup):

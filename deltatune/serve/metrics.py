@@ -40,6 +40,11 @@ class ServeMetrics:
                                  ["adapter"], registry=r)
         self.hits = Counter("deltatune_adapter_cache_hits", "Requests whose adapter was already resident",
                             ["adapter"], registry=r)
+        self.prefix_bytes = Gauge("deltatune_prefix_cache_bytes", "Bytes of K/V held by the prefix cache", registry=r)
+        self.prefix_hits = Gauge("deltatune_prefix_cache_hit_tokens", "Prompt tokens whose K/V came from the prefix "
+                                 "cache, since start", registry=r)
+        self.prefix_queries = Gauge("deltatune_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix "
+                                    "cache, since start", registry=r)
 
     def watch(self, queue: Callable[[], float], running: Callable[[], float], resident: Callable[[], float],
               resident_bytes: Callable[[], float]) -> None:
@@ -48,6 +53,12 @@ class ServeMetrics:
         self.running.set_function(running)
         self.resident.set_function(resident)
         self.resident_bytes.set_function(resident_bytes)
+
+    def watch_prefix(self, cache) -> None:
+        """The engine's prefix cache (deltatune.serve.prefix.PrefixCache), read at scrape time."""
+        self.prefix_bytes.set_function(lambda: cache.bytes)
+        self.prefix_hits.set_function(lambda: cache.hits)
+        self.prefix_queries.set_function(lambda: cache.queries)
 
     # ---- called by the registry ------------------------------------------------------------------------
     def adapter_hit(self, name: str) -> None:

@@ -66,6 +66,8 @@ class Server:
         registry.metrics = self.metrics
         self.metrics.watch(lambda: len(engine.waiting), lambda: len(engine.running),
                            lambda: len(registry.entries), registry.resident_bytes)
+        if engine.prefix_cache is not None:
+            self.metrics.watch_prefix(engine.prefix_cache)
         self.worker = EngineWorker(engine, registry, self.metrics)
         self.created = int(time.time())
 
