@@ -92,6 +92,7 @@ def test_export_at_rank_b_is_a_plain_lora_file_peft_reads(input_ids, tmp_path):
     assert dt.adapter_configs(at_3).keys() == {"default"}  # the helper adapter is gone
     config, tensors, _ = dt.read_adapter(tmp_path / "lora")
     assert (config.peft_type, config.r, config.lora_alpha) == ("LORA", 3, 12)
+    assert config.target_modules == ("q_proj", "v_proj")  # the short names, as vLLM's configs have them
     assert {tuple(t.shape) for k, t in tensors.items() if "lora_A" in k} == {(3, 64)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -97,12 +97,24 @@ def lora_equivalent(model: nn.Module, name: str, rank: int | None = None
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = LoraConfig(
-        r=r, lora_alpha=alpha, target_modules=tuple(factors),
+        r=r, lora_alpha=alpha, target_modules=_target_names(model, list(factors)),
         rank_pattern={re.escape(p): v for p, v in ranks.items() if v != r},
         alpha_pattern={re.escape(p): v for p, v in alphas.items() if v != alpha},
         base_model_name_or_path=adapter.config.base_model_name_or_path, inference_mode=True,
     )
     return config, factors, errors
+
+
+def _target_names(model: nn.Module, sites: list[str]) -> tuple[str, ...]:
+    """The sites as a config names them: their last names (q_proj, v_proj, as peft's and vLLM's configs usually do)
+    when those select exactly these sites in this model, else the full names."""
+    from .adapter import logical_name
+
+    suffixes = sorted({site.rpartition(".")[2] for site in sites})
+    internal = (".deltas.", ".modules_to_save.", ".original_module")
+    same = {logical_name(path) for path, _ in model.named_modules()
+            if path.rpartition(".")[2] in suffixes and not any(part in path + "." for part in internal)}
+    return tuple(suffixes) if same == set(sites) else tuple(sites)
 
 
 def save_as_lora(model: nn.Module, path: str | os.PathLike, name: str = "default", *, rank: int | None = None
