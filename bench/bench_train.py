@@ -66,6 +66,7 @@ class Setup:
     base_bf16: bool = False  # frozen nn.Linear base weights stored in bf16 (only under bf16 autocast)
     fused: bool = False  # AdamW(fused=True) via build_optimizer; else torch's default AdamW (a per-tensor loop on CPU)
     compile: bool = False  # torch.compile each decoder layer (one graph, reused by all 30)
+    trim: bool = False  # memory.release_freed_heap() (glibc malloc_trim) between the forward and the backward
     checkpointing: str = ""  # HF gradient checkpointing, non-reentrant: "full", "selective" (memory.py's policy), "half"
 
     def recomputed(self) -> float:
@@ -84,6 +85,11 @@ SETUPS: dict[str, Setup] = {
                     checkpointing="full"),
     "memory-selective": Setup("speed mode + selective checkpointing (matmul and attention outputs kept, the rest "
                               "recomputed)", loss="chunked", base_bf16=True, fused=True, checkpointing="selective"),
+    "peft+trim": Setup("peft's step + malloc_trim(0) between forward and backward", lib="peft", trim=True),
+    "memory+trim": Setup("memory mode + malloc_trim(0) between forward and backward", loss="chunked", base_bf16=True,
+                         fused=True, checkpointing="full", trim=True),
+    "memory-selective+trim": Setup("selective checkpointing + malloc_trim(0) between forward and backward",
+                                   loss="chunked", base_bf16=True, fused=True, checkpointing="selective", trim=True),
     "memory-half": Setup("speed mode + gradient checkpointing of every 2nd layer", loss="chunked", base_bf16=True,
                          fused=True, checkpointing="half"),
     # ablations, run with --only
@@ -183,6 +189,7 @@ def make_step(setup: Setup, precision: str, model, hf, optimizer, batch) -> Call
     the decoder's; optimizer = step + zero_grad.
     """
     from deltatune.train.loss import causal_lm_loss
+    from deltatune.train.memory import release_freed_heap
 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     marks: dict[str, float] = {}
@@ -204,6 +211,8 @@ def make_step(setup: Setup, precision: str, model, hf, optimizer, batch) -> Call
             else:
                 total, tokens = causal_lm_loss(hf, batch, setup.chunk)
                 loss = total / tokens
+        if setup.trim:
+            release_freed_heap()
         t2 = time.perf_counter()
         loss.backward()
         t3 = time.perf_counter()

@@ -210,6 +210,15 @@ def test_selective_checkpointing_keeps_wide_matmuls_and_recomputes_the_rank_r_pr
     assert _keep_expensive(None, torch.ops.aten.mul.Tensor, wide, wide) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def test_release_freed_heap_keeps_live_tensors():
+    from deltatune.train.memory import release_freed_heap
+
+    kept, freed = torch.arange(1 << 20, dtype=torch.float32), torch.ones(1 << 20)
+    del freed
+    assert isinstance(release_freed_heap(), bool)
+    assert torch.equal(kept, torch.arange(1 << 20, dtype=torch.float32))
+
+
 # ---- optimizer and schedule ------------------------------------------------------------------------------
 def _groups_by_name(optimizer) -> dict[str, dict]:
     return {g["name"]: g for g in optimizer.param_groups}

@@ -22,6 +22,8 @@ rank).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 from collections.abc import Callable, Set
 
@@ -45,6 +47,26 @@ def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
         first = args[_MATMULS[op]]  # (N, K) or (B, N, K): the left operand
         return CheckpointPolicy.MUST_SAVE if first.shape[-1] > CHEAP_REDUCTION else CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
+
+
+def release_freed_heap() -> bool:
+    """Hand the C heap's free pages back to the OS (glibc's `malloc_trim(0)`); False where there is no glibc.
+
+    glibc keeps freed blocks under its mmap threshold (which grows up to 32 MiB as large blocks are freed)
+    resident for reuse; between a checkpointed forward and its backward those blocks are the forward's
+    freed intermediates, which the backward's differently sized allocations do not reuse, so they add to
+    the peak. The next allocations that land on released pages fault them in again."""
+    trim = _malloc_trim()
+    return bool(trim(0)) if trim is not None else False
 
 
 def selective_checkpointing_context() -> Callable[[], tuple]:
