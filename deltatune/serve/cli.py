@@ -15,12 +15,12 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 
 
-def byte_size(text: str) -> int:
+def byte_size(text: str, flag: str = "--max-adapter-memory") -> int:
     """'512MB', '2GiB', '1000000' -> bytes."""
     match = _SIZE.fullmatch(text.strip())
     unit = (match.group(2) or "").upper() if match else None
     if match is None or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"--max-adapter-memory takes a size such as 512MB, 2GiB or 1000000 (bytes), got {text!r}")
+        raise argparse.ArgumentTypeError(f"{flag} takes a size such as 512MB, 2GiB or 1000000 (bytes), got {text!r}")
     return int(float(match.group(1)) * _UNITS[unit])
 
 
@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="prompt + generated tokens at most (default: the model's context length)")
     p.add_argument("--max-prefill-tokens", type=_positive("--max-prefill-tokens"), default=4096,
                    help="padded prompt tokens prefilled per step (bounds how long new requests stall running ones)")
+    p.add_argument("--prefix-cache-memory", type=lambda text: byte_size(text, "--prefix-cache-memory"), default=256 << 20, metavar="SIZE",
+                   help="bytes of prompt K/V kept for reuse by prompts that start alike (default 256MiB; 0: off)")
     p.add_argument("--prefill-chunk", type=_positive("--prefill-chunk"), default=512,
                    help="prompt tokens of one request prefilled per step at most; a longer prompt continues at the "
                    "next steps while the running requests decode (chunked prefill)")
@@ -127,7 +129,8 @@ def serve_main(args: argparse.Namespace) -> None:
     except TypeError as exc:
         raise CommandError(f"--base: {exc}") from None
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                    max_prefill_tokens=args.max_prefill_tokens, prefill_chunk=args.prefill_chunk)
+                    max_prefill_tokens=args.max_prefill_tokens, prefill_chunk=args.prefill_chunk,
+                    prefix_cache_bytes=args.prefix_cache_memory)
     try:  # an adapter the engine cannot run (full fine-tuning, BitFit, ...) is refused here, by name
         registry = AdapterRegistry(model, adapter_dirs=args.adapter_dir, max_bytes=args.max_adapter_memory,
                                    check=engine.check_adapter)
