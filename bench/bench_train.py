@@ -194,17 +194,20 @@ def make_step(setup: Setup, precision: str, model, hf, optimizer, batch) -> Call
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     marks: dict[str, float] = {}
 
+    def now() -> tuple[float, float]:  # (wall, process CPU) seconds
+        return time.perf_counter(), time.process_time()
+
     def decoder_done(_module, _args, output) -> None:
-        marks["forward"] = time.perf_counter()
+        marks["forward"] = now()
         hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
         if hidden.requires_grad:
-            hidden.register_hook(lambda grad: marks.setdefault("at_hidden", time.perf_counter()) and None)
+            hidden.register_hook(lambda grad: marks.setdefault("at_hidden", now()) and None)
 
     hf.model.register_forward_hook(decoder_done)
 
     def step(first: bool = False) -> dict:
         marks.clear()
-        t0 = time.perf_counter()
+        t0 = now()
         with precision_context(precision):
             if setup.loss == "hf":
                 loss = model(**inputs, labels=batch["labels"], use_cache=False).loss
@@ -213,21 +216,23 @@ def make_step(setup: Setup, precision: str, model, hf, optimizer, batch) -> Call
                 loss = total / tokens
         if setup.trim:
             release_freed_heap()
-        t2 = time.perf_counter()
+        t2 = now()
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = now()
         out = {"loss": loss.item()}
         if first:  # before any update: the same for every setup of one precision (B = 0)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             out["grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item()
-        t3b = time.perf_counter()
+        t3b = now()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = now()
         t1, at_hidden = marks.get("forward", t0), marks.get("at_hidden", t2)
-        out["phases"] = {"forward": t1 - t0, "loss": t2 - t1, "loss_backward": at_hidden - t2,
-                         "backward": t3 - at_hidden, "optimizer": t4 - t3b}
-        out["seconds"] = (t3 - t0) + (t4 - t3b)
+        for clock, key in ((0, "phases"), (1, "cpu_phases")):
+            out[key] = {"forward": t1[clock] - t0[clock], "loss": t2[clock] - t1[clock],
+                        "loss_backward": at_hidden[clock] - t2[clock], "backward": t3[clock] - at_hidden[clock],
+                        "optimizer": t4[clock] - t3b[clock]}
+        out["seconds"] = (t3[0] - t0[0]) + (t4[0] - t3b[0])
         return out
 
     return step
@@ -247,7 +252,7 @@ def run_one(name: str, args) -> dict:
     first_s = time.perf_counter() - start
     for _ in range(args.warmup - 1):
         step()
-    times, cpu, faults, losses, phases = [], [], [], [first["loss"]], []
+    times, cpu, faults, losses, phases, cpu_phases = [], [], [], [first["loss"]], [], []
     for _ in range(args.steps):
         before = resource.getrusage(resource.RUSAGE_SELF)
         out = step()
@@ -255,6 +260,7 @@ def run_one(name: str, args) -> dict:
         losses.append(out["loss"])
         times.append(out["seconds"])
         phases.append(out["phases"])
+        cpu_phases.append(out["cpu_phases"])
         cpu.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         faults.append(after.ru_minflt - before.ru_minflt)
     median = statistics.median(times)
@@ -265,6 +271,7 @@ def run_one(name: str, args) -> dict:
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
         "minor_faults_per_step": statistics.median(faults), "loss_step0": first["loss"], "grad_norm_step0": first["grad_norm"],
         "losses": losses, "breakdown_s": {k: statistics.median(p[k] for p in phases) for k in phases[0]},
+        "cpu_breakdown_s": {k: statistics.median(p[k] for p in cpu_phases) for k in cpu_phases[0]},
     }
     if args.limit:
         result["flops"] = step_flops(setup, precision, hf.config, batch, median)
@@ -336,38 +343,41 @@ def markdown(results: dict, meta: dict) -> str:
         "update (the same for every setup of one precision: a correctness check). load = 1-min load average when "
         "the row finished (2 cores: above 2 means other work shared the machine).",
         "",
-        "| config | precision | step s | cpu s | peak RSS GB | step vs peft | RSS vs peft | n | loss0 | load | what |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | precision | step s | cpu s | peak RSS GB | step vs peft | cpu vs peft | RSS vs peft | n | loss0 | load | what |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         setup, _, precision = name.partition("/")
         what = SETUPS[setup].what if setup in SETUPS else ""
         if "error" in r:
-            lines.append(f"| {setup} | {precision} | failed: {r['error']} | | | | | | | | {what} |")
+            lines.append(f"| {setup} | {precision} | failed: {r['error']} | | | | | | | | | {what} |")
             continue
         peft = results.get(f"peft/{precision}", {})
         step_ratio = r["median_s"] / peft["median_s"] if "median_s" in peft else None
         rss_ratio = r["peak_rss_gb"] / peft["peak_rss_gb"] if "peak_rss_gb" in peft else None
         cpu = statistics.median(r["cpu_s"]) if r.get("cpu_s") else None
+        cpu_ratio = cpu / statistics.median(peft["cpu_s"]) if cpu and peft.get("cpu_s") else None
         compile_note = f" (compile {r['compile_s']:.0f} s, excluded)" if r.get("compile_s") else ""
         load = f"{r['load_avg'][0]:.1f}" if r.get("load_avg") else ""
         lines.append(f"| {setup} | {precision} | {_fmt(r['median_s'])} | {_fmt(cpu)} | {_fmt(r['peak_rss_gb'])} | "
-                     f"{_fmt(step_ratio, 'x')} | {_fmt(rss_ratio, 'x')} | {r.get('steps', '')} | {r['loss_step0']:.4f} | "
+                     f"{_fmt(step_ratio, 'x')} | {_fmt(cpu_ratio, 'x')} | {_fmt(rss_ratio, 'x')} | {r.get('steps', '')} | {r['loss_step0']:.4f} | "
                      f"{load} | {what}{compile_note} |")
     lines += ["", "## Where the time goes (seconds, medians over the timed steps)", "",
               "Hooks on the timed steps themselves: forward = decoder to the last hidden state; loss = head + "
               "cross-entropy forward (the chunked loss also computes its gradient here); loss backward = until the "
               "gradient reaches the last hidden state; backward = the decoder's; optimizer = step + zero_grad.", "",
+              "Each cell: wall s / process CPU s (CPU seconds are what a loaded machine inflates least).", "",
               "| config | precision | forward | loss | loss backward | backward | optimizer | sum |",
               "|---|---|---|---|---|---|---|---|"]
+    keys = ("forward", "loss", "loss_backward", "backward", "optimizer")
     for name, r in results.items():
         setup, _, precision = name.partition("/")
-        b = r.get("breakdown_s")
+        b, c = r.get("breakdown_s"), r.get("cpu_breakdown_s") or {}
         if not b:
             lines.append(f"| {setup} | {precision} | no breakdown: {r.get('error', 'not recorded')} | | | | | |")
             continue
-        cells = " | ".join(_fmt(b[k]) for k in ("forward", "loss", "loss_backward", "backward", "optimizer"))
-        lines.append(f"| {setup} | {precision} | {cells} | {_fmt(sum(b.values()))} |")
+        cells = " | ".join(f"{_fmt(b[k])} / {_fmt(c.get(k))}" for k in keys)
+        lines.append(f"| {setup} | {precision} | {cells} | {_fmt(sum(b.values()))} / {_fmt(sum(c.values()) if c else None)} |")
     lines += flops_table(results)
     lines += ["", f"> {REFERENCE_NOTE}", "",
               f"Machine: {meta['cpu']} ({meta.get('flags', cpu_flags())}), {meta['cores']} cores, load "
@@ -396,22 +406,25 @@ def cpu_flags() -> str:
 
 def flops_table(results: dict) -> list[str]:
     """Counted GFLOP per part, the step's rate, and the share of this machine's matmul limit it reaches."""
-    rows = [(name, r["flops"]) for name, r in results.items() if r.get("flops")]
+    rows = [(name, r["flops"], r) for name, r in results.items() if r.get("flops")]
     if not rows:
         return []
-    parts = list(rows[0][1]["gflop"])
+    parts = list(rows[0][1]["gflop"])  # of limit, CPU s: the limit / the step's process CPU seconds
     lines = ["", "## Against the machine: counted FLOPs and this CPU's matmul rate on the same shapes", "",
              "GFLOP per step by part (matmuls only: frozen linears forward + input gradient, LoRA forward + both "
              "gradients, attention, head; bench/train_flops.py). limit = the rate those matmuls reach as bare "
              "`torch.mm` on their shapes, dtype and threads, timed in the same process after the steps; of limit "
              "= the step time at that rate / the measured step time.", "",
-             "| config | precision | " + " | ".join(parts) + " | total GFLOP | step GFLOP/s | limit GFLOP/s | of limit |",
-             "|---|---|" + "---:|" * (len(parts) + 4)]
-    for name, f in rows:
+             "| config | precision | " + " | ".join(parts) + " | total GFLOP | step GFLOP/s | limit GFLOP/s | of limit "
+             "| of limit, CPU s |",
+             "|---|---|" + "---:|" * (len(parts) + 5)]
+    for name, f, r in rows:
         setup, _, precision = name.partition("/")
         cells = " | ".join(f"{f['gflop'].get(p, 0):.0f}" for p in parts)
+        of_cpu = sum(f["limit_s"].values()) / statistics.median(r["cpu_s"]) if r.get("cpu_s") else None
         lines.append(f"| {setup} | {precision} | {cells} | {f['total_gflop']:.0f} | {f['step_gflops']:.0f} | "
-                     f"{f['limit_gflops']:.0f} | {100 * f['of_limit']:.0f}% |")
+                     f"{f['limit_gflops']:.0f} | {100 * f['of_limit']:.0f}% | "
+                     f"{'—' if of_cpu is None else f'{100 * of_cpu:.0f}%'} |")
     return lines
 
 
