@@ -14,9 +14,9 @@ where M is every position for the full-logits loss and the labelled ones for the
 is needed below layer 0's linears that read the embedding (q, k, v, gate, up: nothing there requires grad).
 
 `matmul_limit` times each distinct matmul of that list as a bare `torch.mm` (the step's shapes, dtype and
-threads) and returns the seconds a step would take if every matmul ran at the rate its shape reaches here:
-step FLOPs / that time is the machine's limit for the step, and limit time / measured step time is the share
-of it the step reaches.
+threads; each repeat's time is min(wall, process CPU / threads)) and returns the seconds a step would take if
+every matmul ran at the rate its shape reaches here: step FLOPs / that time is the machine's limit for the
+step, and limit time / measured step time is the share of it the step reaches.
 """
 from __future__ import annotations
 
@@ -85,16 +85,18 @@ def flops(parts: dict[str, list[tuple[Shape, int]]]) -> dict[str, float]:
 
 
 def _rate(shape: Shape, dtype: torch.dtype, seconds: float = 0.15) -> float:
-    """FLOP/s of a bare (N, K) @ (K, M) mm here, best of a few timed repeats after a warm-up."""
+    """FLOP/s of a bare (N, K) @ (K, M) mm here, best of a few timed repeats after a warm-up. Each repeat counts
+    min(wall, process CPU / threads) seconds: on a loaded machine the wall clock also counts the wait for a core."""
     a, b, c = shape
     x, w = torch.randn(a, b).to(dtype), torch.randn(b, c).to(dtype)
     torch.mm(x, w)
+    threads = torch.get_num_threads()
     best, spent = float("inf"), 0.0
     while spent < seconds or best == float("inf"):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         torch.mm(x, w)
-        took = time.perf_counter() - start
-        best, spent = min(best, took), spent + took
+        wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+        best, spent = min(best, wall, cpu / threads if cpu > 0 else wall), spent + wall
     return 2.0 * a * b * c / best
 
 
