@@ -252,3 +252,17 @@ def greedy_by_full_forwards_alone(model, prompt, name, steps):
         return greedy_by_full_forwards(model, ids, torch.ones_like(ids), steps)[0].tolist()
     finally:
         dt.set_active(model, previous)
+
+
+def test_a_training_forward_keeps_no_cache_and_gradient_checkpointing_is_refused():
+    model = perturbed(CASES["prefix"][0]).train()
+    ids, mask, labels = padded_batch()
+    losses = []
+    for _ in range(2):  # nothing accumulates between forwards (the prefix-only cache stores nothing new)
+        out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        losses.append(out.loss.item())
+    assert losses[0] == losses[1]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(ValueError, match="gradient_checkpointing: false"):
+        model(ids, attention_mask=mask, labels=labels)

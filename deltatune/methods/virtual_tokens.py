@@ -193,7 +193,12 @@ class VirtualPart(nn.Module):
             kwargs["inputs_embeds"] = torch.cat((layout.prefix(batch, embeds), embeds), dim=1)  # (B, P+T, e)
             kwargs["input_ids"] = None
         elif layout.kind == "key_values" and not past:  # prefill: every layer's cache starts with the prefix
-            kwargs[self._cache_key] = layout.fill_cache(model, cache, batch, device)
+            if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in (module, model)):
+                raise ValueError("prefix tuning puts its keys and values into every layer's cache, which transformers' "
+                                 "gradient checkpointing drops in each layer; set gradient_checkpointing: false "
+                                 "(peft's prefix tuning has the same limit)")
+            keeps = cache is not None or (kwargs.get("use_cache") is not False and not torch.is_grad_enabled())
+            kwargs[self._cache_key] = layout.fill_cache(model, cache, batch, device, keeps=keeps)
             kwargs.update({k: None for k in _CACHE_KEYS if k != self._cache_key and k in kwargs})
             past = layout.P  # the new tokens now come after P cached positions
         kwargs["attention_mask"], kwargs["position_ids"] = layout.mask_and_positions(mask, batch, length, past, device)
@@ -255,11 +260,13 @@ class _Layout:
             out[rows.to(out.device), self.P - part.p:] = part.row_embeddings().to(like.dtype)
         return out
 
-    def fill_cache(self, model: nn.Module, cache: Any, batch: int, device: torch.device) -> Any:
-        """`cache` (a new DynamicCache if None) holding the P prefix keys and values of every layer."""
+    def fill_cache(self, model: nn.Module, cache: Any, batch: int, device: torch.device, keeps: bool = True) -> Any:
+        """`cache` (if None a new DynamicCache, or with keeps=False a `PrefixOnly` one) holding the P prefix keys
+        and values of every layer."""
         from transformers import DynamicCache
 
-        cache = cache if cache is not None else DynamicCache(config=model.config)
+        cache = cache if cache is not None else (DynamicCache if keeps else _prefix_only())(config=model.config)
+        update = DynamicCache.update if not keeps else type(cache).update
         first = self.groups[0][0].row_key_values()  # (L, 2, h, p, d)
         dtype = next(model.parameters()).dtype
         layers, _, heads, _, head_dim = first.shape
@@ -270,7 +277,7 @@ class _Layout:
             for part, rows in self.groups:
                 kv[:, :, rows.to(device), :, self.P - part.p:] = part.row_key_values().to(device, dtype).unsqueeze(2)
         for layer in range(layers):
-            cache.update(kv[layer, 0], kv[layer, 1], layer)
+            update(cache, kv[layer, 0], kv[layer, 1], layer)
         return cache
 
     def mask_and_positions(self, mask, batch, length, past, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -289,6 +296,24 @@ class _Layout:
             return mask, (lengths + past - self.P)[:, None] + torch.arange(length, device=device)
         prefix_pos = (torch.arange(self.P, device=device) - start[:, None]).clamp(min=0)  # masked ones: 0
         return mask, torch.cat((prefix_pos, lengths[:, None] + torch.arange(length, device=device)), dim=1)
+
+
+_PREFIX_ONLY: list[type] = []
+
+
+def _prefix_only() -> type:
+    """A DynamicCache that holds the prefix and keeps nothing else: `update` returns [prefix ; new] and stores
+    nothing, for a forward that wants no cache back (training, use_cache=False): nothing accumulates in it."""
+    if not _PREFIX_ONLY:
+        from transformers import DynamicCache
+
+        class PrefixOnly(DynamicCache):
+            def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+                layer = self.layers[layer_idx]
+                return (torch.cat((layer.keys, key_states), dim=-2), torch.cat((layer.values, value_states), dim=-2))
+
+        _PREFIX_ONLY.append(PrefixOnly)
+    return _PREFIX_ONLY[0]
 
 
 def _layout(model: nn.Module, batch: int) -> _Layout | None:
