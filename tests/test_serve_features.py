@@ -124,3 +124,22 @@ def test_response_format_json_schema_gives_valid_json(setup, temperature):
                                            temperature=0, response_format={"type": "json_object"})
     text = plain.choices[0].message.content  # any object: ends valid, or is cut by max_tokens as a valid prefix
     assert text.startswith("{") and (plain.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict))
+
+
+@pytest.mark.parametrize("fmt, words", [
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}}, "'pattern'"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"anyOf": [{"type": "string"}]}}}, "'anyOf'"),
+    ({"type": "xml"}, "response_format must be"),
+])
+def test_unsupported_response_formats_are_refused_by_name(setup, fmt, words):
+    with pytest.raises(openai.BadRequestError) as err:
+        setup["client"].chat.completions.create(model="ad", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                                response_format=fmt)
+    assert err.value.body["param"] == "response_format" and words in err.value.body["message"]
+
+
+def test_top_logprobs_needs_logprobs(setup):
+    with pytest.raises(openai.BadRequestError) as err:
+        setup["client"].chat.completions.create(model="ad", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                                top_logprobs=2)
+    assert err.value.body["param"] == "top_logprobs"
