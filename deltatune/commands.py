@@ -142,6 +142,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     rows["file size"] = f"{size / 1e6:.2f} MB ({WEIGHTS_NAME if (root / WEIGHTS_NAME).exists() else 'pickle'})"
     rows["written by"] = (f"deltatune {metadata['deltatune_version']}" if "deltatune_version" in metadata
                           else "peft (or another tool)")
+    if metadata.get("deltatune_saved_as"):  # a save-only view wrote it (core.io.file_view): AdaLoRA pruned, ReLoRA's export
+        rows["saved as"] = metadata["deltatune_saved_as"]
     if metadata.get(BASE_QUANTIZATION_KEY):
         recorded = metadata[BASE_QUANTIZATION_KEY]
         rows["trained on"] = (f"a {recorded} base, built by the adapter's init: loading it onto the full-precision "

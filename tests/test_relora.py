@@ -110,6 +110,15 @@ def test_jagged_lr_whole_change_as_plain_lora_and_the_base_back_exactly(tmp_path
     assert state.keys() == base_state.keys() and all(torch.equal(state[k], base_state[k]) for k in state)
 
 
+def test_inspect_says_how_the_file_was_saved(tmp_path, tokenizer, capsys):
+    from deltatune.cli import main
+
+    result = _run(tmp_path, "i", tokenizer, max_steps=4)
+    capsys.readouterr()
+    assert main(["inspect", str(result.adapter_dir)]) in (0, None)
+    assert "saved as     ReLoRA: saved as one plain LoRA of rank 8 (2 segments x r=4), exact" in capsys.readouterr().out
+
+
 def test_dense_when_k_r_reaches_a_layer_dimension(tmp_path, tokenizer):
     model = make_tiny_llama()  # K = 3 segments of r = 12: 36 >= 32 (v_proj's output)
     result = _run(tmp_path, "dense", tokenizer, model=model, adapter={**ADAPTER, "r": 12, "lora_alpha": 12})
