@@ -109,3 +109,13 @@ def test_chunked_prefill_gives_the_tokens_of_a_whole_prefill():
         engine.step()
     assert [r.output_ids for r in requests] == [hf_greedy(model, p, n, 12 if i == 0 else 7)
                                                 for i, (p, n) in enumerate(zip(prompts, names))]
+
+
+def test_requests_arriving_together_reuse_the_first_ones_prefix():
+    """A burst sharing a system prompt: the first computes it, the others join one step later and reuse it."""
+    model = _model()
+    engine = Engine(model, byte_tokenizer(), max_batch_size=8)
+    prompts, names = _prompts(6, seed=21), ["a"] * 6
+    outs = engine.generate(prompts, names, max_new_tokens=4)
+    assert [o.token_ids for o in outs] == [hf_greedy(model, p, n, 4) for p, n in zip(prompts, names)]
+    assert engine.prefix_cache.hits >= 5 * 24

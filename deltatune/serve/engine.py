@@ -363,14 +363,30 @@ class Engine:
         return [StepOutput(r, [], "", True) for r in dropped]
 
     def _admit(self) -> list[Request]:
+        """Waiting requests that join this step, in arrival order. One whose first prompt block is being
+        computed in this step by another (not cached yet) waits one step, then reuses it from the cache."""
         new: list[Request] = []
+        computing: set = set()  # first-block keys that this step's prefill will store
         with self._lock:
             while self.waiting and len(self.running) + len(new) < self.max_batch_size:
                 width = max(self._piece(r) for r in [*new, self.waiting[0]])
                 if new and width * (len(new) + 1) > self.max_prefill_tokens:
                     break
+                first = self._uncached_first_block(self.waiting[0])
+                if first is not None and first in computing:
+                    break
                 new.append(self.waiting.popleft())
+                if first is not None:
+                    computing.add(first)
         return new
+
+    def _uncached_first_block(self, request: Request):
+        """The prefix cache's key of `request`'s first prompt block, if the cache would store it and lacks it."""
+        owner = self._prefix_owner(request)
+        if owner is None or len(request.prompt_ids) <= self.prefix_cache.block:
+            return None
+        key = (owner, 0, tuple(request.prompt_ids[: self.prefix_cache.block]))
+        return None if key in self.prefix_cache.blocks else key
 
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         tokens = choose(logits, [r.params for r in requests], [r.generator for r in requests],
