@@ -150,8 +150,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
                               "base rebuilds that base (deltatune only)" if quantize_for(recorded) is None else
                               f"a {recorded} base (QLoRA); loads onto the full-precision base too")
     problems = [p for p in (value_problem(tensors), config.check_file(keyed)) if p]
+    integer = tuple(getattr(type(config), "integer_tensors", ()))  # FishMask's int32 indices, by key suffix
     problems += [f"tensor {k} is {str(t.dtype).removeprefix('torch.')}, not floating point"
-                 for k, t in tensors.items() if not t.is_floating_point()][:1]
+                 for k, t in tensors.items() if not t.is_floating_point() and not k.endswith(integer)][:1]
     if problems:
         rows["validated"] = f"REFUSED on load: {problems[0]}"
         rows["readable by"] = "none as it stands (loading refuses it; --allow-nonfinite loads NaN/Inf or huge values)"

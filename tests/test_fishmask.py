@@ -192,3 +192,16 @@ def test_a_sequence_classifier_uses_log_p_of_the_class_and_its_head_trains_dense
     assert "classifier" not in " ".join(kept) and sum(kept.values()) > 0  # the head is not ranked: it trains dense
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier.modules_to_save" in n for n in names)
+
+
+def test_all_linear_never_targets_another_adapters_part_and_inspect_reads_the_file(tmp_path, capsys):
+    from test_cli import run
+
+    model = make_tiny_llama()
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=2, prefix_projection=True), "prefix")  # a part with Linears
+    dt.attach(model, dt.FishMaskConfig(keep_fraction=0.01, num_examples=4), "fish")
+    assert not [p for p in dt.adapters(model)["fish"].sites if "deltatune_parts" in p]
+    fm.fisher_prepass(model, dt.adapter_configs(model)["fish"], "fish", local_data(examples(4)))
+    dt.save_adapter(model, tmp_path / "fish", "fish")
+    code, out, _ = run(["inspect", str(tmp_path / "fish")], capsys)
+    assert code == 0 and "validated    yes" in out  # int32 indices are declared (integer_tensors), not refused

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .adapter import Adapter, add_part, logical_name, replace_module, resolve
+from .adapter import PARTS_ATTR, Adapter, add_part, logical_name, replace_module, resolve
 from .config import AdapterConfig, ConfigError
 from .delta import NotMergeableError
 from .registry import method_of
@@ -96,10 +96,11 @@ def attach(model: nn.Module, config: AdapterConfig, name: str = "default", *, ac
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(logical name, module) of every module an adapter could target; a site stands for its base module.
 
-    The insides of a site (its deltas, a weight site's base) and of a modules_to_save wrapper are never
-    targets; a block site's children are, under their logical names.
+    The insides of a site (its deltas, a weight site's base), of a modules_to_save wrapper and of the adapters'
+    model-level parts (a prefix's projection MLP) are never targets; a block site's children are, under their
+    logical names.
     """
-    skip: list[str] = []
+    skip: list[str] = [PARTS_ATTR]
     out = []
     for path, module in model.named_modules():
         if not path or any(path == s or path.startswith(s + ".") for s in skip):

@@ -54,6 +54,7 @@ class FishMaskConfig(AdapterConfig):
     peft_type: ClassVar[str] = "FISHMASK"
     recommended_lr: ClassVar[float] = 1e-4
     updatable_fields: ClassVar[tuple[str, ...]] = ("kept",)
+    integer_tensors: ClassVar[tuple[str, ...]] = ("fish_indices",)  # int32 by design (`deltatune inspect` asks)
 
     target_modules: str | tuple[str, ...] | None = "all-linear"
     keep_fraction: float = 0.005
