@@ -101,12 +101,18 @@ DEFAULT_CONFIGS = [f"{s}/{p}" for p in PRECISIONS for s in ("peft", "deltatune-h
 
 
 # ---- one configuration, in its own process ---------------------------------------------------------------
-def load_base() -> tuple[nn.Module, object, str]:
+def load_base_and_tokenizer() -> tuple[nn.Module, object, str]:
     """(the embedded SmolLM2 in fp32, its tokenizer, which loader)."""
     from deltatune.models import load_model
 
     model, tokenizer = load_model(dtype=torch.float32)
     return model.eval(), tokenizer, "deltatune.models.load_model"
+
+
+def load_base() -> tuple[nn.Module, str]:
+    """(the embedded SmolLM2 in fp32, which loader): what bench_dora.py shares."""
+    model, _, loader = load_base_and_tokenizer()
+    return model, loader
 
 
 def make_batch(workload: str, tokenizer, vocab_size: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -134,7 +140,7 @@ def make_batch(workload: str, tokenizer, vocab_size: int) -> tuple[dict[str, tor
 
 def build(setup: Setup, precision: str):
     """(model with LoRA, its HF causal-LM module, optimizer, info) for one setup."""
-    model, tokenizer, loader = load_base()
+    model, tokenizer, loader = load_base_and_tokenizer()
     info: dict = {"loader": loader, "rss_after_load_gb": current_rss_gb()}
     if setup.lib == "peft":
         from peft import LoraConfig, get_peft_model
