@@ -5,6 +5,7 @@
     python bench/bench_train.py --one speed/bf16       # one configuration here; prints a RESULT json line
 
     python bench/bench_train.py --workload sft --name train_sft   # SFT rows: prompts masked, packed
+    python bench/bench_train.py --threads 1 ...        # on busy cores (2 spin-waiting threads: 6x slower steps)
 
 Workloads (`--workload`): random = batch 4x256 random token ids, every next token labelled; sft = the demo
 task's chat records tokenized at its max_length (96) with the prompt masked, packed into rows of 256, the
