@@ -266,3 +266,29 @@ def test_a_training_forward_keeps_no_cache_and_gradient_checkpointing_is_refused
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="gradient_checkpointing: false"):
         model(ids, attention_mask=mask, labels=labels)
+
+
+def test_mam_adapter_is_a_prefix_and_a_parallel_ffn_adapter_active_together():
+    """He et al. 2022's MAM adapter (METHODS.md §10): prefix tuning on attention plus a parallel adapter on the FFN,
+    two adapters stacked; at the start it is the prefix alone (the parallel adapter's W_up = 0), and both train."""
+    model = lively_llama()
+    torch.manual_seed(0)
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=4), "prefix")
+    dt.attach(model, dt.ParallelAdapterConfig(reduction_factor=1, scaling=4.0), "ffn")  # m = d: a large bottleneck
+    ids, mask, labels = padded_batch()
+    dt.set_active(model, "prefix")
+    prefix_alone = no_grad_logits(model, ids)
+    dt.set_active(model, ["prefix", "ffn"])
+    torch.testing.assert_close(no_grad_logits(model, ids), prefix_alone, atol=0, rtol=0)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(t) for n in ("prefix", "ffn") for t in dt.adapter_tensors(model, n).values()}
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    for _ in range(2):
+        loss = model(ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert not torch.allclose(no_grad_logits(model, ids), prefix_alone)
+    assert (dt.adapter_tensors(model, "ffn")["base_model.model.model.layers.0.mlp.adapter_up.weight"] != 0).any()
