@@ -292,3 +292,37 @@ def test_mam_adapter_is_a_prefix_and_a_parallel_ffn_adapter_active_together():
     model.eval()
     assert not torch.allclose(no_grad_logits(model, ids), prefix_alone)
     assert (dt.adapter_tensors(model, "ffn")["base_model.model.model.layers.0.mlp.adapter_up.weight"] != 0).any()
+
+
+class _KillAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, model, optimizer, step):
+        if step == self.step:
+            raise KeyError("killed")
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+@pytest.mark.parametrize("adapter", [{"peft_type": "P_TUNING", "num_virtual_tokens": 3},
+                                     {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3, "prefix_projection": True,
+                                      "encoder_hidden_size": 16}], ids=["p-tuning", "prefix-projection"])
+def test_resume_through_train_is_bitwise_the_checkpoints_keep_the_encoder(tmp_path, adapter, quantize):
+    from test_train_loop import make_tokenizer, prompt_completion, write_jsonl
+
+    from deltatune.train.loop import train
+
+    data = {"train": str(write_jsonl(tmp_path / "d.jsonl", prompt_completion(6)))}
+
+    def run(name, **values):
+        return train(model=make_tiny_llama(), tokenizer=make_tokenizer(), output_dir=str(tmp_path / name), data=data,
+                     adapter=adapter, max_steps=6, batch_size=2, save_every=2, precision="fp32", quantize=quantize,
+                     optim={"lr": 1e-2}, **values)
+
+    full = run("full")
+    with pytest.raises(KeyError):
+        run("cut", hooks=[_KillAt(5)])
+    resumed = run("cut", resume=True)
+    assert resumed.losses == {s: full.losses[s] for s in (5, 6)}  # the encoder came back from the checkpoint
+    (ca, a, _), (cb, b, _) = dt.read_adapter(resumed.adapter_dir), dt.read_adapter(full.adapter_dir)
+    assert ca == cb and list(a) == ["prompt_embeddings"] and torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
