@@ -215,11 +215,10 @@ def test_training_moves_the_encoder_and_the_loss_falls(case):
     assert all(not torch.equal(a, b) for a, b in zip(before, params))  # every encoder tensor trained
 
 
-def test_serve_runs_p_tuning_rows_beside_lora_and_refuses_a_prefix():
-    """The engine asks a part what it adds to a row (`row_embeddings`): P-tuning's encoder output is served
-    with prompt tuning's path; a prefix in every layer's cache is refused with the reason."""
+def test_serve_runs_p_tuning_and_prefix_rows_beside_lora_and_base_rows():
+    """The engine asks a part what it adds to a row: P-tuning's encoder output goes before the row's embeddings
+    (`row_embeddings`), a prefix's keys and values over the row's first p cache positions (`row_key_values`)."""
     from deltatune.serve.engine import Engine
-    from deltatune.serve.sampling import RequestError
     from serve_helpers import add_lora, byte_tokenizer, hf_greedy, tiny_llama
 
     model, tok = tiny_llama(), byte_tokenizer()
@@ -227,18 +226,20 @@ def test_serve_runs_p_tuning_rows_beside_lora_and_refuses_a_prefix():
     torch.manual_seed(2)
     dt.attach(model, dt.PromptEncoderConfig(num_virtual_tokens=3), "ptune", activate=False)
     dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=2), "prefix", activate=False)
-    with torch.no_grad():
-        for tensor in dt.adapter_tensors(model, "ptune").values():
-            tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
+    dt.attach(model, dt.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=8),
+              "prefix4", activate=False)
+    for name in ("ptune", "prefix", "prefix4"):
+        with torch.no_grad():
+            for tensor in dt.adapter_tensors(model, name).values():
+                tensor.add_(torch.randn(tensor.shape, generator=torch.Generator().manual_seed(3)) * 0.5)
     engine = Engine(model, tok)
-    prompts = [[5, 9, 23, 41], [7, 7, 100, 3, 2], [60, 61]]
-    names = ["ptune", "lora", None]
+    prompts = [[5, 9, 23, 41], [7, 7, 100, 3, 2], [60, 61], [12, 200, 31], [90, 91, 92, 93, 94, 95]]
+    names = ["ptune", "lora", None, "prefix", "prefix4"]
     outs = engine.generate(prompts, names, max_new_tokens=5)
     expected = [greedy_by_full_forwards_alone(model, p, n, 5) for p, n in zip(prompts, names)]
     assert [o.token_ids for o in outs] == expected
-    assert outs[0].token_ids == hf_greedy(model.eval(), prompts[0], "ptune", 5)
-    with pytest.raises(RequestError, match="prefix"):
-        engine.add_request([5, 6], "prefix")
+    assert len({tuple(o.token_ids) for o in outs}) == len(outs)  # every adapter changes the tokens
+    assert outs[3].token_ids == hf_greedy(model.eval(), prompts[3], "prefix", 5)
 
 
 def greedy_by_full_forwards_alone(model, prompt, name, steps):

@@ -127,7 +127,7 @@ class Engine:
                 param="max_tokens" if len(ids) < self.max_model_len else "prompt", code="context_length_exceeded")
         name = self.resolve_adapter(adapter, label)
         request = Request(request_id or f"req-{next(self._ids)}", ids, name, params)
-        request.virtual = 0 if self.virtual_tokens(name) is None else self.virtual_tokens(name).shape[0]
+        request.virtual = self.virtual_length(name)
         if request.virtual and len(ids) + request.virtual + params.max_new_tokens > self.max_model_len:
             raise RequestError(f"this model's maximum context length is {self.max_model_len} tokens; adapter "
                                f"{label or adapter!r} adds {request.virtual} virtual tokens to the prompt's {len(ids)} and "
@@ -163,10 +163,10 @@ class Engine:
             return
         shown = label or name
         part = found.part(self.model)  # one of frozen buffers only (VeRA's projections) is read by its deltas
-        if part is not None and not _is_prompt(part) and (any(True for _ in part.parameters()) or _adds_positions(part)):
+        if part is not None and not _is_prompt(part) and not _adds_positions(part) and any(True for _ in part.parameters()):
             raise RequestError(f"adapter {shown!r} ({found.config.peft_type}) adds a model-level part the serving engine "
-                               "does not run (it runs parts that put embeddings before a row: prompt tuning, "
-                               "P-tuning; a prefix in every layer's cache is not served)", param="model")
+                               "does not run (it runs virtual-token parts: prompt tuning, P-tuning, prefix tuning)",
+                               param="model")
         if found.in_place():
             raise RequestError(f"adapter {shown!r} ({found.config.peft_type}) changes base parameters in place, which "
                                "cannot differ per row of a shared batch; merge it into its own model to serve it",
@@ -176,6 +176,17 @@ class Engine:
             raise RequestError(f"adapter {shown!r} wraps {bypassed[0] or 'the whole model'}, which the serving engine "
                                "does not call as a module", param="model")
         self._checked[name] = found
+
+    def virtual_length(self, name: str | None) -> int:
+        """p, the positions an adapter's virtual-token part puts before a row (0 for other adapters)."""
+        part = None if name is None else attached_adapters(self.model)[name].part(self.model)
+        return getattr(part, "p", 0) if part is not None and (_is_prompt(part) or _adds_positions(part)) else 0
+
+    def virtual_key_values(self, name: str | None) -> torch.Tensor | None:
+        """(layers, 2, kv_heads, p, head_dim): the keys and values a prefix-tuning adapter puts at the start of
+        every layer's cache for a row (the engine writes them over the row's first p positions), else None."""
+        part = None if name is None else attached_adapters(self.model)[name].part(self.model)
+        return part.row_key_values().detach() if part is not None and _adds_positions(part) else None
 
     def virtual_tokens(self, name: str | None) -> torch.Tensor | None:
         """The (p, e) virtual-token embeddings a prompt-tuning adapter puts before a row's prompt, else None.
@@ -224,8 +235,10 @@ class Engine:
         for i, (request, begin, n) in enumerate(zip(rows, begins, pieces)):
             tokens = request.prompt_ids[max(begin - request.virtual, 0): begin + n - request.virtual]
             ids[i, request.virtual if begin == 0 else 0:][: len(tokens)] = torch.tensor(tokens)
-            if request.virtual:  # never chunked nor cached: the whole row in this step
+            if request.virtual and self.virtual_tokens(request.adapter) is not None:  # never chunked nor cached
                 prefixes[i] = self.virtual_tokens(request.adapter)
+            elif request.virtual:  # prefix tuning: its keys and values over the row's first p positions
+                self.cache.prefix_kv[request.slot] = self.virtual_key_values(request.adapter)
         last = torch.tensor(pieces) - 1
         slots = [r.slot for r in rows]
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
@@ -240,7 +253,10 @@ class Engine:
             # causal mask; a row's padding comes after its prompt, so no real token ever attends to it
             allowed = torch.ones(width, width, dtype=torch.bool).tril()[None, None]
             self._prepare(where, None, width)
-        logits = self._logits(ids, positions, allowed, [r.adapter for r in rows], last, prefixes)
+        try:
+            logits = self._logits(ids, positions, allowed, [r.adapter for r in rows], last, prefixes)
+        finally:
+            self.cache.prefix_kv = {}
         for request, n in zip(rows, pieces):
             request.length += n
         done = [i for i, r in enumerate(rows) if not r.prefilling]

@@ -30,6 +30,7 @@ class SlotKVCache:
         self._rows = slice(0, 0)
         self._positions: torch.Tensor | None = None  # (B, T) write positions, None: 0..T-1 for every row
         self._kv_len = 0
+        self.prefix_kv: dict[int, torch.Tensor] = {}  # slot -> (layers, 2, kv_heads, p, head_dim): prefix tuning's
 
     def prepare(self, rows: slice | torch.Tensor, positions: torch.Tensor | None, kv_len: int) -> None:
         """The next forward writes rows `rows` (a slice, or a tensor of slots: a gather, for a chunked prefill
@@ -49,6 +50,9 @@ class SlotKVCache:
                 torch.arange(rows.start, rows.stop, device=key.device)[:, None]  # (B, 1)
             k[slots, :, self._positions] = key.transpose(1, 2)  # indexed view is (B, T, kv_heads, head_dim)
             v[slots, :, self._positions] = value.transpose(1, 2)
+        for slot, kv in self.prefix_kv.items():  # a prefix row's first p positions hold the adapter's keys and values
+            k[slot, :, : kv.shape[3]] = kv[layer_idx, 0].to(k.dtype)
+            v[slot, :, : kv.shape[3]] = kv[layer_idx, 1].to(v.dtype)
         return k[rows, :, : self._kv_len], v[rows, :, : self._kv_len]
 
     def write(self, slot: int, k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
