@@ -55,7 +55,10 @@ def main(argv=None) -> int:
     parser.add_argument("--budget", type=int, default=40)
     parser.add_argument("--work", type=Path, default=Path("/tmp/deltatune-lorahub"), help="adapters are kept here")
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON (and .md beside it)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP barrier spinning on a "
+                        "shared, loaded machine)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     import deltatune as dt
     from deltatune.compose import combine_adapters
