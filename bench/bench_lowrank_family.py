@@ -122,7 +122,7 @@ def step(only: list[str] | None = None, rounds: int = 1) -> list[dict]:
 
 
 # ---- held-out exact match on the event task ------------------------------------------------------------------
-def quality(steps: int, seeds: list[int]) -> list[dict]:
+def quality(steps: int, seeds: list[int], only: list[str] | None = None) -> list[dict]:
     from deltatune import load_adapter, trainable_parameters
     from deltatune.data import load_records
     from deltatune.models import load_model
@@ -134,7 +134,7 @@ def quality(steps: int, seeds: list[int]) -> list[dict]:
             ("LoKr r=8", LOKR, 1e-3, [None]), ("DyLoRA r=8", DYLORA, 1e-3, [2, 4, 8]),
             ("LoRA r=2", lora(2), 1e-3, [None]), ("LoRA r=4", lora(4), 1e-3, [None])]
     rows = []
-    for name, adapter, lr, ranks in runs:
+    for name, adapter, lr, ranks in [run for run in runs if only is None or run[0] in only]:
         for seed in seeds:
             with tempfile.TemporaryDirectory() as tmp:
                 model, tokenizer = load_model()
@@ -224,7 +224,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--step-child", default=None)
-    parser.add_argument("--rows", nargs="+", default=None, help="step: only these rows (names as in STEP_ROWS)")
+    parser.add_argument("--rows", nargs="+", default=None, help="step/quality: only these rows (step: STEP_ROWS "
+                        "names; quality: method names such as 'DyLoRA r=8')")
     parser.add_argument("--rounds", type=int, default=1, help="step: rounds in alternation, best of each row")
     parser.add_argument("--name", default=None, help="results file name (default: lowrank_<part>)")
     args = parser.parse_args()
@@ -233,7 +234,7 @@ def main() -> None:
         return
     from _common import cpu_name
 
-    rows = {"step": lambda: step(args.rows, args.rounds), "quality": lambda: quality(args.steps, args.seeds), "serve": lambda: serve(args.steps)}[args.part]()
+    rows = {"step": lambda: step(args.rows, args.rounds), "quality": lambda: quality(args.steps, args.seeds, args.rows), "serve": lambda: serve(args.steps)}[args.part]()
     RESULTS.mkdir(exist_ok=True)
     name = args.name or f"lowrank_{args.part}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
