@@ -5,7 +5,7 @@
 
 An automatic choice is a snapshot; the training loop calls `retune()` after every step, which refits it to the
 cores other work leaves idle (issue 14: 2 threads picked in a quiet moment ran a step ~10x slower once another
-process took a core; figures in docs/benchmarks.md, "Threads on a busy machine").
+process took a core; bench/bench_threads.py measures it beside synthetic busy processes).
 """
 from __future__ import annotations
 
