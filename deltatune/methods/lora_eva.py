@@ -84,7 +84,7 @@ def eva_prepass(model: nn.Module, config: Any, name: str, data: Any) -> None:
     from ..core.adapter import resolve
 
     handles = [model.get_submodule(resolve(model, p)).base_layer.register_forward_pre_hook(hook(p)) for p in deltas]
-    progress = _Progress("EVA pass over the layer inputs", -(-len(examples) // EVA_BATCH))
+    progress = _Progress("EVA pass over the layer inputs", -(-len(examples) // EVA_BATCH), "batches")
     try:
         with torch.no_grad(), disable_adapters(model), data.autocast():
             for i, start in enumerate(range(0, len(examples), EVA_BATCH)):

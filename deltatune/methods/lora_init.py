@@ -182,16 +182,16 @@ def qpissa_factors(weight: torch.Tensor, r: int, scaling: float, iters: int, nit
 
 
 class _Progress:
-    """One stderr line per 10% of the layers, once the work has taken more than two seconds."""
+    """One stderr line per 10% of the work (layers, or batches), once it has taken more than two seconds."""
 
-    def __init__(self, what: str, total: int) -> None:
-        self.what, self.total, self.start, self.shown = what, total, time.monotonic(), -1
+    def __init__(self, what: str, total: int, unit: str = "layers") -> None:
+        self.what, self.total, self.unit, self.start, self.shown = what, total, unit, time.monotonic(), -1
 
     def step(self, done: int) -> None:
         tenth = done * 10 // self.total
         if tenth > self.shown and time.monotonic() - self.start > 2:
             self.shown = tenth
-            print(f"deltatune: {self.what}: {done}/{self.total} layers ({time.monotonic() - self.start:.0f} s)",
+            print(f"deltatune: {self.what}: {done}/{self.total} {self.unit} ({time.monotonic() - self.start:.0f} s)",
                   file=sys.stderr, flush=True)
 
 
