@@ -4,7 +4,6 @@ arguments. `deltatune.cli` builds the parser, dispatches here, and turns expecte
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shlex
 import sys
@@ -186,41 +185,14 @@ def _check_mergeable(adapter: str) -> None:
 
 
 def declare_added_biases(model: Any) -> list[str]:
-    """Make the model's config declare the biases a merge added (BitFit on a bias-free Llama: q_proj.bias ...),
-    so `from_pretrained` builds and loads them instead of dropping them: each `*_bias` flag of the config that is
-    false is set where that makes the architecture have the added biases; biases the flag implies that the merge
-    did not add are written as zeros (the same function). Raises CommandError if no flag declares them.
-    Returns the flags set."""
-    import torch
+    """deltatune.core.model.declare_added_biases, its refusal as the command's one-line error."""
+    from .core.delta import NotMergeableError
+    from .core.model import declare_added_biases as declare
 
-    def keys(config: Any) -> set[str]:
-        with torch.device("meta"):
-            return set(type(model)._from_config(config).state_dict())
-
-    have = set(model.state_dict())
-    added = have - keys(model.config)
-    if not added:
-        return []
-    config, flags = copy.deepcopy(model.config), []
-    for flag in [k for k, v in vars(model.config).items() if k.endswith("_bias") and v is False]:
-        trial = copy.deepcopy(config)
-        setattr(trial, flag, True)
-        if keys(trial) & added:
-            config, flags = trial, flags + [flag]
-    missing = added - keys(config)
-    if missing:
-        raise CommandError(f"the merged model has biases its architecture cannot declare ({sorted(missing)[0]} ...); "
-                           f"{type(model).__name__}'s config has no flag for them, and transformers would drop them on "
-                           "load. Serve the base with --adapter instead")
-    for name in sorted(keys(config) - have):  # biases a flag implies that the merge did not add: zeros
-        module_name, _, leaf = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if leaf == "bias" and getattr(module, "bias", 0) is None and hasattr(module, "out_features"):
-            module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
-                                                         device=module.weight.device), requires_grad=False)
-    for flag in flags:
-        setattr(model.config, flag, True)
-    return flags
+    try:
+        return declare(model)
+    except NotMergeableError as exc:
+        raise CommandError(f"{exc}. Serve the base with --adapter instead") from None
 
 
 def cmd_to_lora(args: argparse.Namespace) -> None:

@@ -41,6 +41,33 @@ def test_merged_bitfit_on_a_bias_free_llama_loads_in_plain_transformers(tmp_path
         torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_python_merge_and_unload_of_added_biases_saves_a_model_plain_transformers_loads(tmp_path, model_dir):  # noqa: F811
+    """The same from Python: dt.merge_and_unload declares the biases, so save_pretrained keeps them."""
+    from transformers import AutoModelForCausalLM
+
+    model = dt.attach(AutoModelForCausalLM.from_pretrained(model_dir), dt.BitFitConfig(target_modules=["q_proj", "down_proj"]))
+    randomize(model)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    dt.merge_and_unload(model).save_pretrained(tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert plain.config.attention_bias and plain.config.mlp_bias
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_python_merge_and_unload_warns_where_the_architecture_cannot_declare_added_biases():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1)
+    model = dt.attach(MistralForCausalLM(config), dt.BitFitConfig(add_biases=True, target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="cannot declare .*a saved copy would load without them"):
+        merged = dt.merge_and_unload(model)
+    assert merged.model.layers[0].self_attn.q_proj.bias is not None
+
+
 @pytest.mark.parametrize("config", [dt.PromptTuningConfig(num_virtual_tokens=3), dt.BottleneckConfig()])
 def test_merge_of_an_unmergeable_adapter_is_refused_before_loading(tmp_path, capsys, monkeypatch, config):
     from deltatune import commands

@@ -13,6 +13,8 @@ Decisions that hold for every method:
 from __future__ import annotations
 
 import contextlib
+import copy
+import warnings
 from typing import Iterator, Sequence
 
 import torch
@@ -401,8 +403,57 @@ def unload(model: nn.Module, *, merge_active: bool = False, safe: bool = True) -
 
 
 def merge_and_unload(model: nn.Module, *, safe: bool = True) -> nn.Module:
-    """Merge the active adapters and return the base model with no adapter modules: zero added latency."""
-    return unload(model, merge_active=True, safe=safe)
+    """Merge the active adapters and return the base model with no adapter modules: zero added latency.
+
+    Biases the merge added to a bias-free model (BitFit on Llama) are declared in its config
+    (`declare_added_biases`), so `save_pretrained` writes a model that `from_pretrained` loads with them.
+    """
+    merged = unload(model, merge_active=True, safe=safe)
+    try:
+        declare_added_biases(merged)
+    except NotMergeableError as exc:  # the merged model computes correctly; only a save would lose the biases
+        warnings.warn(f"{exc}; the merged model computes with them, but a saved copy would load without them",
+                      stacklevel=2)
+    return merged
+
+
+def declare_added_biases(model: nn.Module) -> list[str]:
+    """Make the config of a transformers model declare the biases a merge added (BitFit on a bias-free Llama:
+    q_proj.bias ...), so `from_pretrained` builds and loads them instead of dropping them: each `*_bias` flag of
+    the config that is false is set where that makes the architecture have the added biases; biases a flag
+    implies that the merge did not add are written as zeros (the same function). Raises NotMergeableError if no
+    flag declares them. Returns the flags set (none for a model that is not a transformers model)."""
+    if not hasattr(type(model), "_from_config") or getattr(model, "config", None) is None:
+        return []
+
+    def keys(config) -> set[str]:
+        with torch.device("meta"):
+            return set(type(model)._from_config(config).state_dict())
+
+    have = set(model.state_dict())
+    added = {k for k in have - keys(model.config) if k.endswith(".bias")}
+    if not added:
+        return []
+    config, flags = copy.deepcopy(model.config), []
+    for flag in [k for k, v in vars(model.config).items() if k.endswith("_bias") and v is False]:
+        trial = copy.deepcopy(config)
+        setattr(trial, flag, True)
+        if keys(trial) & added:
+            config, flags = trial, flags + [flag]
+    missing = added - keys(config)
+    if missing:
+        raise NotMergeableError(
+            f"the merged model has biases its architecture cannot declare ({sorted(missing)[0]} ...); "
+            f"{type(model).__name__}'s config has no flag for them, and transformers would drop them on load")
+    for name in sorted(keys(config) - have):  # biases a flag implies that the merge did not add: zeros
+        module_name, _, leaf = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if leaf == "bias" and getattr(module, "bias", 0) is None and hasattr(module, "out_features"):
+            module.bias = nn.Parameter(torch.zeros(module.out_features, dtype=module.weight.dtype,
+                                                   device=module.weight.device), requires_grad=False)
+    for flag in flags:
+        setattr(model.config, flag, True)
+    return flags
 
 
 def parameter_roles(model: nn.Module) -> dict[int, str]:
