@@ -29,12 +29,11 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from ..core.adapter import logical_name, resolve
 from ..core.io import WEIGHTS_NAME, AdapterFileError, adapter_tensors, load_adapter, read_adapter, split_adapter_spec
 from ..core.model import adapters as attached_adapters
-from ..core.model import attach, delete_adapter
+from ..core.model import delete_adapter
 from ..compose.combine import combine_adapters
-from ..methods.lora import LoraConfig, LoraLinear
+from ..methods.lora import LoraLinear
 from .sampling import RequestError
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -372,7 +371,6 @@ def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str,
     if missing:
         raise RequestError(f"blend names {labels.get(missing[0], missing[0])!r}, which is not loaded", param="adapters",
                            status=404)
-    sites: dict[str, dict[str, LoraLinear]] = {}
     for adapter_name in weights:
         adapter = attached[adapter_name]
         deltas = dict(adapter.deltas(model))
@@ -382,7 +380,5 @@ def blend_lora(model: nn.Module, weights: Mapping[str, float], name: str,
             raise RequestError(f"only plain LoRA adapters on linear layers can be blended; "
                                f"{labels.get(adapter_name, adapter_name)!r} is "
                                f"{adapter.config.peft_type} with other parts", param="adapters")
-        for path, delta in deltas.items():
-            sites.setdefault(path, {})[adapter_name] = delta
     combine_adapters(model, list(weights), list(weights.values()), name, combination_type="cat")  # compose's cat
     return name
