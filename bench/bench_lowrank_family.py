@@ -132,6 +132,7 @@ def quality(steps: int, seeds: list[int], only: list[str] | None = None) -> list
     test = load_records(TASKS / "event.test.jsonl")
     runs = [("LoRA r=8", lora(8), 1e-3, [None]), ("VeRA r=256", VERA, 1e-2, [None]), ("LoHa r=8", LOHA, 1e-3, [None]),
             ("LoKr r=8", LOKR, 1e-3, [None]), ("DyLoRA r=8", DYLORA, 1e-3, [2, 4, 8]),
+            ("DyLoRA r=8 frozen=False", {**DYLORA, "frozen": False}, 1e-3, [2, 4, 8]),
             ("LoRA r=2", lora(2), 1e-3, [None]), ("LoRA r=4", lora(4), 1e-3, [None])]
     rows = []
     for name, adapter, lr, ranks in [run for run in runs if only is None or run[0] in only]:
