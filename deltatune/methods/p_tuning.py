@@ -132,13 +132,7 @@ class EncodedTokens(VirtualPart):
     def live_from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.prompt_encoder is None:
             return tensors
-        target = tensors["prompt_embeddings"]
-        if tuple(target.shape) != tuple(self.offset.shape):
-            raise ValueError(f"tensor prompt_embeddings has shape {tuple(target.shape)} but the model needs "
-                             f"{tuple(self.offset.shape)}")
-        with torch.no_grad():
-            offset = target.to(self.offset) - self.prompt_encoder()
-        return {**{k: v.detach() for k, v in self.tensors().items()}, "prompt_encoder.offset": offset}
+        return self._live_with_offset(tensors, self.prompt_encoder, self.offset, "prompt_encoder.offset")
 
 
 def inject(model: nn.Module, config: PromptEncoderConfig, name: str) -> EncodedTokens:

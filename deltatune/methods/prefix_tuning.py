@@ -142,13 +142,8 @@ class PrefixKeyValues(VirtualPart):
     def live_from_file(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.transform is None:
             return tensors
-        target = tensors["prompt_embeddings"]
-        if tuple(target.shape) != tuple(self.offset.shape):
-            raise ValueError(f"tensor prompt_embeddings has shape {tuple(target.shape)} but the model needs "
-                             f"{tuple(self.offset.shape)}")
-        with torch.no_grad():
-            offset = target.to(self.offset) - self.transform(self.embedding.weight)
-        return {**{k: v.detach() for k, v in self.tensors().items()}, "prefix_encoder.offset": offset}
+        return self._live_with_offset(tensors, lambda: self.transform(self.embedding.weight), self.offset,
+                                      "prefix_encoder.offset")
 
 
 def inject(model: nn.Module, config: PrefixTuningConfig, name: str) -> PrefixKeyValues:

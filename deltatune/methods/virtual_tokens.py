@@ -168,6 +168,18 @@ class VirtualPart(nn.Module):
         """The live tensors (`tensors()` keys) that reproduce the file's `tensors`; by default the same ones."""
         return tensors
 
+    def _live_with_offset(self, tensors: dict[str, torch.Tensor], encoded: Any, offset: torch.Tensor,
+                          offset_key: str) -> dict[str, torch.Tensor]:
+        """`live_from_file` of a part whose file holds an encoder's output: the live encoder as it stands, and the
+        offset (`offset_key`) that makes `encoded() + offset` equal the file's `prompt_embeddings`."""
+        target = tensors["prompt_embeddings"]
+        if tuple(target.shape) != tuple(offset.shape):
+            raise ValueError(f"tensor prompt_embeddings has shape {tuple(target.shape)} but the model needs "
+                             f"{tuple(offset.shape)}")
+        with torch.no_grad():
+            value = target.to(offset) - encoded()
+        return {**{k: v.detach() for k, v in self.tensors().items()}, offset_key: value}
+
     def remove(self, model: nn.Module) -> None:
         for handle in self._handles:
             handle.remove()
