@@ -1,7 +1,10 @@
 """The adapter file format: peft's `adapter_config.json` + `adapter_model.safetensors`, both ways.
 
-This module is the one owner of the on-disk format. Tensor keys are the model's parameter names with the
-adapter name removed and peft's `base_model.model.` prefix added, e.g.
+This module is the one owner of the on-disk format: it moves adapters between a model and an adapter
+directory (save, load, fill an attached adapter). Reading and validating a directory on its own, with no model
+(file names, metadata keys, `read_adapter`, the value checks, `DIR@key=value` overrides), is `core/files.py`;
+its names are importable from here too. Tensor keys are the model's parameter names with the adapter name
+removed and peft's `base_model.model.` prefix added, e.g.
 
     model.layers.0.self_attn.q_proj.lora_A.default.weight        (in memory, adapter "default")
     base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (on disk)
@@ -11,9 +14,7 @@ names. An in-memory rename never changes what is on disk: the mapping below is t
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,24 +24,26 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from .config import ConfigError
 from .adapter import logical_name, resolve
+from .files import (  # noqa: F401  (re-exported: the names of the format and the reading half live in files.py)
+    BASE_QUANTIZATION_KEY,
+    BASE_SOURCE_KEY,
+    CONFIG_NAME,
+    LARGEST_VALUE,
+    PICKLE_WEIGHTS_NAME,
+    PREFIX,
+    SAVED_AS_KEY,
+    WEIGHTS_NAME,
+    AdapterFileError,
+    base_source,
+    read_adapter,
+    saved_as,
+    split_adapter_spec,
+    value_problem,
+    with_overrides,
+)
 from .model import adapter_configs, adapters, attach, active_adapters, delete_adapter, set_active
-from .registry import config_from_dict
 from .sites import weight_kind
-
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-SAVED_AS_KEY = "deltatune_saved_as"  # safetensors metadata: what a save-only view wrote (Method.save_view)
-BASE_QUANTIZATION_KEY = "deltatune_base_quantization"  # safetensors metadata: e.g. "nf4-dq" for a QLoRA adapter
-BASE_SOURCE_KEY = "deltatune_base_source"  # safetensors metadata: JSON, the embedded base's exact source (models.py)
-LARGEST_VALUE = 1e16  # |x| beyond this in an adapter file is refused like NaN/Inf: a product of two overflows fp32
-
-
-class AdapterFileError(ValueError):
-    """An adapter directory that cannot be read or does not fit the model; nothing was changed."""
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -135,14 +138,6 @@ def file_view(model: nn.Module, name: str) -> tuple[Any, dict[str, torch.Tensor]
     return saved.config, {(k if k in part_keys else PREFIX + k): t for k, t in saved.tensors.items()}, saved.note
 
 
-def saved_as(path: str | os.PathLike) -> str:
-    """The note a save-only view left in an adapter file ("" for a file that is the live state)."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(path) / WEIGHTS_NAME), framework="pt") as f:
-        return (f.metadata() or {}).get(SAVED_AS_KEY, "")
-
-
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -161,56 +156,6 @@ def _atomic_write(target: Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def read_adapter(path: str | os.PathLike, *, allow_pickle: bool = False) -> tuple[Any, dict[str, torch.Tensor], dict[str, str]]:
-    """(config, tensors, metadata) of an adapter directory, validated but not applied to any model."""
-    root = Path(path)
-    if not root.is_dir():
-        raise AdapterFileError(f"{root} is not a directory; an adapter is a directory with {CONFIG_NAME} and {WEIGHTS_NAME}")
-    config_path = root / CONFIG_NAME
-    if not config_path.is_file():
-        raise AdapterFileError(f"{root} has no {CONFIG_NAME}")
-    try:
-        data = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFileError(f"{config_path} is not valid JSON ({exc}); the file is truncated or corrupted") from None
-    if not isinstance(data, dict):
-        raise AdapterFileError(f"{config_path} must hold a JSON object, found {type(data).__name__}")
-    try:
-        config = config_from_dict(data)
-    except (ConfigError, TypeError) as exc:
-        raise AdapterFileError(f"{config_path}: {exc}") from None
-    tensors, metadata = _read_tensors(root, allow_pickle)
-    return config, tensors, metadata
-
-
-def _read_tensors(root: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    weights = root / WEIGHTS_NAME
-    if weights.is_file():
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise AdapterFileError(f"{weights} cannot be read ({exc}); the file is truncated or corrupted") from None
-    pickled = root / PICKLE_WEIGHTS_NAME
-    if pickled.is_file():
-        if not allow_pickle:
-            raise AdapterFileError(
-                f"{root} holds only {PICKLE_WEIGHTS_NAME}, a pickle file that can run code when loaded. Refused; "
-                "pass allow_pickle=True (CLI: --allow-pickle) if you trust it (it is then read with weights_only=True), "
-                "or convert it to safetensors"
-            )
-        try:
-            tensors = torch.load(pickled, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises many types for a bad pickle
-            raise AdapterFileError(f"{pickled} cannot be read ({exc})") from None
-        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
-            raise AdapterFileError(f"{pickled} holds a {type(tensors).__name__}, not a mapping of tensor names to tensors")
-        return tensors, {}
-    raise AdapterFileError(f"{root} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
 
 
 def load_adapter(
@@ -385,71 +330,10 @@ def set_adapter_tensors(model: nn.Module, name: str, tensors: Mapping[str, torch
             stash.get(key[len(PREFIX):], live[key]).copy_(value)
 
 
-def split_adapter_spec(spec: str | os.PathLike) -> tuple[str | os.PathLike, dict[str, Any]]:
-    """`DIR@key=value,key=value` -> (DIR, {key: value}): config overrides written after an adapter's path, as the
-    CLI and `serve` take them (`runs/dy/adapter@rank=4`). Values read as JSON (4, 0.5, true, null), else as text.
-    A path that exists as given, or holds no `@`, is returned unchanged with no overrides."""
-    text = os.fspath(spec)
-    if not isinstance(spec, str) or "@" not in text or Path(text).exists():
-        return spec, {}
-    head, _, tail = text.rpartition("@")
-    overrides: dict[str, Any] = {}
-    for item in tail.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
-            raise AdapterFileError(f"{text!r}: after '@' come overrides KEY=VALUE[,KEY=VALUE] (e.g. {head}@rank=4), "
-                                   f"got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return head, overrides
-
-
-def with_overrides(config: Any, overrides: Mapping[str, Any], path: Any = "") -> Any:
-    """`config` with `overrides` applied and validated; an unknown field or a bad value names the field."""
-    if not overrides:
-        return config
-    fields = {f.name for f in dataclasses.fields(config)}
-    unknown = sorted(set(overrides) - fields)
-    where = f"overrides for {path}" if path else "overrides"
-    if unknown:
-        raise AdapterFileError(f"{where}: {unknown[0]!r} is not a field of {type(config).__name__} "
-                               f"({config.peft_type}); its fields are {', '.join(sorted(fields))}")
-    try:
-        return config.replace(**overrides)
-    except (ConfigError, TypeError) as exc:
-        raise AdapterFileError(f"{where}: {exc}") from None
-
-
-def value_problem(tensors: Mapping[str, torch.Tensor]) -> str:
-    """What is wrong with the values of an adapter file's tensors ("" if nothing): NaN/Inf, or magnitudes no
-    trained adapter holds (beyond LARGEST_VALUE, e.g. 3e38: finite, but they overflow in the first product)."""
-    extremes = {k: torch.aminmax(t.detach()) for k, t in tensors.items() if t.is_floating_point() and t.numel()}
-    magnitude = {k: max(-float(lo), float(hi)) for k, (lo, hi) in extremes.items()}  # one pass, no copy; NaN stays NaN
-    bad = [k for k, m in magnitude.items() if not math.isfinite(m)]
-    if bad:
-        return f"{len(bad)} tensors hold NaN/Inf (first: {bad[0]}); the run that wrote it diverged"
-    huge = {k: m for k, m in magnitude.items() if m > LARGEST_VALUE}
-    if huge:
-        first = next(iter(huge))
-        return (f"{len(huge)} tensors hold values beyond ±{LARGEST_VALUE:.0e} (first: {first}, |x| up to "
-                f"{huge[first]:.1e}); no trained adapter holds these and they overflow in use")
-    return ""
-
-
 def _base_source(model: nn.Module) -> dict[str, Any] | None:
     from ..models import embedded_source
 
     return embedded_source(_base_name(model))
-
-
-def base_source(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    """The exact base an adapter file was trained on, as its metadata records it (None when not recorded)."""
-    try:
-        return json.loads(metadata[BASE_SOURCE_KEY]) if BASE_SOURCE_KEY in metadata else None
-    except ValueError:
-        return None
 
 
 def _other_base_hint(model: nn.Module, adapter_base: str | None) -> str:
