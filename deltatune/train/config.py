@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 from ..core.config import AdapterConfig, ConfigError
 from ..core.types import coerce
 from ..core.registry import config_from_dict
+from .config_text import CliText, apply_overrides, from_text, read_yaml, yaml_scalar  # noqa: F401 (apply_overrides: public here)
 
 
 class _Section:
@@ -112,7 +111,10 @@ class TrainConfig(_Section):
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 100  # optimizer steps
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
-    gradient_checkpointing: bool = False  # memory mode: recompute each layer in the backward instead of storing it
+    # memory mode: true recomputes each decoder layer in the backward instead of storing its activations;
+    # "selective" stores the outputs of attention and of the wide matmuls and recomputes only the cheap rest
+    # (norms, rotary, SiLU, adds, casts, LoRA's rank-r product; train/memory.py). Same gradients either way.
+    gradient_checkpointing: bool | Literal["selective"] = False
     frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products; also
     # in a model passed to train(model=...))
     quantize: Literal["nf4", "gguf"] | None = None  # QLoRA: the base's linear layers stored in NF4 + double quantization
@@ -225,63 +227,9 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: {exc}") from None
 
 
-# ---- text from YAML and the command line ----------------------------------------------------------------
-class _Text(str):
-    """A command-line value, not yet parsed: converted by the type of the field it sets (`_from_text`)."""
-
-
-_NULL = {"null", "none", "~"}
-_BOOL = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
-def _accepts(hint: Any, kind: type) -> bool:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_accepts(a, kind) for a in typing.get_args(hint))
-    return hint is kind
-
-
-def _yaml_scalar(text: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _from_text(value: Any, hint: Any, plain: bool = True) -> Any:
-    """Text as the field's type: a CLI `_Text`, and with `plain` any string (PyYAML leaves `1e-3` one); other
-    values are returned unchanged, for `_coerce` to check."""
-    if isinstance(value, _Text):
-        plain = True
-        if value.strip().lower() in _NULL and _accepts(hint, type(None)):
-            return None
-        if _accepts(hint, str):
-            return str(value)
-        value = _yaml_scalar(value)  # numbers, true/false, null, [lists], {mappings}
-    if typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-        args = typing.get_args(hint)
-        types_ = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
-        if len(types_) == len(value):
-            return [_from_text(v, t, plain) for v, t in zip(value, types_)]
-        return value
-    if not plain or not isinstance(value, str) or _accepts(hint, str):
-        return value
-    text = value.strip()
-    if _accepts(hint, bool) and text.lower() in _BOOL:
-        return _BOOL[text.lower()]
-    if _accepts(hint, int) and re.fullmatch(r"[+-]?\d+", text):
-        return int(text)
-    if _accepts(hint, float):
-        try:
-            return float(text)
-        except ValueError:
-            pass
-    return value
-
-
+# ---- text from YAML and the command line, converted by each field's type (config_text.py) -------------
 def _section_from_text(cls: type, data: Any, plain: bool) -> Any:
-    """`_from_text` over every known key of a (nested) config mapping; unknown keys are left for `_build` to name.
+    """`from_text` over every known key of a (nested) config mapping; unknown keys are left for `_build` to name.
     `plain`: convert every string (a YAML file), else only command-line text (Python values stay as given)."""
     if not isinstance(data, Mapping):
         return data
@@ -292,12 +240,12 @@ def _section_from_text(cls: type, data: Any, plain: bool) -> Any:
             continue
         hint = hints[key]
         if key == "adapter" and cls is TrainConfig:
-            out[key] = _adapter_types(value, text=True, plain=plain) if isinstance(value, Mapping) else _from_text(value, hint)
+            out[key] = _adapter_types(value, text=True, plain=plain) if isinstance(value, Mapping) else from_text(value, hint)
         elif dataclasses.is_dataclass(hint):
-            value = _yaml_scalar(value) if isinstance(value, _Text) else value
+            value = yaml_scalar(value) if isinstance(value, CliText) else value
             out[key] = _section_from_text(hint, value, plain)
         else:
-            out[key] = _from_text(value, hint, plain)
+            out[key] = from_text(value, hint, plain)
     return out
 
 
@@ -305,7 +253,7 @@ def _adapter_types(data: Mapping[str, Any], *, text: bool, plain: bool = False) 
     """The adapter section checked against its method's config fields (text converted first when `text`)."""
     data = dict(data)
     peft_type = data.get("peft_type", "LORA")
-    if isinstance(peft_type, _Text):
+    if isinstance(peft_type, CliText):
         data["peft_type"] = peft_type = str(peft_type)
     from ..core.registry import registered_methods
 
@@ -313,80 +261,25 @@ def _adapter_types(data: Mapping[str, Any], *, text: bool, plain: bool = False) 
     if str(peft_type) not in registered_methods() and spelled in registered_methods():
         data["peft_type"] = peft_type = spelled
     try:
-
         cls = registered_methods()[str(peft_type)].config_cls
         hints = typing.get_type_hints(cls)
     except Exception:  # unknown method: config_from_dict names it
-        return {k: str(v) if isinstance(v, _Text) else v for k, v in data.items()}
+        return {k: str(v) if isinstance(v, CliText) else v for k, v in data.items()}
     fields = {f.name for f in dataclasses.fields(cls)}
     for key, value in data.items():
         if key in fields:
-            value = _from_text(value, hints[key], plain) if text else value
+            value = from_text(value, hints[key], plain) if text else value
             data[key] = _coerce(f"adapter.{key}", value, hints[key])
-        elif isinstance(value, _Text):
-            data[key] = _yaml_scalar(value)
+        elif isinstance(value, CliText):
+            data[key] = yaml_scalar(value)
     return data
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `--a.b value` / `--a.b=value` pairs to a nested dict; the values stay text until `load_config`
-    converts each to the type of its field."""
-    items = list(overrides)
-    i = 0
-    while i < len(items):
-        token = items[i]
-        if not token.startswith("--"):
-            raise ConfigError(f"expected an option like --optim.lr 1e-4, got {token!r}")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(items):
-                raise ConfigError(f"option --{key} needs a value")
-            value, i = items[i + 1], i + 1
-        node = data
-        *parents, leaf = key.replace("-", "_").split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--{key}: {part} is not a section")
-        node[leaf] = _Text(value)
-        i += 1
-    return data
-
-
-def _read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file (UTF-8, a BOM allowed); every failure is a ConfigError naming the file."""
-    import yaml
-
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as exc:
-        raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
-    try:
-        loaded = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
-    if loaded is not None and not isinstance(loaded, dict):  # e.g. a list or a bare string
-        raise ConfigError(f"{path} must hold a mapping of config keys, found {type(loaded).__name__}")
-    return loaded or {}
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), **values: Any) -> TrainConfig:
     """TrainConfig from a YAML file (optional), then keyword values, then dotted CLI overrides.
 
     Strings in the file and the overrides are converted to each field's type; keyword values are not."""
-    data: dict[str, Any] = _section_from_text(TrainConfig, _read_yaml(path), plain=True) if path is not None else {}
+    data: dict[str, Any] = _section_from_text(TrainConfig, read_yaml(path), plain=True) if path is not None else {}
     for key, value in values.items():
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)

@@ -14,9 +14,10 @@ each method part is in hooks.py). A NaN/Inf loss or gradient
 norm stops the run before anything of that step is saved, and so does a NaN/Inf weight or optimizer state at
 a checkpoint (an optimizer step with a huge lr): `TrainingDiverged`, naming the last good checkpoint.
 
-One run per output_dir at a time (`lock.py`). Resuming (`resume: true`) restores adapter, optimizer,
-scheduler, hook and RNG states and the data position from the newest intact checkpoint (a corrupted newest
-one is skipped, and said so), so the losses that follow equal those of a run never interrupted. Only the
+What runs before the first step (seed, precision, model, adapter, the bf16 base, checkpointing) is in
+`model_setup.py`. One run per output_dir at a time (`lock.py`). Resuming (`resume: true`) restores adapter,
+optimizer, scheduler, hook and RNG states and the data position from the newest intact checkpoint (a
+corrupted newest one is skipped, and said so), so the losses that follow equal those of a run never interrupted. Only the
 settings in `RESUMABLE` may differ from the checkpoint's; any other change is refused, naming it, because
 the saved optimizer and schedule would silently keep the old values. Without `resume`, an output_dir that
 holds checkpoints or a finished adapter is refused rather than overwritten. Ctrl-C raises
@@ -25,27 +26,22 @@ holds checkpoints or a finished adapter is refused rather than overwritten. Ctrl
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import math
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import AdapterConfig, ConfigError
-from ..core.io import load_adapter, save_adapter, saved_as
-from ..core.model import active_adapters, adapter_configs, attach, trainable_parameters_line
+from ..core.config import ConfigError
+from ..core.io import save_adapter, saved_as
+from ..core.model import active_adapters, adapter_configs, trainable_parameters_line
 from ..core.registry import method_of
 from ..threads import retune as retune_threads
-from ..models import default_compute_dtype
 from ..data import collate
-from ..quant import check_quantized_training, footprint, is_quantized_model, quantize_model
 from .batches import BatchStream, TrainData, load_data
 from .checkpoint import DataPosition, latest_checkpoint, nonfinite_tensor, read_checkpoint_state, save_checkpoint
 from .config import TrainConfig, config_to_dict, load_config
@@ -54,12 +50,11 @@ from .lock import output_dir_lock
 from .resume import RESUMABLE, resume_position, run_record  # noqa: F401 (RESUMABLE: part of this module's story)
 from .hooks import run_before_step, run_on_step, step_hooks
 from .loss import causal_lm_loss
-from .memory import copy_out_of_file_mappings, store_frozen_linears_in_bf16
+from .model_setup import ADAPTER_NAME, fitted_adapter_config  # noqa: F401 (public here since the loop began)
+from .model_setup import attach_adapter, autocast_for, main_print, model_and_tokenizer, prepare_base, seed_everything
 from .optim import build_optimizer, build_scheduler
 from .prepass import run_prepasses
 from .progress import Progress
-
-ADAPTER_NAME = "default"
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,13 +115,13 @@ def train(
 
 def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Iterable[Any], world: World) -> TrainResult:
     adapter_config = fitted_adapter_config(cfg)  # a schedule that does not fit max_steps fails before anything runs
-    _seed(cfg.seed)
-    autocast = _autocast(cfg.precision, world)
-    model, tokenizer = _model_and_tokenizer(cfg, model, tokenizer, world, autocast)
+    seed_everything(cfg.seed)
+    autocast = autocast_for(cfg.precision, world)
+    model, tokenizer = model_and_tokenizer(cfg, model, tokenizer, world, autocast)
     data = load_data(cfg, tokenizer, world)
-    _attach_adapter(model, cfg, adapter_config, world)
-    _main_print(world, trainable_parameters_line(model))  # as peft's print_trainable_parameters
-    _prepare_base(model, cfg, autocast, world)
+    attach_adapter(model, cfg, adapter_config, world)
+    main_print(world, trainable_parameters_line(model))  # as peft's print_trainable_parameters
+    prepare_base(model, cfg, autocast, world)  # bf16 frozen linears, gradient checkpointing
     run_prepasses(model, data.train, data.pad_id, world, autocast)  # FishMask's Fisher: before the optimizer exists
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.max_steps, model=model)
@@ -155,7 +150,7 @@ def _train(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, hooks: Ite
             optimizer.zero_grad(set_to_none=True)
             retuned = retune_threads()  # an automatic thread count follows the cores other work leaves idle
             if retuned:
-                _main_print(world, retuned)
+                main_print(world, retuned)
             losses[step], tokens = loss, tokens + step_tokens
             if step % cfg.log_every == 0 or step == cfg.max_steps:  # Progress adds tokens_per_s from `tokens`
                 logged = {"loss": loss, "lr": lr, "tokens": tokens, "grad_norm": grad_norm}
@@ -185,100 +180,13 @@ def _interrupted(cfg: TrainConfig) -> TrainingInterrupted:
     return TrainingInterrupted(f"training interrupted; {where}; nothing else was saved; {advice}", step, latest)
 
 
-# ---- setup ----------------------------------------------------------------------------------------------
+# ---- the config (what is built from it before the first step: model_setup.py) ----------------------------
 def _resolve_config(config: TrainConfig | str | Path | None, overrides: Sequence[str], values: Mapping[str, Any]) -> TrainConfig:
     if not isinstance(config, TrainConfig):
         return load_config(config, overrides, **values)
     if not overrides and not values:
         return config
     return load_config(None, overrides, **{**config_to_dict(config), **values})
-
-
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def _main_print(world: World, message: str) -> None:
-    if world.is_main:
-        print(message, flush=True)
-
-
-def _autocast(precision: str, world: World) -> Callable[[], ContextManager[Any]]:
-    """bf16 autocast or plain fp32; "auto" picks bf16 only where the hardware computes it natively."""
-    device = world.device.type
-    if precision != "auto":
-        use_bf16, reason = precision == "bf16", "set by the precision key"
-    elif device == "cuda":
-        use_bf16 = default_compute_dtype(device) == torch.bfloat16
-        reason = f"this GPU {'supports' if use_bf16 else 'lacks'} bf16"
-    else:
-        use_bf16 = default_compute_dtype("cpu") == torch.bfloat16
-        reason = f"this CPU {'has' if use_bf16 else 'lacks'} AVX512-BF16" + ("" if use_bf16 else "; bf16 would be emulated (slow)")
-    _main_print(world, f"precision: {'bf16 autocast' if use_bf16 else 'fp32'} ({reason})")
-    return functools.partial(torch.autocast, device, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def _model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, world: World,
-                         autocast: functools.partial) -> tuple[nn.Module, Any]:
-    compute_dtype = torch.bfloat16 if autocast.keywords["enabled"] else torch.float32  # of NF4 layers' matmuls
-    if model is None:
-        from ..models import load_model
-
-        model, loaded_tokenizer = load_model(cfg.model, dtype=torch.float32, quantize=cfg.quantize,
-                                             compute_dtype=compute_dtype)  # bf16 is autocast, weights stay fp32
-        tokenizer = tokenizer or loaded_tokenizer
-    elif cfg.quantize == "gguf" and not is_quantized_model(model):
-        raise ConfigError("quantize: gguf loads the base's Q4_1 blocks from its GGUF file, so it cannot apply to a "
-                          "model passed in; pass no model (set model:), or quantize: nf4")
-    elif cfg.quantize and not is_quantized_model(model):
-        quantize_model(model, compute_dtype=compute_dtype)
-    elif tokenizer is None:
-        raise ConfigError("train(model=...) also needs tokenizer=...: the data is tokenized with the model's tokenizer")
-    return model.to(world.device), tokenizer  # no use_cache change needed: the loss runs with use_cache=False
-
-
-def fitted_adapter_config(cfg: TrainConfig) -> AdapterConfig:
-    """cfg.adapter's config with the run-length fields its method fills from max_steps (AdaLoRA's total_step),
-    checked against max_steps (`Method.fit_run`); other methods' configs as they are."""
-    config = cfg.adapter_config()
-    fit = method_of(config).fit_run
-    return fit(config, cfg.max_steps) if fit is not None else config
-
-
-def _attach_adapter(model: nn.Module, cfg: TrainConfig, config: AdapterConfig, world: World) -> None:
-    """A new adapter from cfg.adapter, or the one in cfg.init_adapter, trainable (the adapter section is then unused)."""
-    if cfg.init_adapter:
-        load_adapter(model, cfg.init_adapter, ADAPTER_NAME, trainable=True)
-        _main_print(world, f"continuing to train adapter {cfg.init_adapter}")
-    else:
-        attach(model, config, ADAPTER_NAME)
-
-
-def _prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial, world: World) -> None:
-    """The frozen base in bf16 under bf16 autocast (frozen_bf16; NF4 layers stay as they are), and gradient
-    checkpointing (memory mode)."""
-    if is_quantized_model(model):
-        check_quantized_training(model)
-        _main_print(world, f"quantized base: {footprint(model).summary()}")
-    if cfg.frozen_bf16 and autocast.keywords["enabled"] and autocast.keywords["dtype"] == torch.bfloat16:
-        count = store_frozen_linears_in_bf16(model)
-        copy_out_of_file_mappings(model)
-        _main_print(world, f"frozen base: {count} linear weights stored in bf16 (frozen_bf16: false keeps fp32)")
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-
-
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    # non-reentrant checkpointing works although the frozen embeddings' outputs need no gradient
-    kwargs = {"use_reentrant": False}
-    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing: false")
 
 
 # ---- one step -------------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ from .checkpoint import (
 from .config import TrainConfig, config_to_dict
 from .distributed import World
 
-# Settings a resumed run may change: the length of the run and bookkeeping that does not change what is computed.
-RESUMABLE = {"max_steps", "save_every", "eval_every", "log_every", "keep_last", "resume", "output_dir", "tensorboard"}
+# Settings a resumed run may change: the length of the run and bookkeeping that does not change what is computed
+# (gradient checkpointing changes what the backward keeps, not the gradients: tests/test_memory_mode.py).
+RESUMABLE = {"max_steps", "save_every", "eval_every", "log_every", "keep_last", "resume", "output_dir", "tensorboard",
+             "gradient_checkpointing"}
 
 
 def _say(world: World, message: str) -> None:

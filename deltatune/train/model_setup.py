@@ -1,0 +1,115 @@
+"""The model a run trains, before the first step: seeds, precision, the model and tokenizer, the adapter,
+and the frozen base prepared for training (bf16 frozen linears, gradient checkpointing). `loop.train` calls
+these in this order; nothing here runs a step.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any, Callable, ContextManager
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..core.config import AdapterConfig, ConfigError
+from ..core.io import load_adapter
+from ..core.model import attach
+from ..core.registry import method_of
+from ..models import default_compute_dtype
+from ..quant import check_quantized_training, footprint, is_quantized_model, quantize_model
+from .config import TrainConfig
+from .distributed import World
+from .memory import copy_out_of_file_mappings, selective_checkpointing_context, store_frozen_linears_in_bf16
+
+ADAPTER_NAME = "default"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def main_print(world: World, message: str) -> None:
+    if world.is_main:
+        print(message, flush=True)
+
+
+def autocast_for(precision: str, world: World) -> Callable[[], ContextManager[Any]]:
+    """bf16 autocast or plain fp32; "auto" picks bf16 only where the hardware computes it natively."""
+    device = world.device.type
+    if precision != "auto":
+        use_bf16, reason = precision == "bf16", "set by the precision key"
+    elif device == "cuda":
+        use_bf16 = default_compute_dtype(device) == torch.bfloat16
+        reason = f"this GPU {'supports' if use_bf16 else 'lacks'} bf16"
+    else:
+        use_bf16 = default_compute_dtype("cpu") == torch.bfloat16
+        reason = f"this CPU {'has' if use_bf16 else 'lacks'} AVX512-BF16" + ("" if use_bf16 else "; bf16 would be emulated (slow)")
+    main_print(world, f"precision: {'bf16 autocast' if use_bf16 else 'fp32'} ({reason})")
+    return functools.partial(torch.autocast, device, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def model_and_tokenizer(cfg: TrainConfig, model: nn.Module | None, tokenizer: Any, world: World,
+                        autocast: functools.partial) -> tuple[nn.Module, Any]:
+    compute_dtype = torch.bfloat16 if autocast.keywords["enabled"] else torch.float32  # of NF4 layers' matmuls
+    if model is None:
+        from ..models import load_model
+
+        model, loaded_tokenizer = load_model(cfg.model, dtype=torch.float32, quantize=cfg.quantize,
+                                             compute_dtype=compute_dtype)  # bf16 is autocast, weights stay fp32
+        tokenizer = tokenizer or loaded_tokenizer
+    elif cfg.quantize == "gguf" and not is_quantized_model(model):
+        raise ConfigError("quantize: gguf loads the base's Q4_1 blocks from its GGUF file, so it cannot apply to a "
+                          "model passed in; pass no model (set model:), or quantize: nf4")
+    elif cfg.quantize and not is_quantized_model(model):
+        quantize_model(model, compute_dtype=compute_dtype)
+    elif tokenizer is None:
+        raise ConfigError("train(model=...) also needs tokenizer=...: the data is tokenized with the model's tokenizer")
+    return model.to(world.device), tokenizer  # no use_cache change needed: the loss runs with use_cache=False
+
+
+def fitted_adapter_config(cfg: TrainConfig) -> AdapterConfig:
+    """cfg.adapter's config with the run-length fields its method fills from max_steps (AdaLoRA's total_step),
+    checked against max_steps (`Method.fit_run`); other methods' configs as they are."""
+    config = cfg.adapter_config()
+    fit = method_of(config).fit_run
+    return fit(config, cfg.max_steps) if fit is not None else config
+
+
+def attach_adapter(model: nn.Module, cfg: TrainConfig, config: AdapterConfig, world: World) -> None:
+    """A new adapter from cfg.adapter, or the one in cfg.init_adapter, trainable (the adapter section is then unused)."""
+    if cfg.init_adapter:
+        load_adapter(model, cfg.init_adapter, ADAPTER_NAME, trainable=True)
+        main_print(world, f"continuing to train adapter {cfg.init_adapter}")
+    else:
+        attach(model, config, ADAPTER_NAME)
+
+
+def prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial, world: World) -> None:
+    """The frozen base in bf16 under bf16 autocast (frozen_bf16; NF4 layers stay as they are), and gradient
+    checkpointing (memory mode: every layer, or selective)."""
+    if is_quantized_model(model):
+        check_quantized_training(model)
+        main_print(world, f"quantized base: {footprint(model).summary()}")
+    if cfg.frozen_bf16 and autocast.keywords["enabled"] and autocast.keywords["dtype"] == torch.bfloat16:
+        count = store_frozen_linears_in_bf16(model)
+        copy_out_of_file_mappings(model)
+        main_print(world, f"frozen base: {count} linear weights stored in bf16 (frozen_bf16: false keeps fp32)")
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model, selective=cfg.gradient_checkpointing == "selective")
+
+
+def enable_gradient_checkpointing(model: nn.Module, *, selective: bool = False) -> None:
+    """transformers' per-layer checkpointing, non-reentrant (it works although the frozen embeddings' outputs
+    need no gradient); `selective`: with memory.py's policy, which keeps the expensive outputs."""
+    kwargs: dict[str, Any] = {"use_reentrant": False}
+    if selective:
+        kwargs["context_fn"] = selective_checkpointing_context()
+    if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif callable(getattr(model, "gradient_checkpointing_enable", None)):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing: false")
