@@ -70,3 +70,13 @@ def test_huge_num_virtual_tokens_is_refused_before_allocating(tmp_path):
         (path / "adapter_config.json").write_text(json.dumps({**record, "num_virtual_tokens": p}))
         with pytest.raises(dt.AdapterFileError, match=f"num_virtual_tokens is {p}, but the file's prompt_embeddings has 3 rows"):
             dt.load_adapter(make_tiny_llama(), path)
+
+
+@pytest.mark.parametrize("init, readers", [
+    ({"init_lora_weights": "loftq", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, "deltatune"),
+    ({"init_lora_weights": "pissa", "loftq_config": {"loftq_bits": 4, "loftq_iter": 1}}, "deltatune"),  # QPiSSA
+    ({"init_lora_weights": "pissa"}, "peft, vLLM, deltatune"),  # saved as the rank-2r LoRA of the original base
+])
+def test_a_4bit_start_is_readable_only_where_its_base_is_rebuilt(tmp_path, capsys, init, readers):
+    code, out, _ = run(["inspect", str(saved(tmp_path, dt.LoraConfig(r=2, target_modules=["q_proj"], **init)))], capsys)
+    assert code == 0 and rows(out)["readable by"] == readers, out

@@ -107,6 +107,11 @@ class AdapterConfig:
             "modules": f"{len(modules)} adapted (e.g. {modules[0] if modules else '-'})",
         }
 
+    def readers(self, method_readers: tuple[str, ...]) -> tuple[str, ...]:
+        """The tools that read this config's files correctly, given its method's list: a config may narrow it
+        (LoRA's LoftQ/QPiSSA starts need the 4-bit base they were trained on, which only deltatune rebuilds)."""
+        return method_readers
+
     def check_file(self, tensors: Mapping[str, Any]) -> str:
         """A reason to refuse an adapter file's tensors (keys without peft's prefix) before anything is
         allocated ("" if none): sizes the config implies that the file's shapes contradict (prompt tuning's

@@ -126,9 +126,10 @@ class Method:
         return chosen[0] if chosen else None
 
     def readers_for(self, config: AdapterConfig) -> tuple[str, ...]:
-        """The tools that read this config's files: a variant's own list where it has one (vLLM serves no DoRA)."""
+        """The tools that read this config's files: a variant's own list where it has one (vLLM serves no DoRA),
+        narrowed by the config itself (`AdapterConfig.readers`)."""
         flag = self._variant(config)
-        return self.variant_readers.get(flag, self.readers) if flag else self.readers
+        return config.readers(self.variant_readers.get(flag, self.readers) if flag else self.readers)
 
     def delta_for(self, module: nn.Module, config: AdapterConfig) -> type[Delta] | None:
         return next((cls for cls in self.delta_classes(config) if cls.supports(module)), None)

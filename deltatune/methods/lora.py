@@ -106,6 +106,11 @@ class LoraConfig(AdapterConfig):
                 "r": self.r, "lora_alpha": self.lora_alpha, "use_rslora": self.use_rslora,
                 "lora_dropout": self.lora_dropout, "bias": self.bias, **super().describe(tensors)}
 
+    def readers(self, method_readers: tuple[str, ...]) -> tuple[str, ...]:
+        # peft and vLLM would put LoftQ/QPiSSA factors on a base they were not trained with: the file holds the
+        # recipe of the NF4 base, which only deltatune rebuilds (methods/lora_init.py)
+        return ("deltatune",) if lora_init.quantizes_base(self) else method_readers
+
     def rank_and_scale(self, module_name: str) -> tuple[int, float]:
         r = pattern_value(self.rank_pattern, module_name, self.r)
         alpha = pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
