@@ -1,18 +1,25 @@
 """Many plain LoRA adapters in one batch: every row gets its own adapter's sᵢ·Bᵢ·Aᵢ·x, in a few ops per site.
 
-For the adapters a batch uses at a site (ranks r₁…rₖ, no padding between them) two kernels read the factors:
+For the adapters a batch uses at a site (ranks r₁…rₖ, no padding between them) three kernels read the factors:
 
-- **stacked** (decode, one token per row): A_cat = [A₁; …; Aₖ] (Σr, d_in), B_cat = [B₁ … Bₖ] (d_out, Σr), and
+- **stacked** (decode, one token per row, few adapters): A_cat = [A₁; …; Aₖ] (Σr, d_in), B_cat = [B₁ … Bₖ]
+  (d_out, Σr), and
 
       y_b += B_cat · (m_b ⊙ A_cat·x_b)        m_b = sᵢ on the block of row b's adapter i, 0 elsewhere
 
   two matmuls whatever the number of adapters; the other blocks add exact zeros, so row b gets exactly
-  sᵢBᵢAᵢx_b. Each token pays Σr instead of rᵢ, cheap for one token per row, not for a prompt.
+  sᵢBᵢAᵢx_b. Each token pays Σr instead of rᵢ: cheap for one or a few adapters, not for many.
+- **segmented** (decode, many adapters; Punica's SGMV): the rows grouped by adapter, each group padded to the
+  largest (G rows), then per rank two batched matmuls (k, G, d_in)·(k, d_in, r) and (k, G, r)·(k, r, d_out)
+  against each adapter's own factors, read once, and the rows scattered back: a token pays its own rᵢ.
+  The cost rule (SEGMENT_FROM) takes it where the stack's columns at a site are at least 4 times the largest
+  rank of the batch's rows there (4 or more equal-rank adapters); `FusedLora(decode=...)` forces either.
 - **gathered** (prefill, many tokens per row; Punica's BGMV): each row's own Aᵢ, Bᵢ gathered, one batched
   matmul per distinct rank, so a token pays only its own rᵢ.
 
-Decode computes in fp32 (as peft keeps adapters; on this CPU a bf16 `(rows, 8) @ (8, 576)` product with few
-rows took 2-18 ms against 20-40 µs in fp32); prefill computes in the base's dtype (bf16 there is 3x faster
+Decode computes in fp32 (as peft keeps adapters; on an Intel Xeon a bf16 `(rows, 8) @ (8, 576)` product with
+few rows took 2-18 ms against 20-40 µs in fp32; on an AMD EPYC without AMX the segmented products read bf16
+factors at a third of fp32's rate); prefill computes in the base's dtype (bf16 there is 3x faster
 than casting a prompt's activations to fp32 and back). On an fp32 base both are exact fp32. Under autocast
 (an fp32 base run in bf16, as `deltatune eval` does) the kernels run outside it, in the same dtypes as on a
 bf16 base: autocast would turn the decode product into that slow bf16 one.
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -42,33 +49,54 @@ from ..core.sites import weight_kind
 
 
 class _SiteStack:
-    """One site's factors for a set of adapters, in the layouts of the two kernels."""
+    """One site's factors for a set of adapters, in the layouts of the three kernels.
+
+    The parts are laid out by rank, then adapter index, so that each rank's adapters are one slice of the
+    stacked rows: A_rows (Σr, d_in) = [A₁; …; Aₖ] and B_rows (Σr, d_out) = [B₁ … Bₖ]ᵀ, fp32, serve the stacked
+    product (as A_rowsᵀ and B_rows) and the segmented one (as (k, r, d_in) and (k, r, d_out) views), one copy."""
 
     def __init__(self, site: nn.Module, parts: list[tuple[int, LowRankFactors]], count: int, device: torch.device,
                  dtype: torch.dtype) -> None:
         self.site = site
         rank = lambda d: d.A.shape[0]  # noqa: E731
-        # sites with the same key share per-forward row data (masks, row selections)
+        parts = sorted(parts, key=lambda p: (rank(p[1]), p[0]))
+        # sites with the same key share per-forward row data (masks, row selections, segments)
         self.key = tuple((i, rank(d), float(d.scale)) for i, d in parts)
         f32 = dict(dtype=torch.float32, device=device)
-        # stacked (decode): A_cat (d_in, Σr), B_cat (Σr, d_out); owner and scale of each of the Σr columns
-        self.A = torch.cat([d.A for _, d in parts]).to(**f32).T.contiguous()
-        self.B = torch.cat([d.B for _, d in parts], dim=1).to(**f32).T.contiguous()
-        self.owner = torch.cat([torch.full((rank(d),), i, device=device) for i, d in parts])
+        self.A_rows = torch.cat([d.A for _, d in parts]).to(**f32).contiguous()
+        self.B_rows = torch.cat([d.B for _, d in parts], dim=1).to(**f32).T.contiguous()
+        self.owner = torch.cat([torch.full((rank(d),), i, device=device) for i, d in parts])  # of each column
         self.scale = torch.cat([torch.full((rank(d),), float(d.scale), **f32) for _, d in parts])
-        # gathered (prefill), one group per rank: At (k, d_in, r), Bt (k, r, d_out), scales (k,), and each
-        # adapter's index in its group (-1: not in the group); in the base's dtype: with many tokens per row a
-        # bf16 product is 3x faster than casting the activations to fp32 and back
+        self.ranks = torch.zeros(count, dtype=torch.long)  # each adapter's rank here, 0: none (on the CPU: cost rule)
+        self.ranks[[i for i, _ in parts]] = torch.tensor([rank(d) for _, d in parts])
+        # one group per rank: A (k, r, d_in), B (k, r, d_out) views of the fp32 rows (segmented decode), the same
+        # in the base's dtype for the gathered prefill (views again on an fp32 base; with many tokens per row a
+        # bf16 product is 3x faster than casting the activations to fp32 and back), fp32 scales (k,), and each
+        # adapter's index in its group (-1: not in the group)
         self.groups = []
-        act = dict(dtype=dtype, device=device)
+        start = 0
         for r in sorted({rank(d) for _, d in parts}):
             members = [(i, d) for i, d in parts if rank(d) == r]
+            k = len(members)
             local = torch.full((count,), -1, dtype=torch.long, device=device)
-            local[[i for i, _ in members]] = torch.arange(len(members), device=device)
-            self.groups.append((
-                torch.stack([d.A.T for _, d in members]).to(**act).contiguous(),
-                torch.stack([d.B.T for _, d in members]).to(**act).contiguous(),
-                torch.tensor([float(d.scale) for _, d in members], **act), local, r))
+            local[[i for i, _ in members]] = torch.arange(k, device=device)
+            A = self.A_rows[start:start + k * r].view(k, r, -1)
+            B = self.B_rows[start:start + k * r].view(k, r, -1)
+            scales = torch.tensor([float(d.scale) for _, d in members], **f32)
+            self.groups.append(_Group(r, local, A, B, scales, A.to(dtype), B.to(dtype)))
+            start += k * r
+
+
+class _Group(NamedTuple):
+    """The adapters of one rank at a site: fp32 factors (segmented decode) and in the activations' dtype
+    (gathered prefill; the same tensors when that is fp32)."""
+    r: int
+    local: torch.Tensor  # (count,) index in the group, -1: not in it
+    A: torch.Tensor  # (k, r, d_in)
+    B: torch.Tensor  # (k, r, d_out)
+    scales: torch.Tensor  # (k,) fp32
+    A_act: torch.Tensor
+    B_act: torch.Tensor
 
 
 class _Stack:
@@ -88,37 +116,76 @@ class _Stack:
                           for p, parts in by_site.items()]
 
 
+# The decode kernel's cost rule: segmented where the stack's columns at a site are at least this many times the
+# largest rank among the batch's rows there (the stacked product multiplies every row by all Σr columns, the
+# segmented one by its own rᵢ but pays a gather, padding and a scatter; measured in bench/bench_serve.py)
+SEGMENT_FROM = 4
+
+
 class _Kernel:
     """The forward hook of one site for one forward: adds each row's own sᵢBᵢAᵢx to the site's output."""
 
-    def __init__(self, stack: _SiteStack, rows: torch.Tensor, shared: dict) -> None:
+    def __init__(self, stack: _SiteStack, rows: torch.Tensor, shared: dict, decode: str) -> None:
         self.stack, self.rows, self.shared = stack, rows, shared  # rows: (B,) adapter index, -1 for none
+        self.decode = decode
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # (B, T, d_in)
         with torch.autocast(x.device.type, enabled=False):
             if x.dim() == 3 and x.shape[1] > 1:
                 return self._gathered(x, output)
+            if self._shared("segmented", self._choose):
+                return self._segmented(x, output)
             return self._stacked(x, output)
 
+    def _choose(self) -> bool:
+        """The cost rule (SEGMENT_FROM) for this forward, or the mode FusedLora.decode forces."""
+        if self.decode != "auto":
+            return self.decode == "segmented"
+        own = self.stack.ranks[self.rows.cpu().clamp(min=0)] * (self.rows.cpu() >= 0)
+        largest = int(own.max()) if own.numel() else 0
+        return largest > 0 and self.stack.A_rows.shape[0] >= SEGMENT_FROM * largest
+
     def _stacked(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        """Few tokens per row (decode): two matmuls over all the adapters' columns, masked per row."""
+        """Few tokens per row (decode), few adapters: two matmuls over all the adapters' columns, masked per row."""
         st = self.stack
         mask = self._shared("mask", lambda: torch.where(self.rows[:, None] == st.owner[None, :], st.scale, 0.0))
-        h = torch.matmul(x.to(st.A.dtype), st.A)  # (B, T, Σr)
+        h = torch.matmul(x.to(torch.float32), st.A_rows.T)  # (B, T, Σr)
         h = h * mask.view(mask.shape[0], *([1] * (h.dim() - 2)), mask.shape[1])
-        return output.add_(torch.matmul(h, st.B).to(output.dtype))
+        return output.add_(torch.matmul(h, st.B_rows).to(output.dtype))
+
+    def _segmented(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """One token per row (decode), many adapters (Punica's SGMV): the rows grouped by adapter, each group
+        padded to the largest, two batched matmuls against each adapter's own factors (read once), scattered
+        back: a row pays its own rank, the factors are read once per step."""
+        width = x.shape[-1]
+        xs, out = x.reshape(-1, width), output.view(-1, output.shape[-1])  # (B, d_in), (B, d_out): one token a row
+        for g, group in enumerate(self.stack.groups):
+            seg = self._shared(("segments", g), lambda: _Segments(group.local, self.rows))
+            if seg.rows.numel() == 0:
+                continue
+            A, B, scales = group.A, group.B, group.scales
+            if seg.used is not None:  # a subset of the group's adapters
+                A, B, scales = A.index_select(0, seg.used), B.index_select(0, seg.used), scales.index_select(0, seg.used)
+            padded = xs.index_select(0, seg.source).to(torch.float32).view(seg.count, seg.width, width)
+            h = torch.bmm(padded, A.transpose(1, 2)).mul_(scales[:, None, None])  # (k, G, r)
+            y = torch.bmm(h, B).view(-1, out.shape[-1])  # (k·G, d_out)
+            if seg.slots is not None:  # drop the padding
+                y = y.index_select(0, seg.slots)
+            out.index_add_(0, seg.rows, y.to(out.dtype))
+        return output
 
     def _gathered(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Many tokens per row (prefill): each row's own factors gathered, one batched matmul per rank; the
         stacked product would multiply every token by every adapter's columns."""
-        for g, (At, Bt, scales, local, r) in enumerate(self.stack.groups):
-            sel, ids = self._shared(("group", g), lambda: _selection(local[self.rows.clamp(min=0)], self.rows))
+        for g, group in enumerate(self.stack.groups):
+            sel, ids = self._shared(("group", g), lambda: _selection(group.local[self.rows.clamp(min=0)], self.rows))
             if ids.numel() == 0:
                 continue
+            At, Bt = group.A_act.index_select(0, ids).transpose(1, 2), group.B_act.index_select(0, ids)
             xs = x if sel is None else x.index_select(0, sel)
-            h = torch.bmm(xs.to(At.dtype), At.index_select(0, ids)) * scales.index_select(0, ids)[:, None, None]
-            out = torch.bmm(h, Bt.index_select(0, ids)).to(output.dtype)  # (rows, T, d_out)
+            h = torch.bmm(xs.to(At.dtype), At) * group.scales.to(At.dtype).index_select(0, ids)[:, None, None]
+            out = torch.bmm(h, Bt).to(output.dtype)  # (rows, T, d_out)
             if sel is None:
                 output.add_(out)
             else:
@@ -130,6 +197,31 @@ class _Kernel:
         if key not in self.shared:
             self.shared[key] = make()
         return self.shared[key]
+
+
+class _Segments:
+    """The rows of one rank group in the segmented layout: grouped by adapter, each group padded to the largest.
+
+    rows: the batch positions of the group's rows, by adapter; source (k·G,): the row each padded position
+    reads (padding repeats a real row: its output is dropped); slots: the padded positions of `rows`, None when
+    there is no padding; used: the group's adapters present, None when all are; count k, width G."""
+
+    def __init__(self, local: torch.Tensor, rows: torch.Tensor) -> None:
+        member = (rows >= 0) & (local[rows.clamp(min=0)] >= 0)
+        ids = torch.where(member, local[rows.clamp(min=0)], -1)
+        positions = member.nonzero().flatten()
+        ids = ids.index_select(0, positions)
+        order = torch.argsort(ids, stable=True)
+        self.rows, ids = positions.index_select(0, order), ids.index_select(0, order)
+        present, counts = torch.unique_consecutive(ids, return_counts=True)
+        self.count, self.width = int(present.numel()), int(counts.max()) if counts.numel() else 0
+        self.used = None if self.count == int((local >= 0).sum()) else present
+        first = torch.cumsum(counts, 0) - counts  # where each adapter's rows start in self.rows
+        within = torch.arange(ids.numel(), device=ids.device) - first.repeat_interleave(counts)
+        slots = torch.arange(self.count, device=ids.device).repeat_interleave(counts) * self.width + within
+        padded = torch.arange(self.width, device=ids.device)[None, :].minimum(counts[:, None] - 1)  # (k, G)
+        self.source = self.rows.index_select(0, (first[:, None] + padded).flatten())
+        self.slots = None if bool((counts == self.width).all()) else slots
 
 
 def _selection(local: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -148,10 +240,14 @@ def _linear_low_rank(model: nn.Module, path: str, delta: nn.Module) -> bool:
 
 
 class FusedLora:
-    """dtype: of the sites' activations when it is not the base's (the autocast dtype), for the prefill kernel."""
+    """dtype: of the sites' activations when it is not the base's (the autocast dtype), for the prefill kernel.
+    decode: the decode kernel, "auto" (the cost rule, SEGMENT_FROM), "stacked" or "segmented"."""
 
-    def __init__(self, model: nn.Module, max_sets: int = 4, dtype: torch.dtype | None = None) -> None:
-        self.model, self.dtype = model, dtype
+    def __init__(self, model: nn.Module, max_sets: int = 4, dtype: torch.dtype | None = None,
+                 decode: str = "auto") -> None:
+        if decode not in ("auto", "stacked", "segmented"):
+            raise ValueError(f"decode must be 'auto', 'stacked' or 'segmented', got {decode!r}")
+        self.model, self.dtype, self.decode = model, dtype, decode
         self.max_sets = max_sets
         self._stacks: OrderedDict[tuple, _Stack] = OrderedDict()
         self._eligible: dict[str, tuple[object, bool]] = {}
@@ -184,7 +280,7 @@ class FusedLora:
         device = next(self.model.parameters()).device
         rows = torch.tensor([stack.index[n] if n in fused else -1 for n in names], device=device)
         shared: dict = {}  # per-forward row data, shared by the sites with the same adapters and ranks
-        handles = [site.site.register_forward_hook(_Kernel(site, rows, shared)) for site in stack.sites]
+        handles = [site.site.register_forward_hook(_Kernel(site, rows, shared, self.decode)) for site in stack.sites]
         try:
             yield [None if n in fused else n for n in names]
         finally:
