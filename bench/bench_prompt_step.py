@@ -1,8 +1,8 @@
 """Training step of prefix tuning and P-tuning on the embedded SmolLM2-135M: deltatune against peft, same run.
 
 Batch 4 x 128 tokens, fp32, AdamW, forward + backward + step; the same initial tensors in both (peft's copied
-into deltatune's part), interleaved rounds, median CPU seconds per step, and the two losses of the first step
-(equal up to rounding: the same function).
+into deltatune's part), interleaved rounds, median CPU seconds per step (best round), 1 thread by default, and the
+two losses of the first step (equal up to rounding: the same function).
 
     flock /tmp/deltatune-bench.lock python3 bench/bench_prompt_step.py --out bench/results/prompt_step
 """
@@ -29,6 +29,9 @@ CASES = {
                                              encoder_hidden_size=128)),
     "P-tuning MLP (p=20)": (lambda: dt.PromptEncoderConfig(num_virtual_tokens=20),
                             lambda peft: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20)),
+    "P-tuning LSTM (p=20)": (lambda: dt.PromptEncoderConfig(num_virtual_tokens=20, encoder_reparameterization_type="LSTM"),
+                             lambda peft: peft.PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=20,
+                                                                   encoder_reparameterization_type="LSTM")),
 }
 
 
@@ -52,10 +55,11 @@ def main():
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="1: CPU seconds stay meaningful on a loaded machine")
     parser.add_argument("--out", default="bench/results/prompt_step")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ids = torch.randint(0, 49152, (4, 128), generator=torch.Generator().manual_seed(0))
     rows = {}
     for name, (ours, theirs) in CASES.items():
@@ -80,11 +84,14 @@ def main():
                       "loss_deltatune": loss_ours, "loss_peft": loss_peft}
         print(name, rows[name], flush=True)
     cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
-    meta = {"cpu": cpu, "load": os.getloadavg(), "batch": [4, 128], "threads": 2, "precision": "fp32"}
+    meta = {"cpu": cpu, "load": os.getloadavg(), "batch": [4, 128], "threads": args.threads, "precision": "fp32"}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    lines = [f"SmolLM2-135M, batch 4x128, fp32, 2 threads; CPU {cpu} (AVX512-BF16, no AMX); load {meta['load'][0]:.2f}",
-             "", "| method | deltatune s/step | peft s/step | ratio |", "|---|---:|---:|---:|"]
-    lines += [f"| {n} | {r['deltatune_s']:.3f} | {r['peft_s']:.3f} | {r['ratio']:.2f}x |" for n, r in rows.items()]
+    lines = [f"SmolLM2-135M, batch 4x128, fp32, {args.threads} thread(s), CPU seconds per step, best of {args.rounds} "
+             f"interleaved rounds; CPU {cpu} (AVX512-BF16, no AMX); load {meta['load'][0]:.2f}",
+             "", "| method | deltatune s/step | peft s/step | ratio | first loss (deltatune / peft) |",
+             "|---|---:|---:|---:|---|"]
+    lines += [f"| {n} | {r['deltatune_s']:.3f} | {r['peft_s']:.3f} | {r['ratio']:.2f}x | "
+              f"{r['loss_deltatune']:.4f} / {r['loss_peft']:.4f} |" for n, r in rows.items()]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -5,8 +5,11 @@
     python bench/bench_qlora_inits.py --runs lora,qlora,loftq
 
 The demo's budget (deltatune/demo.py: LoRA r=16 alpha=32 all-linear, 8 examples a step, lr 1e-3 cosine to 0.1),
-in fp32 (--precision bf16 for autocast), only the init or the base changing; nothing is tuned (no choice is made on the
-held-out set, so there is no validation split to carve):
+in fp32 (--precision bf16 for autocast), only the init or the base changing. With --validate (the issue's table), the
+last 40 of the 320 training records are carved out as a validation split and every run trains on the other 280; the
+learning rate of each run in --tune (PiSSA and OLoRA, whose factors are the weights' principal directions) is chosen
+from --lr-grid on validation exact match at seed 0 (a tie keeps the demo's 1e-3); every other run keeps the demo's
+1e-3 (the recovery formula's ends, LoRA and QLoRA, included). The 50 held-out records are scored once per run, never used to choose:
 
     lora      16-bit base, default init (reference)          qlora     NF4 + DQ base (QLoRA), default init
     loftq     LoftQ, loftq_iter 2 (its base: NF4 of Q_T)     qpissa    PiSSA with an NF4 residual, 2 iterations
@@ -60,7 +63,23 @@ def replace_start(out: Path, adapter: dict) -> Path:
     return dt.save_adapter(model, out / "replace_start")
 
 
-def run_one(run: str, seed: int, steps: int, out: Path, precision: str = "fp32") -> dict:
+REFERENCES = ("lora", "qlora", "gguf")  # the recovery formula's ends and the equality check: the demo's lr, not tuned
+VAL_SIZE = 40
+
+
+def carve(out: Path) -> tuple[Path, Path]:
+    """(train without the validation split, the validation split): the last VAL_SIZE training records held out."""
+    from deltatune.demo import data_path
+
+    lines = data_path("train").read_text().splitlines()
+    train, val = out / "train_carved.jsonl", out / "validation.jsonl"
+    train.write_text("\n".join(lines[:-VAL_SIZE]) + "\n")
+    val.write_text("\n".join(lines[-VAL_SIZE:]) + "\n")
+    return train, val
+
+
+def run_one(run: str, seed: int, steps: int, out: Path, precision: str = "fp32", lr: float = 1e-3,
+            split: tuple[Path, Path] | None = None) -> dict:
     from deltatune import load_adapter
     from deltatune.commands import quantize_for, recorded_base_quantization
     from deltatune.data import load_records
@@ -72,6 +91,9 @@ def run_one(run: str, seed: int, steps: int, out: Path, precision: str = "fp32")
     extra, quantize = adapter_for(run)
     values = {**demo_config(out / "run", steps), "seed": seed, "quantize": quantize, "log_every": steps,
               "precision": precision}
+    values["optim"] = {**values["optim"], "lr": lr}
+    if split is not None:
+        values["data"] = {**values["data"], "train": str(split[0])}
     values["adapter"] = {**values["adapter"], **extra}
     started = time.perf_counter()
     if run == "replace":
@@ -87,7 +109,11 @@ def run_one(run: str, seed: int, steps: int, out: Path, precision: str = "fp32")
     gen = eval_generation(fresh, tokenizer, test, max_new_tokens=MAX_NEW_TOKENS, match="exact", batch_size=len(test),
                           bf16=precision == "bf16")
     json_match = sum(is_match(s["output"], s["reference"], "json") for s in gen["samples"]) / len(gen["samples"])
-    return {"run": run, "seed": seed, "steps": steps, "base_recorded": recorded or "16-bit",
+    val = None
+    if split is not None:
+        val = eval_generation(fresh, tokenizer, load_records(split[1]), max_new_tokens=MAX_NEW_TOKENS, match="exact",
+                              batch_size=VAL_SIZE, bf16=precision == "bf16")["score"]
+    return {"run": run, "seed": seed, "steps": steps, "lr": lr, "val_exact": val, "base_recorded": recorded or "16-bit",
             "train_loss": result.last_loss, "eval_loss": result.eval["eval_loss"], "exact": gen["score"],
             "json": json_match, "train_s": round(train_s, 1)}
 
@@ -98,12 +124,15 @@ def table(rows: list[dict], meta: dict) -> str:
         by_run.setdefault(r["run"], []).append(r)
     loss = {(r["run"], r["seed"]): r["eval_loss"] for r in rows}
     lines = [f"Measured on {meta['cpu']}, {meta['threads']} threads, torch {meta['torch']}; demo task, {meta['steps']} "
-             f"steps of 8, LoRA r=16 alpha=32 all-linear, lr 1e-3, {meta.get('precision', 'fp32')}, LoftQ/QPiSSA "
+             f"steps of 8, LoRA r=16 alpha=32 all-linear, {meta.get('precision', 'fp32')}, LoftQ/QPiSSA "
              f"{ITERS} iterations; seeds "
              f"{meta['seeds']}. 1-min load average {meta['load_start']} at the start, {meta['load_end']} at the end "
-             "(2 shared cores).", "",
-             "| run | base (as the file records) | held-out exact | JSON match | eval loss | recovery | train s |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "(2 shared cores)." + (f" Trained on 280 records; lr of {', '.join(meta.get('tuned', []))} chosen from "
+             f"{meta['lr_grid']} on 40 carved validation records at the first seed, the others at 1e-3; "
+             f"{', '.join(meta.get('one_seed', [])) or 'none'} at the first seed only." if meta.get("validate")
+                                   else " lr 1e-3, nothing tuned."), "",
+             "| run | base (as the file records) | lr | validation exact | held-out exact | JSON match | eval loss | recovery "
+             "| train s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run, rs in by_run.items():
         rec = []
         for r in rs:
@@ -112,7 +141,9 @@ def table(rows: list[dict], meta: dict) -> str:
                 rec.append((q - r["eval_loss"]) / (q - lo))
         exact = statistics.fmean(r["exact"] for r in rs)
         seeds = ", ".join(f"{r['exact']:.0%}" for r in rs)
-        lines.append(f"| {run} | {rs[0]['base_recorded']} | {exact:.1%} ({seeds}) "
+        val = rs[0].get("val_exact")
+        lines.append(f"| {run} | {rs[0]['base_recorded']} | {rs[0].get('lr', 1e-3):g} | "
+                     f"{'—' if val is None else format(val, '.0%')} | {exact:.1%} ({seeds}) "
                      f"| {statistics.fmean(r['json'] for r in rs):.1%} | "
                      f"{statistics.fmean(r['eval_loss'] for r in rs):.4f} | "
                      f"{format(statistics.fmean(rec), '+.0%') if rec else '—'} | "
@@ -129,28 +160,66 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="fp32 by default: this AMD EPYC (AVX512-BF16, no AMX) ran the bf16 step 2-4x slower")
     parser.add_argument("--name", default="qlora_inits", help="results file stem in bench/results/")
+    parser.add_argument("--validate", action="store_true", help="carve a validation split and choose each start's lr on it")
+    parser.add_argument("--lr-grid", default="3e-4,1e-3", help="with --validate: the learning rates tried at seed 0")
+    parser.add_argument("--tune", default="pissa,olora", help="with --validate: the runs whose lr the grid chooses "
+                        "(the others keep the demo's 1e-3)")
+    parser.add_argument("--one-seed", default="", help="runs measured at the first seed only")
+    parser.add_argument("--resume", action="store_true", help="keep the rows of bench/results/<name>.json, run the rest")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds, runs = [int(s) for s in args.seeds.split(",")], args.runs.split(",")
     meta = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "steps": args.steps,
             "precision": args.precision,
             "seeds": seeds, "load_start": " ".join(f"{x:.1f}" for x in os.getloadavg())}
-    rows = []
+    grid = [float(x) for x in args.lr_grid.split(",")] if args.validate else [1e-3]
+    meta["validate"], meta["lr_grid"] = args.validate, grid
+    rows, tried = [], []  # tried: seed-0 runs at an lr that validation did not choose
+    tune, one_seed = set(args.tune.split(",")) if args.validate else set(), set(filter(None, args.one_seed.split(",")))
+    meta["tuned"], meta["one_seed"] = sorted(tune), sorted(one_seed)
+    previous = RESULTS / f"{args.name}.json"
+    if args.resume and previous.is_file():
+        kept = json.loads(previous.read_text())
+        rows, tried = kept["rows"], kept.get("not_chosen", [])
+        meta["load_start"] = kept["meta"]["load_start"]
+    split_dir = tempfile.TemporaryDirectory()
+    split = carve(Path(split_dir.name)) if args.validate else None
+
+    def measure(run: str, seed: int, lr: float) -> dict | None:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                row = run_one(run, seed, args.steps, Path(tmp), args.precision, lr, split)
+            except Exception as exc:  # one failed run does not lose the others
+                print(f"{run} seed {seed} lr {lr:g} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+                return None
+        row["load"] = os.getloadavg()[0]
+        print(json.dumps(row), flush=True)
+        return row
+
+    def write() -> None:
+        meta["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        RESULTS.mkdir(exist_ok=True)  # written after every run: a cut-off run keeps what it measured
+        (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows, "not_chosen": tried},
+                                                              indent=2) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(table(rows, meta))
+
+    chosen: dict[str, float] = {r["run"]: r["lr"] for r in rows}
     for seed in seeds:
         for run in runs:
-            with tempfile.TemporaryDirectory() as tmp:
-                try:
-                    row = run_one(run, seed, args.steps, Path(tmp), args.precision)
-                except Exception as exc:  # one failed run does not lose the others
-                    print(f"{run} seed {seed} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            if any(r["run"] == run and r["seed"] == seed for r in rows) or (seed != seeds[0] and run in one_seed):
+                continue
+            if run not in chosen:  # the first seed chooses: every lr of the grid, best validation exact (ties: 1e-3)
+                candidates = [r for lr in (grid if run in tune else [1e-3]) if (r := measure(run, seed, lr))]
+                if not candidates:
                     continue
-            row["load"] = os.getloadavg()[0]
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-            meta["load_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-            RESULTS.mkdir(exist_ok=True)  # written after every run: a cut-off run keeps what it measured
-            (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-            (RESULTS / f"{args.name}.md").write_text(table(rows, meta))
+                best = max(candidates, key=lambda r: (r["val_exact"] or 0.0, r["lr"] == 1e-3))
+                chosen[run] = best["lr"]
+                rows.append(best)
+                tried.extend(r for r in candidates if r is not best)
+            elif (row := measure(run, seed, chosen[run])) is not None:
+                rows.append(row)
+            write()
+    split_dir.cleanup()
     print(table(rows, meta))
 
 
