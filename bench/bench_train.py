@@ -6,6 +6,7 @@
 
     python bench/bench_train.py --workload sft --name train_sft   # SFT rows: prompts masked, packed
     python bench/bench_train.py --threads 1 ...        # on busy cores (2 spin-waiting threads: 6x slower steps)
+    python bench/bench_train.py --one speed/bf16 --workload sft --threads 1 --profile 20   # where the step goes
 
 Workloads (`--workload`): random = batch 4x256 random token ids, every next token labelled; sft = the demo
 task's chat records tokenized at its max_length (96) with the prompt masked, packed into rows of 256, the
@@ -68,11 +69,16 @@ class Setup:
     fused: bool = False  # AdamW(fused=True) via build_optimizer; else torch's default AdamW (a per-tensor loop on CPU)
     compile: bool = False  # torch.compile each decoder layer (one graph, reused by all 30)
     trim: bool = False  # memory.release_freed_heap() (glibc malloc_trim) between the forward and the backward
-    checkpointing: str = ""  # HF gradient checkpointing, non-reentrant: "full", "selective" (memory.py's policy), "half"
+    # HF gradient checkpointing, non-reentrant: "full", "selective" (memory.py's policy), "half" (every 2nd layer),
+    # "attention" (selective keeping attention's outputs only), "attention+down" (and the matmuls of reduction
+    # dimension > hidden size: down_proj's), "narrow" (selective without the MLP's gate/up outputs, N > hidden size)
+    checkpointing: str = ""
 
     def recomputed(self) -> float:
-        """Share of the decoder's forward matmuls the backward runs again (selective: only LoRA's B(A x), ~0)."""
-        return {"": 0.0, "full": 1.0, "half": 0.5, "selective": 0.0}[self.checkpointing]
+        """Share of the decoder's forward matmuls the backward runs again (selective: only LoRA's B(A x), ~0;
+        attention+down: all but down_proj's, 4608 of 6144 FLOPs per token for SmolLM2)."""
+        return {"": 0.0, "full": 1.0, "half": 0.5, "selective": 0.0, "attention": 1.0,
+                "attention+down": 0.75, "narrow": 0.5}[self.checkpointing]
 
 
 SETUPS: dict[str, Setup] = {
@@ -91,6 +97,12 @@ SETUPS: dict[str, Setup] = {
                          fused=True, checkpointing="full", trim=True),
     "memory-selective+trim": Setup("selective checkpointing + malloc_trim(0) between forward and backward",
                                    loss="chunked", base_bf16=True, fused=True, checkpointing="selective", trim=True),
+    "memory-attn": Setup("checkpointing that keeps attention's outputs only (the rest recomputed)", loss="chunked",
+                         base_bf16=True, fused=True, checkpointing="attention"),
+    "memory-attn-down": Setup("checkpointing that keeps attention's and down_proj's outputs", loss="chunked",
+                              base_bf16=True, fused=True, checkpointing="attention+down"),
+    "memory-narrow": Setup("selective checkpointing that recomputes the MLP's gate and up projections too",
+                           loss="chunked", base_bf16=True, fused=True, checkpointing="narrow"),
     "memory-half": Setup("speed mode + gradient checkpointing of every 2nd layer", loss="chunked", base_bf16=True,
                          fused=True, checkpointing="half"),
     # ablations, run with --only
@@ -164,6 +176,11 @@ def build(setup: Setup, precision: str):
         kwargs: dict = {"use_reentrant": False}
         if setup.checkpointing == "selective":
             kwargs["context_fn"] = selective_checkpointing_context()
+        elif setup.checkpointing.startswith("attention"):
+            keep_above = hf.config.hidden_size if setup.checkpointing == "attention+down" else float("inf")
+            kwargs["context_fn"] = selective_checkpointing_context(keep_above)
+        elif setup.checkpointing == "narrow":
+            kwargs["context_fn"] = selective_checkpointing_context(max_width=hf.config.hidden_size)
         hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
                                            every_n_layers=2 if setup.checkpointing == "half" else 1)
     if setup.compile:
@@ -179,6 +196,7 @@ def build(setup: Setup, precision: str):
     info["optimizer"] = "fused" if optimizer.param_groups[0].get("fused") else (
         "foreach" if optimizer.param_groups[0].get("foreach") else "default (for-loop)")
     info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["peak_rss_after_build_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     return model, hf, optimizer, tokenizer, info
 
 
@@ -282,7 +300,26 @@ def run_one(name: str, args) -> dict:
     }
     if args.limit:
         result["flops"] = step_flops(setup, precision, hf.config, batch, median)
+    if args.profile:
+        result["profile"] = profile_step(step, args.profile)
     return result
+
+
+def profile_step(step: Callable[[bool], dict], top: int) -> list[dict]:
+    """One more step under torch.profiler: the `top` aten ops by self CPU time, each with its share of the
+    profiled step (what the project's 2% rule is judged by), printed and returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "share": e.self_cpu_time_total / total} for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]
+    print(f"profiled step: {total / 1e6:.2f} s self CPU", file=sys.stderr)
+    for r in rows:
+        print(f"  {r['op'][:58]:58s} {r['calls']:6d} calls {r['self_cpu_ms']:9.1f} ms {100 * r['share']:5.1f}%", file=sys.stderr)
+    return rows
 
 
 def step_flops(setup: Setup, precision: str, config, batch: dict, step_s: float) -> dict:
@@ -486,6 +523,8 @@ def main() -> None:
                         help="random: 4x256 random ids, all labelled; sft: the demo's records, prompts masked, packed")
     parser.add_argument("--no-limit", dest="limit", action="store_false",
                         help="skip counting FLOPs and timing the step's matmul shapes (the machine's limit)")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="with --one: profile one more step and print its TOP ops by self CPU time")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved passes over all configurations (default 1)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     parser.add_argument("--name", default="train", help="results file stem under bench/results (default: train)")

@@ -1,6 +1,7 @@
 """Training building blocks: chunked loss (parity with the full-logits cross-entropy), optimizer, schedule, progress."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 from types import SimpleNamespace
@@ -174,12 +175,15 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computed():
 
 
 # ---- selective checkpointing -----------------------------------------------------------------------------
+# the tiny Llama: hidden 64, MLP 128, LoRA r=4; (8, inf) keeps every matmul output but LoRA's B(A x), (8, 64) not
+# the MLP's gate/up either, (inf, inf) attention's outputs only; the default keeps down_proj's (reduction 128)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing(precision):
+@pytest.mark.parametrize("keep", [(CHEAP_REDUCTION, math.inf), (8, math.inf), (8, 64), (math.inf, math.inf)])
+def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing(precision, keep):
     batch = _batch()
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
     results = []
-    for context_fn in (None, selective_checkpointing_context()):
+    for context_fn in (None, selective_checkpointing_context(*keep)):
         model = _lora_llama().train()
         if context_fn is not None:
             kwargs = {"use_reentrant": False, "context_fn": context_fn}
@@ -200,7 +204,7 @@ def test_selective_checkpointing_gives_the_gradients_of_no_checkpointing(precisi
 def test_selective_checkpointing_keeps_wide_matmuls_and_recomputes_the_rank_r_product():
     from torch.utils.checkpoint import CheckpointPolicy
 
-    from deltatune.train.memory import _keep_expensive
+    from deltatune.train.memory import _keep_expensive, _keep_outputs
 
     wide, rank_r = torch.empty(8, CHEAP_REDUCTION + 1), torch.empty(8, CHEAP_REDUCTION)
     mm, addmm = torch.ops.aten.mm.default, torch.ops.aten.addmm.default
@@ -208,6 +212,11 @@ def test_selective_checkpointing_keeps_wide_matmuls_and_recomputes_the_rank_r_pr
     assert _keep_expensive(None, addmm, torch.empty(4), wide, torch.empty(CHEAP_REDUCTION + 1, 4)) == CheckpointPolicy.MUST_SAVE
     assert _keep_expensive(None, mm, rank_r, torch.empty(CHEAP_REDUCTION, 4)) == CheckpointPolicy.PREFER_RECOMPUTE
     assert _keep_expensive(None, torch.ops.aten.mul.Tensor, wide, wide) == CheckpointPolicy.PREFER_RECOMPUTE
+    narrow = functools.partial(_keep_outputs, CHEAP_REDUCTION, 4)  # outputs wider than 4 recomputed
+    assert narrow(None, mm, wide, torch.empty(CHEAP_REDUCTION + 1, 4)) == CheckpointPolicy.MUST_SAVE
+    assert narrow(None, mm, wide, torch.empty(CHEAP_REDUCTION + 1, 5)) == CheckpointPolicy.PREFER_RECOMPUTE
+    attention_only = functools.partial(_keep_outputs, math.inf, math.inf)
+    assert attention_only(None, mm, wide, torch.empty(CHEAP_REDUCTION + 1, 4)) == CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def test_release_freed_heap_keeps_live_tensors():

@@ -25,6 +25,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import math
 from collections.abc import Callable, Set
 
 import torch
@@ -39,14 +40,20 @@ _ATTENTION = {getattr(torch.ops.aten, name).default for name in (
     "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(torch.ops.aten, name)}
 
 
-def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Store attention's and the wide matmuls' outputs; recompute the rest."""
+def _keep_outputs(min_reduction: float, max_width: float, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Store attention's outputs and those of the matmuls whose reduction dimension exceeds `min_reduction` and
+    whose output width is at most `max_width`; recompute the rest."""
     if op in _ATTENTION:
         return CheckpointPolicy.MUST_SAVE
     if op in _MATMULS:
-        first = args[_MATMULS[op]]  # (N, K) or (B, N, K): the left operand
-        return CheckpointPolicy.MUST_SAVE if first.shape[-1] > CHEAP_REDUCTION else CheckpointPolicy.PREFER_RECOMPUTE
+        first, second = args[_MATMULS[op]], args[_MATMULS[op] + 1]  # (N, K) or (B, N, K); (K, M) or (B, K, M)
+        kept = first.shape[-1] > min_reduction and second.shape[-1] <= max_width
+        return CheckpointPolicy.MUST_SAVE if kept else CheckpointPolicy.PREFER_RECOMPUTE
     return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# store attention's and the wide matmuls' outputs
+_keep_expensive = functools.partial(_keep_outputs, CHEAP_REDUCTION, math.inf)
 
 
 @functools.cache
@@ -69,10 +76,14 @@ def release_freed_heap() -> bool:
     return bool(trim(0)) if trim is not None else False
 
 
-def selective_checkpointing_context() -> Callable[[], tuple]:
+def selective_checkpointing_context(min_reduction: float = CHEAP_REDUCTION, max_width: float = math.inf
+                                    ) -> Callable[[], tuple]:
     """`context_fn` for `torch.utils.checkpoint.checkpoint(..., use_reentrant=False)` (and transformers'
-    `activation_checkpointing_kwargs`): the selective policy of this module's docstring."""
-    return functools.partial(create_selective_checkpoint_contexts, _keep_expensive)
+    `activation_checkpointing_kwargs`): the selective policy of this module's docstring. A larger
+    `min_reduction` or a smaller `max_width` keeps fewer matmul outputs (min_reduction=math.inf: attention's
+    only; max_width=hidden size: not the MLP's gate and up projections, the widest outputs)."""
+    policy = functools.partial(_keep_outputs, min_reduction, max_width)
+    return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
 def store_frozen_linears_in_bf16(model: nn.Module, *, skip: Set[int] = frozenset(), frozen_only: bool = True) -> int:
