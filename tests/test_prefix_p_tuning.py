@@ -269,6 +269,17 @@ def test_a_training_forward_keeps_no_cache_and_gradient_checkpointing_is_refused
         model(ids, attention_mask=mask, labels=labels)
 
 
+def test_a_training_config_with_prefix_and_gradient_checkpointing_is_refused_before_loading(tmp_path):
+    from deltatune.core.config import ConfigError
+    from deltatune.train.loop import train
+
+    for policy in (True, "selective"):
+        with pytest.raises(ConfigError, match="gradient_checkpointing: prefix tuning .* set gradient_checkpointing: false"):
+            train(model=str(tmp_path / "never-read"), adapter={"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 4},
+                  gradient_checkpointing=policy, output_dir=str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_mam_adapter_is_a_prefix_and_a_parallel_ffn_adapter_active_together():
     """He et al. 2022's MAM adapter (METHODS.md §10): prefix tuning on attention plus a parallel adapter on the FFN,
     two adapters stacked; at the start it is the prefix alone (the parallel adapter's W_up = 0), and both train."""

@@ -78,6 +78,10 @@ class AdapterConfig:
             object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
         self.validate()
 
+    # Why this method cannot train under gradient checkpointing ("" = it can): the training config refuses the
+    # pair before anything loads (prefix tuning: the checkpointed layers drop the cache that holds its prefix).
+    gradient_checkpointing_problem: ClassVar[str] = ""
+
     def validate(self) -> None:
         """Method-specific checks; raise ConfigError naming the field."""
 

@@ -48,6 +48,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     method_name: ClassVar[str] = "prefix tuning"
     recommended_lr: ClassVar[float] = 1e-2  # peft's prefix-tuning examples
+    gradient_checkpointing_problem: ClassVar[str] = (
+        "prefix tuning puts its keys and values into every layer's cache, which transformers' gradient "
+        "checkpointing drops in each layer; set gradient_checkpointing: false (peft's prefix tuning has the same limit)")
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False

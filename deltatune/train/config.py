@@ -145,6 +145,8 @@ class TrainConfig(_Section):
             raise ConfigError(f"optim.warmup_steps ({self.optim.warmup_steps}) exceeds max_steps ({self.max_steps}); "
                               "lower it so the warmup fits the run")
         adapter = self.adapter_config()  # the method's own checks, naming its keys
+        if self.gradient_checkpointing and type(adapter).gradient_checkpointing_problem:
+            raise ConfigError(f"gradient_checkpointing: {type(adapter).gradient_checkpointing_problem}")
         if self.optim.lr is None:  # each method trains at its own recommended lr unless one is given
             object.__setattr__(self, "optim", dataclasses.replace(self.optim, lr=type(adapter).recommended_lr))
 
