@@ -39,6 +39,7 @@ import torch  # noqa: E402
 
 import _common as C  # noqa: E402
 import deltatune as dt  # noqa: E402
+from deltatune.core.lowrank import low_rank_factors  # noqa: E402
 from deltatune.models import load_model  # noqa: E402
 from deltatune.serve import Engine, SamplingParams  # noqa: E402
 from deltatune.serve.registry import AdapterRegistry  # noqa: E402
@@ -96,12 +97,17 @@ def run_turns(engine: Engine, prompts, names, new_tokens: int) -> dict:
             "ttft_p99": pct(ttft, .99), "tpot_p50": pct(tpot, .5), "tpot_p99": pct(tpot, .99), "load": load.mean}
 
 
-def paired_decode(model, tokenizer, prompts, configs: dict[str, tuple[list, bool]], steps: int) -> dict[str, float]:
+def paired_decode(model, tokenizer, prompts, configs: dict[str, tuple[list, bool] | tuple[list, bool, str]],
+                  steps: int) -> dict[str, float]:
     """Median decode-step seconds of each configuration, steps taken in strict alternation on the same prompts,
-    so that other processes' load falls on every configuration alike (the rows above ran minutes apart)."""
+    so that other processes' load falls on every configuration alike (the rows above ran minutes apart).
+    A configuration is (adapter per row, fused kernels or the routed path[, the fused decode kernel: "auto",
+    "stacked" or "segmented"])."""
     engines = {}
-    for label, (row_names, fused) in configs.items():
+    for label, (row_names, fused, *decode) in configs.items():
         engine = Engine(model, tokenizer, max_batch_size=len(prompts), max_prefill_tokens=1 << 30, fused_lora=fused)
+        if fused and decode:
+            engine.fused.decode = decode[0]
         for prompt, name in zip(prompts, row_names):
             engine.add_request(prompt, name, SamplingParams(max_new_tokens=steps + 3, ignore_eos=True))
         engine.prefill_step()
@@ -113,7 +119,75 @@ def paired_decode(model, tokenizer, prompts, configs: dict[str, tuple[list, bool
             start = time.perf_counter()
             engine.decode_step()
             times[label].append(time.perf_counter() - start)
+    del engines  # their stacks: a set of 32 rank-16 all-linear adapters is 625 MB in fp32
     return {label: statistics.median(t) for label, t in times.items()}
+
+
+def memory_bandwidth(mib: int = 512, repeat: int = 5) -> float:
+    """Bytes per second one thread reads (the sum of an fp32 tensor far larger than the caches), best of
+    `repeat`: the least disturbed by other load, so the bound it gives is the tightest."""
+    data = torch.ones(mib << 18)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        data.sum()
+        best = min(best, time.perf_counter() - start)
+    return data.numel() * 4 / best
+
+
+def base_cost(model) -> tuple[float, float]:
+    """(multiply-adds x 2 of one token through the base's linear layers and head, the base weights' bytes), taken
+    before any adapter is attached; the attention over ~100 cached positions (about 2% more) is left out."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 2.0 * linear, float(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def adapter_cost(model, row_names: list) -> tuple[float, float]:
+    """(bytes of the fp32 factors of the distinct adapters of `row_names`, FLOPs of each row's own rank)."""
+    per_adapter: dict[str, tuple[float, float]] = {}
+    for name in {n for n in row_names if n is not None}:
+        size = 0.0
+        for _, delta in dt.adapters(model)[name].deltas(model):
+            A, B, _ = low_rank_factors(delta)
+            size += A.numel() + B.numel()
+        per_adapter[name] = (4.0 * size, 2.0 * size)  # fp32 bytes; one token's multiply-adds x 2
+    return (sum(b for b, _ in per_adapter.values()),
+            sum(per_adapter[n][1] for n in row_names if n is not None))
+
+
+def decode_bound(model, row_names: list, base_step_s: float, bandwidth: float, base: tuple[float, float]) -> dict:
+    """The step the adapters could cost at best: the base's measured step, plus reading each distinct adapter's
+    factors once at the measured bandwidth, plus each row's own-rank FLOPs at the base step's measured rate."""
+    flops_per_row, base_bytes = base
+    rate = flops_per_row * len(row_names) / base_step_s
+    factor_bytes, own_flops = adapter_cost(model, row_names)
+    step = base_step_s + factor_bytes / bandwidth + own_flops / rate
+    return {"bandwidth_gb_s": bandwidth / 1e9, "base_gflop_s": rate / 1e9, "factor_mb": factor_bytes / 1e6,
+            "base_mb": base_bytes / 1e6, "base_read_ms": base_bytes / bandwidth * 1e3, "own_gflop": own_flops / 1e9,
+            "bound_step_s": step, "bound_ratio": base_step_s / step}
+
+
+def paired_kernels(model, tokenizer, prompts, internal: dict, adapters: list[str], counts: list[int],
+                   steps: int, base: tuple[float, float]) -> dict:
+    """For each adapter count K: base, the stacked and the segmented decode kernel and the cost rule's choice
+    (auto), decode steps in strict alternation; with each K's bound (decode_bound)."""
+    out = {}
+    for k in counts:
+        names = [internal[adapters[i % k]] for i in range(len(prompts))]
+        configs = {"base": ([None] * len(prompts), True), f"stacked {k}": (names, True, "stacked"),
+                   f"segmented {k}": (names, True, "segmented"), f"auto {k}": (names, True, "auto")}
+        bandwidth = memory_bandwidth()
+        paired = paired_decode(model, tokenizer, prompts, configs, steps)
+        bandwidth = max(bandwidth, memory_bandwidth())
+        with C.LoadMonitor() as load:
+            time.sleep(1.0)
+        bound = decode_bound(model, names, paired["base"], bandwidth, base)
+        out[k] = {"steps_s": paired, "bound": bound, "load": load.mean}
+        line = ", ".join(f"{label} {t * 1e3:.0f} ms ({paired['base'] / t:.2f}x)" for label, t in paired.items())
+        print(f"paired K={k}: {line}; bound {bound['bound_step_s'] * 1e3:.0f} ms ({bound['bound_ratio']:.2f}x: "
+              f"{bound['factor_mb']:.0f} MB of factors at {bound['bandwidth_gb_s']:.1f} GB/s, {bound['own_gflop']:.2f} "
+              f"GFLOP at the base's {bound['base_gflop_s']:.0f} GFLOP/s); other load {load.mean:.1f}", flush=True)
+    return out
 
 
 def run_peft(dtype, root: Path, adapters: list[str], prompts, names, new_tokens: int) -> dict:
@@ -150,6 +224,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results file stem (default serve_CONFIG)")
     parser.add_argument("--rounds", type=int, default=2, help="engine rows: best of this many interleaved rounds")
     parser.add_argument("--skip", default="", help="rows to leave out: any of routed,paired,turns,peft")
+    parser.add_argument("--kernels", action="store_true",
+                        help="only the decode kernels, paired: base, stacked, segmented and auto at each --adapters count")
+    parser.add_argument("--steps", type=int, default=8, help="paired decode steps of each configuration (median)")
     args = parser.parse_args()
     from deltatune.threads import choose_threads
 
@@ -160,6 +237,7 @@ def main() -> None:
     counts = [int(k) for k in args.adapters.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     model, tokenizer = load_model(None, dtype=dtype)
+    base = base_cost(model)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (int(torch.randint(64, 129, (1,), generator=gen)),),
                              generator=gen).tolist() for _ in range(args.requests)]
@@ -169,6 +247,10 @@ def main() -> None:
         adapters = make_adapters(model, args.config, max(counts), root)
         registry = AdapterRegistry(model, adapter_dirs=[root])
         internal = {n: registry.acquire(n) for n in adapters}
+        if args.kernels:
+            kernels = paired_kernels(model, tokenizer, prompts, internal, adapters, counts, args.steps, base)
+            write_kernels(args, threads, why, dtype, kernels)
+            return
         engine = Engine(model, tokenizer, max_batch_size=args.requests)
         engine.generate(prompts[:4], [None, internal[adapters[0]], None, internal[adapters[-1]]], max_new_tokens=4)  # warm-up
 
@@ -197,7 +279,7 @@ def main() -> None:
             configs = {"base": ([None] * len(prompts), True), f"mixed {k}": (names, True)}
             if "routed" not in skip:
                 configs[f"mixed {k} routed"] = (names, False)
-            paired = paired_decode(model, tokenizer, prompts, configs, steps=8)
+            paired = paired_decode(model, tokenizer, prompts, configs, steps=args.steps)
             for label, seconds in paired.items():
                 rows.setdefault(label, {})["paired_step_s"] = seconds
             print("paired decode steps: " + ", ".join(f"{l} {t * 1e3:.0f} ms" for l, t in paired.items()), flush=True)
@@ -216,6 +298,35 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (RESULTS / f"{stem}.md").write_text(table(meta, rows))
     print(table(meta, rows))
+
+
+def write_kernels(args, threads: int, why: str, dtype, kernels: dict) -> None:
+    meta = {"cpu": C.cpu_name(), "threads": threads, "threads_why": why, "dtype": str(dtype).removeprefix("torch."),
+            "config": args.config, "requests": args.requests, "steps": args.steps, "torch": torch.__version__,
+            "when": time.strftime("%Y-%m-%d %H:%M"), "uptime": os.getloadavg()}
+    RESULTS.mkdir(exist_ok=True)
+    stem = args.out or f"serve_{args.config}_kernels"
+    (RESULTS / f"{stem}.json").write_text(json.dumps({"meta": meta, "kernels": {str(k): v for k, v in kernels.items()}},
+                                                     indent=2) + "\n")
+    lines = [f"{meta['config']} decode kernels: {meta['requests']} running requests (prompts 64-128), decode steps in strict "
+             f"alternation, median of {meta['steps']}, {meta['dtype']} base, adapters fp32, {threads} thread(s), {meta['cpu']}, "
+             f"torch {meta['torch']}, {meta['when']}, load average {meta['uptime'][0]:.1f}", "",
+             "| adapters | base | stacked | segmented | auto (the cost rule) | bound | auto / bound | factors | other load |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for k, row in kernels.items():
+        t, b = row["steps_s"], row["bound"]
+        cell = lambda label: f"{t[label] * 1e3:.0f} ms ({t['base'] / t[label]:.2f}x)"  # noqa: E731
+        lines.append(f"| {k} | {t['base'] * 1e3:.0f} ms | {cell(f'stacked {k}')} | {cell(f'segmented {k}')} | "
+                     f"{cell(f'auto {k}')} | {b['bound_step_s'] * 1e3:.0f} ms ({b['bound_ratio']:.2f}x) | "
+                     f"{b['bound_step_s'] / t[f'auto {k}']:.0%} | {b['factor_mb']:.0f} MB | {row['load']:.1f} |")
+    b = next(iter(kernels.values()))["bound"]
+    lines += ["", f"Bound = base step + the distinct adapters' fp32 factors read once at the measured bandwidth "
+              f"({b['bandwidth_gb_s']:.1f} GB/s, one thread summing 512 MiB, best of 5) + each row's own-rank FLOPs at the "
+              f"base step's measured rate ({b['base_gflop_s']:.0f} GFLOP/s); the base's own {b['base_mb']:.0f} MB would take "
+              f"{b['base_read_ms']:.0f} ms at that bandwidth, so its step is compute-bound."]
+    text = "\n".join(lines) + "\n"
+    (RESULTS / f"{stem}.md").write_text(text)
+    print(text)
 
 
 def table(meta: dict, rows: dict) -> str:
