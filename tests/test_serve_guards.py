@@ -124,6 +124,47 @@ def test_connections_beyond_the_cap_get_503_and_others_are_served_after(setup):
     assert 'deltatune_rejected_requests_total{code="too_many_connections",status="503"}' in _metrics(setup)
 
 
+def _send_from(source: str, addr, data: bytes) -> bytes:
+    """_send from another loopback address (Linux routes all of 127/8 to lo): another client to the server."""
+    with socket.socket() as sock:
+        sock.settimeout(10)
+        sock.bind((source, 0))
+        sock.connect(addr)
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_one_client_beyond_its_own_cap_gets_503_while_another_client_is_served(tmp_path):
+    with pytest.raises(ValueError, match="max_connections_per_client"):
+        Limits(max_connections_per_client=0)
+    model = tiny_llama()
+    limits = Limits(max_connections=8, max_connections_per_client=3, request_timeout=5, keep_alive=0.5)
+    server = Server(Engine(model, byte_tokenizer()), AdapterRegistry(model, adapter_dirs=[tmp_path]), base_name="tiny",
+                    limits=limits)
+    health = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with running_server(server) as url:
+        host, port = url.removeprefix("http://").split(":")
+        addr = (host, int(port))
+        held = [socket.create_connection(addr, timeout=10) for _ in range(3)]  # client 127.0.0.1 at its cap
+        try:
+            time.sleep(0.05)  # let the server accept them
+            refused = _send_from("127.0.0.1", addr, health)
+            assert refused.startswith(b"HTTP/1.1 503") and b"too_many_client_connections" in refused
+            assert b"200 OK" in _send_from("127.0.0.2", addr, health)  # another client: served
+        finally:
+            for sock in held:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while b"200 OK" not in _send_from("127.0.0.1", addr, health):  # its connections closed: served again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=10).read().decode()
+        assert 'deltatune_rejected_requests_total{code="too_many_client_connections",status="503"}' in metrics
+
+
 def test_tokenizing_runs_off_the_event_loop(setup, client, monkeypatch):
     engine, release, results = setup["server"].engine, threading.Event(), {}
     encode = engine.encode

@@ -31,6 +31,14 @@ def _named_path(text: str) -> tuple[str, str]:
     return name, path
 
 
+def _at_least_zero(flag: str):
+    def parse(text: str) -> int:
+        if not text.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 0, got {text!r}")
+        return int(text)
+    return parse
+
+
 def _positive(flag: str):
     def parse(text: str) -> int:
         try:
@@ -82,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="a request body larger than this gets 413, before it is read (default 2 MiB)")
     p.add_argument("--max-connections", type=_positive("--max-connections"), default=1024,
                    help="open connections at most; one more gets 503 at once (default 1024)")
+    p.add_argument("--max-connections-per-client", type=_at_least_zero("--max-connections-per-client"), default=256,
+                   help="open connections of one client address at most; one more gets 503 (default 256; 0: no "
+                   "such cap, e.g. behind a proxy, where every client has the proxy's address)")
     p.add_argument("--request-timeout", type=_positive("--request-timeout"), default=30,
                    help="seconds for a request's headers and body to arrive, else 408 (default 30)")
     p.add_argument("--no-access-log", action="store_true", help="no line per request on stderr")
@@ -148,7 +159,8 @@ def serve_main(args: argparse.Namespace) -> None:
             raise CommandError(f"--pin {name}: {exc}") from None
     base_name = args.served_model_name or os.path.basename(os.path.normpath(args.base or "smollm2-135m-instruct"))
     limits = Limits(max_body_bytes=args.max_body_bytes, max_connections=args.max_connections,
-                    request_timeout=float(args.request_timeout))
+                    request_timeout=float(args.request_timeout),
+                    max_connections_per_client=args.max_connections_per_client or None)
     server = Server(engine, registry, base_name=base_name, api_key=args.api_key, admin_token=args.admin_token,
                     limits=limits)
     weights = (f"{quantize.upper()}, computing in " if quantize else "") + ("bf16" if dtype == torch.bfloat16 else "fp32")

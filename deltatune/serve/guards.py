@@ -1,7 +1,9 @@
 """What keeps one client from stalling the others: limits enforced below and around the application.
 
 - `guarded_protocol(limits, on_reject)`: uvicorn's h11 protocol with a connection cap (a connection beyond
-  `max_connections` gets 503 at once and is closed, before anything is read) and a request deadline (a request
+  `max_connections` gets 503 at once and is closed, before anything is read), a per-client cap (a client
+  address holding `max_connections_per_client` open connections gets 503 for one more, so one client's flood
+  leaves room for the others) and a request deadline (a request
   whose headers and body have not all arrived `request_timeout` seconds after its first byte, or after the
   connection opened, gets 408 and is closed: half-sent requests and idle half-open sockets do not pile up).
   Idle keep-alive connections close after uvicorn's `timeout_keep_alive`.
@@ -25,18 +27,24 @@ access_log = logging.getLogger("deltatune.serve.access")
 @dataclass(frozen=True)
 class Limits:
     """max_body_bytes: a request body larger than this gets 413. max_connections: open connections at most
-    (one more gets 503). request_timeout: seconds for a request's headers and body to arrive (else 408).
-    keep_alive: seconds an idle keep-alive connection stays open."""
+    (one more gets 503). max_connections_per_client: open connections of one client address at most (one more
+    gets 503; None: no such cap, e.g. behind a proxy, where every client has the proxy's address).
+    request_timeout: seconds for a request's headers and body to arrive (else 408). keep_alive: seconds an idle
+    keep-alive connection stays open."""
 
     max_body_bytes: int = 2 << 20
     max_connections: int = 1024
     request_timeout: float = 30.0
     keep_alive: float = 5.0
+    max_connections_per_client: int | None = 256
 
     def __post_init__(self) -> None:
-        for field in ("max_body_bytes", "max_connections"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                raise ValueError(f"Limits.{field} must be an integer >= 1, got {getattr(self, field)!r}")
+        for field in ("max_body_bytes", "max_connections", "max_connections_per_client"):
+            value = getattr(self, field)
+            if field == "max_connections_per_client" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Limits.{field} must be an integer >= 1, got {value!r}")
         for field in ("request_timeout", "keep_alive"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"Limits.{field} must be > 0 seconds, got {getattr(self, field)!r}")
@@ -57,26 +65,47 @@ def guarded_protocol(limits: Limits, on_reject: Callable[[int, str], None] = lam
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
+    per_client: dict[str, int] = {}  # open connections of each client address (this server's)
+    cap = limits.max_connections_per_client
+
     class GuardedH11Protocol(H11Protocol):
         _refused = False
+        _client: str | None = None
         _deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:
+            peer = transport.get_extra_info("peername")
+            client = peer[0] if isinstance(peer, (tuple, list)) and peer else None
             if len(self.connections) >= limits.max_connections:
-                self._refused = True
-                transport.write(error_bytes(503, "Service Unavailable", f"the server has {limits.max_connections} "
-                                            "connections open, its limit; retry later", "too_many_connections"))
-                if transport.can_write_eof():  # a FIN after the answer; closing on unread request bytes would
-                    transport.write_eof()  # reset the connection before the client reads the 503
-                asyncio.get_event_loop().call_later(1.0, transport.close)
-                on_reject(503, "too_many_connections")
-                return
+                return self._refuse(transport, f"the server has {limits.max_connections} connections open, its "
+                                    "limit; retry later", "too_many_connections")
+            if cap is not None and client is not None and per_client.get(client, 0) >= cap:
+                return self._refuse(transport, f"this client has {cap} connections open, its limit; close one or "
+                                    "retry later", "too_many_client_connections")
+            if client is not None:
+                self._client = client
+                per_client[client] = per_client.get(client, 0) + 1
             super().connection_made(transport)
             self._arm()
+
+        def _refuse(self, transport, message: str, code: str) -> None:
+            self._refused = True
+            transport.write(error_bytes(503, "Service Unavailable", message, code))
+            if transport.can_write_eof():  # a FIN after the answer; closing on unread request bytes would
+                transport.write_eof()  # reset the connection before the client reads the 503
+            asyncio.get_event_loop().call_later(1.0, transport.close)
+            on_reject(503, code)
 
         def connection_lost(self, exc) -> None:
             if self._refused:
                 return
+            if self._client is not None:
+                left = per_client.get(self._client, 1) - 1
+                if left > 0:
+                    per_client[self._client] = left
+                else:
+                    per_client.pop(self._client, None)
+                self._client = None
             self._disarm()
             super().connection_lost(exc)
 
