@@ -31,7 +31,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -42,15 +42,15 @@ from .families import (SUPPORTED_MODEL_TYPES, _additive_mask, _BYPASSED, cache_k
                        final_logit_softcap, sliding_windows)
 from .fused_lora import FusedLora
 from .kv import SlotKVCache
-from .prefix import AdapterVersions, PrefixCache
+from .prefix import AdapterVersions, PrefixCache, PrefixReuse
 from .request import Completion, Request, StepOutput, new_text
 from .sampling import RequestError, SamplingParams, choose, top_logprobs
+from .servable import AdapterSpec, ServableAdapters, _adds_positions, _is_prompt  # noqa: F401
 
 Prompt = str | Sequence[int]
-AdapterSpec = str | Mapping[str, float] | None
 
 
-class Engine:
+class Engine(ServableAdapters, PrefixReuse):
     """Continuous batching over one base model with per-row adapters (see the module docstring).
 
     max_batch_size: running requests at most; more wait in a queue. max_model_len: prompt plus new tokens at
@@ -137,65 +137,6 @@ class Engine:
             self.waiting.append(request)
         return request
 
-    def resolve_adapter(self, adapter: AdapterSpec, label: str | None = None) -> str | None:
-        """The attached adapter a request runs with; a {name: weight} blend is built once and cached."""
-        if isinstance(adapter, Mapping):
-            key = tuple(sorted((str(k), float(v)) for k, v in adapter.items()))
-            if self._blend is not None:
-                adapter = self._blend(dict(key))
-            else:
-                if key not in self._blends or self._blends[key] not in attached_adapters(self.model):
-                    from .registry import blend_lora, blend_name
-                    self._blends[key] = blend_lora(self.model, dict(key), blend_name(dict(key)))
-                adapter = self._blends[key]
-        if adapter is not None:
-            self.check_adapter(adapter, label)
-        return adapter
-
-    def check_adapter(self, name: str, label: str | None = None) -> None:
-        """Raise RequestError unless attached adapter `name` can be served (errors call it `label` if given)."""
-        found = attached_adapters(self.model).get(name)
-        if found is None:
-            known = "" if label else f"; loaded: {sorted(attached_adapters(self.model))}"
-            raise RequestError(f"no adapter named {label or name!r} is loaded{known}",
-                               param="model", code="model_not_found", status=404)
-        if self._checked.get(name) is found:
-            return
-        shown = label or name
-        part = found.part(self.model)  # one of frozen buffers only (VeRA's projections) is read by its deltas
-        if part is not None and not _is_prompt(part) and not _adds_positions(part) and any(True for _ in part.parameters()):
-            raise RequestError(f"adapter {shown!r} ({found.config.peft_type}) adds a model-level part the serving engine "
-                               "does not run (it runs virtual-token parts: prompt tuning, P-tuning, prefix tuning)",
-                               param="model")
-        if found.in_place():
-            raise RequestError(f"adapter {shown!r} ({found.config.peft_type}) changes base parameters in place, which "
-                               "cannot differ per row of a shared batch; merge it into its own model to serve it",
-                               param="model")
-        bypassed = [p for p in found.sites + found.saved if _BYPASSED.fullmatch(p)]
-        if bypassed:
-            raise RequestError(f"adapter {shown!r} wraps {bypassed[0] or 'the whole model'}, which the serving engine "
-                               "does not call as a module", param="model")
-        self._checked[name] = found
-
-    def virtual_length(self, name: str | None) -> int:
-        """p, the positions an adapter's virtual-token part puts before a row (0 for other adapters)."""
-        part = None if name is None else attached_adapters(self.model)[name].part(self.model)
-        return getattr(part, "p", 0) if part is not None and (_is_prompt(part) or _adds_positions(part)) else 0
-
-    def virtual_key_values(self, name: str | None) -> torch.Tensor | None:
-        """(layers, 2, kv_heads, p, head_dim): the keys and values a prefix-tuning adapter puts at the start of
-        every layer's cache for a row (the engine writes them over the row's first p positions), else None."""
-        part = None if name is None else attached_adapters(self.model)[name].part(self.model)
-        return part.row_key_values().detach() if part is not None and _adds_positions(part) else None
-
-    def virtual_tokens(self, name: str | None) -> torch.Tensor | None:
-        """The (p, e) virtual-token embeddings a prompt-tuning adapter puts before a row's prompt, else None.
-
-        The engine prepends them itself (as the adapter's hook on the decoder would) and numbers the row's
-        positions from its first virtual token, as deltatune's mixed batches and peft do."""
-        part = None if name is None else attached_adapters(self.model)[name].part(self.model)
-        return part.row_embeddings().detach() if part is not None and _is_prompt(part) else None
-
     def abort(self, request_id: str) -> None:
         """Stop a request (thread-safe); its slot is freed at the start of the next step."""
         with self._lock:
@@ -268,30 +209,6 @@ class Engine:
         """Prompt tokens `request` prefills in this step: the rest of its prompt, at most prefill_chunk."""
         rest = request.virtual + len(request.prompt_ids) - request.length
         return rest if request.virtual or self.prefill_chunk is None else min(rest, self.prefill_chunk)
-
-    # ---- prefix caching ------------------------------------------------------------------------------
-    def _prefix_owner(self, request: Request):
-        """Everything besides the tokens that changes a prompt's K/V (prefix.py): None if not cached."""
-        if self.prefix_cache is None or request.virtual:
-            return None
-        adapter = None if request.adapter is None else attached_adapters(self.model).get(request.adapter)
-        version = self._versions.version(request.adapter, adapter)
-        return (id(self.model), request.adapter, version, next(self.model.parameters()).dtype, self.autocast)
-
-    def _reuse_prefix(self, request: Request) -> int:
-        """Copy the longest cached prefix of `request`'s prompt into its slot; the number of tokens reused."""
-        owner = self._prefix_owner(request)
-        blocks = [] if owner is None else self.prefix_cache.lookup(owner, request.prompt_ids)
-        if blocks:
-            self.cache.write(request.slot, [torch.cat([b.k[i] for b in blocks], dim=1) for i in range(len(blocks[0].k))],
-                             [torch.cat([b.v[i] for b in blocks], dim=1) for i in range(len(blocks[0].v))])
-        return len(blocks) * (self.prefix_cache.block if blocks else 0)
-
-    def _store_prefix(self, request: Request) -> None:
-        owner = self._prefix_owner(request)
-        if owner is not None and len(request.prompt_ids) >= self.prefix_cache.block:
-            k, v = self.cache.row(request.slot, len(request.prompt_ids))
-            self.prefix_cache.store(owner, request.prompt_ids, k, v)
 
     @torch.inference_mode()
     def decode_step(self) -> list[StepOutput]:
@@ -396,14 +313,6 @@ class Engine:
                     computing.add(first)
         return new
 
-    def _uncached_first_block(self, request: Request):
-        """The prefix cache's key of `request`'s first prompt block, if the cache would store it and lacks it."""
-        owner = self._prefix_owner(request)
-        if owner is None or len(request.prompt_ids) <= self.prefix_cache.block:
-            return None
-        key = (owner, 0, tuple(request.prompt_ids[: self.prefix_cache.block]))
-        return None if key in self.prefix_cache.blocks else key
-
     def _advance(self, requests: list[Request], logits: torch.Tensor) -> list[StepOutput]:
         tokens = choose(logits, [r.params for r in requests], [r.generator for r in requests],
                         [r.output_ids for r in requests])
@@ -462,17 +371,6 @@ class _Unfused:
     @contextlib.contextmanager
     def apply(self, names):
         yield list(names)
-
-
-def _is_prompt(part: nn.Module) -> bool:
-    """A part that puts embeddings before a row (the virtual-token base's kind "embeddings"): the engine asks it
-    what it adds (`row_embeddings()`, (p, e)) instead of reading one method's tensor."""
-    return getattr(part, "kind", None) == "embeddings" and callable(getattr(part, "row_embeddings", None))
-
-
-def _adds_positions(part: nn.Module) -> bool:
-    """A virtual-token part of another kind (prefix tuning's keys and values in every layer's cache)."""
-    return getattr(part, "kind", None) is not None and callable(getattr(part, "row_key_values", None))
 
 
 def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:

@@ -13,15 +13,21 @@ another because its key lacked the adapter: here the adapter is the first elemen
 
 Memory is bounded by `max_bytes`: least recently used blocks go first, and a lookup touches a chain from its
 last block to its first, so a chain is evicted from its end and never leaves an unreachable tail.
-Requests with virtual tokens (prompt tuning) are not cached.
+Requests with virtual tokens (prompt tuning) are not cached. `PrefixReuse` is the engine's side: the key of a
+request, its cached blocks copied into its slot, its prompt's blocks stored (`Engine` inherits it).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 
 import torch
+
+from ..core.model import adapters as attached_adapters
+
+if TYPE_CHECKING:
+    from .request import Request
 
 
 @dataclass
@@ -111,3 +117,41 @@ class AdapterVersions:
             self._count += 1
             seen = self._seen[name] = (adapter, self._count)
         return seen[1]
+
+
+class PrefixReuse:
+    """The serving engine's use of its prefix cache (`Engine` inherits it): the key of what computed a request's
+    K/V, the cached blocks copied into a new request's slot, a finished prompt's blocks stored."""
+
+    prefix_cache: PrefixCache | None  # and the engine's model, cache (SlotKVCache), _versions, autocast
+
+    def _prefix_owner(self, request: Request):
+        """Everything besides the tokens that changes a prompt's K/V (the module docstring): None if not cached."""
+        if self.prefix_cache is None or request.virtual:
+            return None
+        adapter = None if request.adapter is None else attached_adapters(self.model).get(request.adapter)
+        version = self._versions.version(request.adapter, adapter)
+        return (id(self.model), request.adapter, version, next(self.model.parameters()).dtype, self.autocast)
+
+    def _reuse_prefix(self, request: Request) -> int:
+        """Copy the longest cached prefix of `request`'s prompt into its slot; the number of tokens reused."""
+        owner = self._prefix_owner(request)
+        blocks = [] if owner is None else self.prefix_cache.lookup(owner, request.prompt_ids)
+        if blocks:
+            self.cache.write(request.slot, [torch.cat([b.k[i] for b in blocks], dim=1) for i in range(len(blocks[0].k))],
+                             [torch.cat([b.v[i] for b in blocks], dim=1) for i in range(len(blocks[0].v))])
+        return len(blocks) * (self.prefix_cache.block if blocks else 0)
+
+    def _store_prefix(self, request: Request) -> None:
+        owner = self._prefix_owner(request)
+        if owner is not None and len(request.prompt_ids) >= self.prefix_cache.block:
+            k, v = self.cache.row(request.slot, len(request.prompt_ids))
+            self.prefix_cache.store(owner, request.prompt_ids, k, v)
+
+    def _uncached_first_block(self, request: Request):
+        """The prefix cache's key of `request`'s first prompt block, if the cache would store it and lacks it."""
+        owner = self._prefix_owner(request)
+        if owner is None or len(request.prompt_ids) <= self.prefix_cache.block:
+            return None
+        key = (owner, 0, tuple(request.prompt_ids[: self.prefix_cache.block]))
+        return None if key in self.prefix_cache.blocks else key
