@@ -44,12 +44,12 @@ from .files import (  # noqa: F401  (re-exported: the names of the format and th
 )
 from .model import adapter_configs, adapters, attach, active_adapters, delete_adapter, set_active
 from .sites import weight_kind
+from .state import require_attached
 
 
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """On-disk key -> live tensor of adapter `name`: exactly the tensors `save_adapter` writes and loading fills."""
-    if name not in adapters(model):
-        raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(adapters(model)) or 'none'}")
+    require_attached(model, [name])
     return adapters(model)[name].tensors(model, PREFIX)
 
 
@@ -92,9 +92,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = N
     from safetensors.torch import save_file
 
     name = name or _default_name(model)
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(configs) or 'none'}")
+    require_attached(model, [name])
     config, view, note = file_view(model, name)
     record = config.to_dict()
     record["base_model_name_or_path"] = portable_base_name(config.base_model_name_or_path or _base_name(model))

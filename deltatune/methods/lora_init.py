@@ -278,9 +278,9 @@ def replace_lora_weights_loftq(model: nn.Module, name: str = "default", weights:
     Returns the names of the layers replaced."""
     from ..core.model import adapters
     from ..core.sites import is_quantized
+    from ..core.state import require_attached
 
-    if name not in adapters(model):
-        raise KeyError(f"no adapter named {name!r}; attached adapters: {sorted(adapters(model)) or 'none'}")
+    require_attached(model, [name])
     deltas = {path: delta for path, delta in adapters(model)[name].deltas(model)
               if hasattr(delta, "lora_A") and is_quantized(model.get_submodule(_site_path(model, path)).base_layer)}
     if not deltas:
