@@ -146,7 +146,8 @@ class _Kernel:
         with torch.autocast(x.device.type, enabled=False):
             if x.dim() == 3 and x.shape[1] > 1:
                 return self._gathered(x, output)
-            if self._shared("segmented", self._choose):
+            one_token_a_row = x.reshape(-1, x.shape[-1]).shape[0] == self.rows.shape[0] and output.is_contiguous()
+            if one_token_a_row and self._shared("segmented", self._choose):
                 return self._segmented(x, output)
             return self._stacked(x, output)
 
