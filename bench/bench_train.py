@@ -73,6 +73,7 @@ class Setup:
     # "attention" (selective keeping attention's outputs only), "attention+down" (and the matmuls of reduction
     # dimension > hidden size: down_proj's), "narrow" (selective without the MLP's gate/up outputs, N > hidden size)
     checkpointing: str = ""
+    attention: str = ""  # "eager": transformers' eager attention (matmul, fp32 softmax, matmul) instead of SDPA
 
     def recomputed(self) -> float:
         """Share of the decoder's forward matmuls the backward runs again (selective: only LoRA's B(A x), ~0;
@@ -86,6 +87,8 @@ SETUPS: dict[str, Setup] = {
     "deltatune-hf": Setup("deltatune LoRA layers with peft's step (same HF loss and AdamW)"),
     "speed": Setup("speed mode: chunked fused loss + fused AdamW (+ bf16 frozen base weights under bf16)",
                    loss="chunked", base_bf16=True, fused=True),
+    "speed+eager": Setup("speed mode with transformers' eager attention instead of SDPA's CPU flash kernel",
+                         loss="chunked", base_bf16=True, fused=True, attention="eager"),
     "speed+compile": Setup("speed mode + torch.compile of each decoder layer", loss="chunked", base_bf16=True,
                            fused=True, compile=True),
     "memory": Setup("memory mode: speed mode + gradient checkpointing", loss="chunked", base_bf16=True, fused=True,
@@ -170,6 +173,8 @@ def build(setup: Setup, precision: str):
 
         info["bf16_linears"] = store_frozen_linears_in_bf16(hf)
         copy_out_of_file_mappings(hf)
+    if setup.attention:
+        hf.set_attn_implementation(setup.attention)
     if setup.checkpointing:
         from deltatune.train.memory import selective_checkpointing_context
 

@@ -1,0 +1,107 @@
+"""Attention's forward and backward on a CPU at SmolLM2's shapes on packed SFT rows: the kernels compared.
+
+    python bench/bench_attention_cpu.py --precision bf16 --rounds 5
+
+The profiler puts SDPA (torch's flash kernel for CPU) at ~29% of speed mode's bf16 SFT step (docs/benchmarks.md),
+so this times one layer's attention (batch 4x231, 9 query heads, 3 kv heads, head dim 64, q laid out as the
+model's projections give it) five ways, interleaved within each round, process CPU seconds, best per way:
+sdpa with the packing mask (what transformers runs), sdpa with GQA done by the kernel, the math backend,
+eager (matmul, fp32 softmax, matmul: transformers' "eager"), and per packed segment with is_causal (varlen).
+Each row prints its largest difference from the same computation in fp64.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+B, H, KV, T, D = 4, 9, 3, 231, 64
+SEGMENTS = [[60, 50, 70, 51], [100, 131], [40, 40, 40, 40, 71], [120, 60, 51]]  # 15 segments, as the demo's batch
+
+
+def inputs(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, generator=g).to(dtype).transpose(1, 2).requires_grad_() for h in (H, KV, KV))
+    seg = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(s)]) for s in SEGMENTS])
+    mask = (seg[:, None, :, None] == seg[:, None, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
+    return q, k, v, mask
+
+
+def repeat_kv(x: torch.Tensor) -> torch.Tensor:
+    return x[:, :, None].expand(B, KV, H // KV, T, D).reshape(B, H, T, D)
+
+
+def sdpa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask, scale=D ** -0.5)
+
+
+def sdpa_gqa(q, k, v, mask):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=D ** -0.5, enable_gqa=True)
+
+
+def math_backend(q, k, v, mask):
+    with sdpa_kernel(SDPBackend.MATH):
+        return sdpa(q, k, v, mask)
+
+
+def eager(q, k, v, mask):
+    w = (q @ repeat_kv(k).transpose(2, 3)) * D ** -0.5
+    w = torch.softmax(w.masked_fill(~mask, torch.finfo(w.dtype).min), dim=-1, dtype=torch.float32).to(q.dtype)
+    return w @ repeat_kv(v)
+
+
+def varlen(q, k, v, mask):
+    rows = []
+    for b, lengths in enumerate(SEGMENTS):
+        parts, start = [], 0
+        for n in lengths:
+            s = slice(start, start + n)
+            kk, vv = (x[b:b + 1, :, None, s].expand(1, KV, H // KV, n, D).reshape(1, H, n, D) for x in (k, v))
+            parts.append(F.scaled_dot_product_attention(q[b:b + 1, :, s], kk, vv, is_causal=True, scale=D ** -0.5))
+            start += n
+        rows.append(torch.cat(parts, dim=2))
+    return torch.cat(rows)
+
+
+WAYS = {"sdpa + packing mask": sdpa, "sdpa, GQA in the kernel": sdpa_gqa, "math backend": math_backend,
+        "eager (fp32 softmax)": eager, "varlen (per segment, causal)": varlen}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="bf16")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    q, k, v, mask = inputs(dtype)
+    ref = eager(*(x.detach().double() for x in (q, k, v)), mask)
+    best: dict[str, tuple[float, float]] = {}
+    errors: dict[str, float] = {}
+    for _ in range(args.rounds):
+        for name, fn in WAYS.items():
+            q.grad = k.grad = v.grad = None
+            t0 = time.process_time()
+            out = fn(q, k, v, mask)
+            t1 = time.process_time()
+            out.float().sum().backward()
+            t2 = time.process_time()
+            fw, bw = best.get(name, (float("inf"), float("inf")))
+            best[name] = (min(fw, t1 - t0), min(bw, t2 - t1))
+            errors[name] = (out.double() - ref).abs().max().item()
+    print(f"{args.precision}, {args.threads} thread(s), best of {args.rounds} interleaved rounds, process CPU s, "
+          f"load {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    base = sum(best["sdpa + packing mask"])
+    print("| attention | forward ms | backward ms | 30 layers s | vs sdpa | max abs diff from fp64 |\n|---|---:|---:|---:|---:|---:|")
+    for name, (fw, bw) in best.items():
+        print(f"| {name} | {1e3 * fw:.1f} | {1e3 * bw:.1f} | {30 * (fw + bw):.2f} | {(fw + bw) / base:.2f}x | "
+              f"{errors[name]:.1e} |")
+
+
+if __name__ == "__main__":
+    main()
