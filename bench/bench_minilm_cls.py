@@ -120,7 +120,7 @@ def method_configs():
                           [1e-3, 3e-3]),
         "full fine-tuning": (dt.FullConfig(modules_to_save=HEAD), [5e-5, 1e-4]),
         "bitfit": (dt.BitFitConfig(modules_to_save=HEAD), [3e-3, 1e-2]),
-        "child-tuning F p=0.3": (dt.ChildTuningConfig(reserve_p=0.3, modules_to_save=HEAD), [5e-5, 1e-4]),
+        "child-tuning F p=0.3": (dt.ChildTuningConfig(reserve_p=0.3, modules_to_save=HEAD), [1e-4, 3e-4, 1e-3]),
         "child-tuning D p=0.1": (dt.ChildTuningDConfig(reserve_p=0.1, num_examples=64, batch_size=8,
                                                         modules_to_save=HEAD), [1e-3, 3e-3]),
         "fishmask 0.5%": (dt.FishMaskConfig(keep_fraction=0.005, num_examples=64, modules_to_save=HEAD),
@@ -148,16 +148,31 @@ def run_method(name, config, lr, seed, tok, data, steps):
 
 
 _TASK_ADAPTERS: dict = {}
+TASK_LR: dict = {}  # each task adapter's lr, chosen on its own task's validation at seed 0
+TASK_ACC: dict = {}  # (task name, seed) -> (validation, test) accuracy on the adapter's own task
 
 
 def task_adapters(seed, tok, data, adapter_steps):
-    """A model with Pfeiffer S and T trained on their tasks (2-class labels on a 4-class head), once per seed."""
+    """A model with Pfeiffer S and T trained on their tasks (2-class labels on a 4-class head), once per seed; each
+    adapter's lr chosen from a grid on its own task's validation split at seed 0."""
+    import copy
+
     if seed not in _TASK_ADAPTERS:
         model = load(4, seed)
         for task_name, task in (("S", 1), ("T", 2)):
-            torch.manual_seed(seed)
-            dt.attach(model, dt.PfeifferConfig(modules_to_save=HEAD), task_name)
-            train_steps(model, tok, data["train"], task, 1e-3, adapter_steps, seed)
+            def trained(lr):
+                candidate = copy.deepcopy(model)
+                torch.manual_seed(seed)
+                dt.attach(candidate, dt.PfeifferConfig(modules_to_save=HEAD), task_name)
+                train_steps(candidate, tok, data["train"], task, lr, adapter_steps, seed)
+                return candidate, accuracy(candidate, tok, data["val"], task)
+            if task_name not in TASK_LR:
+                tried = {lr: trained(lr) for lr in (1e-3, 3e-3, 1e-2)}
+                TASK_LR[task_name] = max(tried, key=lambda lr: tried[lr][1])
+                model = tried[TASK_LR[task_name]][0]
+            else:
+                model = trained(TASK_LR[task_name])[0]
+            TASK_ACC[(task_name, seed)] = (accuracy(model, tok, data["val"], task), accuracy(model, tok, data["test"], task))
         _TASK_ADAPTERS[seed] = model
     return _TASK_ADAPTERS[seed]
 
@@ -207,6 +222,8 @@ def main():
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="bench/results/minilm_cls")
     parser.add_argument("--threads", type=int, default=1, help="1: CPU seconds stay meaningful on a loaded machine")
+    parser.add_argument("--only", default="", help="comma-separated row names to (re)measure; the other rows are kept "
+                        "from the existing <out>.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -216,13 +233,18 @@ def main():
     tok = AutoTokenizer.from_pretrained(embedded_encoder_path())
     data = {"train": sentences(TRAIN_T, 320, 0, TRAIN), "val": sentences(VAL_T, 80, 2, VAL),
             "test": sentences(TEST_T, 200, 1, TEST)}
-    results = {}
+    only = set(filter(None, args.only.split(",")))
+    results = json.loads(Path(args.out + ".json").read_text())["results"] if only else {}
     for name, (config, grid) in method_configs().items():
+        if only and name not in only:
+            continue
         chosen, runs, val = choose_and_run(lambda lr, s: run_method(name, config, lr, s, tok, data, args.steps),
                                            grid, args.seeds)
         results[name] = {"lr": chosen, "val_by_lr": val, "runs": runs}
         print(name, chosen, val, [r["test"] for r in runs], flush=True)
     for label in FUSION_ROWS:
+        if only and label not in only:
+            continue
         chosen, runs, val = choose_and_run(lambda lr, s: fusion_run(label, lr, s, tok, data, args.steps, args.steps),
                                            [1e-3, 3e-3, 1e-2], args.seeds)
         results[label] = {"lr": chosen, "val_by_lr": val, "runs": runs}
@@ -243,6 +265,13 @@ def main():
                      f"{100 * statistics.mean(accs):.1f}% ± {100 * sd:.1f} | "
                      f"{r['runs'][0]['trainable']:,} | {file_b if file_b is not None else '-'} B{extra} | "
                      f"{statistics.mean(x['step_cpu_s'] for x in r['runs']):.3f} |")
+    lines += ["", "The fused task adapters on their own tasks (Pfeiffer, a 2-class task on the 4-class head; lr "
+              f"{', '.join(f'{k} {v:g}' for k, v in TASK_LR.items())} chosen on their own validation):", ""]
+    lines += [f"- {t}: validation {100 * statistics.mean(v[0] for (n, _), v in TASK_ACC.items() if n == t):.1f}%, "
+              f"test {100 * statistics.mean(v[1] for (n, _), v in TASK_ACC.items() if n == t):.1f}% (mean of seeds)"
+              for t in TASK_LR]
+    meta["task_adapters"] = {f"{n} seed {s_}": v for (n, s_), v in TASK_ACC.items()}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -74,14 +74,17 @@ def main():
                     tensor.copy_(source["embedding.weight"])
                 elif not key.endswith(".offset"):
                     tensor.copy_(source[key.split(".", 1)[1]])
-        ours_t, theirs_t = [], []
+        ours_t, theirs_t, losses = [], [], []
         for _ in range(args.rounds):  # interleaved
             t, loss_ours = step_time(model, ids, args.steps)
             ours_t.append(t)
             t, loss_peft = step_time(peft_model, ids, args.steps)
             theirs_t.append(t)
+            losses.append((loss_ours, loss_peft))
+        (loss_ours, loss_peft), (last_ours, last_peft) = losses[0], losses[-1]  # the first step's, before any update
         rows[name] = {"deltatune_s": min(ours_t), "peft_s": min(theirs_t), "ratio": min(ours_t) / min(theirs_t),
-                      "loss_deltatune": loss_ours, "loss_peft": loss_peft}
+                      "loss_deltatune": loss_ours, "loss_peft": loss_peft,
+                      "loss_last_round": [last_ours, last_peft]}
         print(name, rows[name], flush=True)
     cpu = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
     meta = {"cpu": cpu, "load": os.getloadavg(), "batch": [4, 128], "threads": args.threads, "precision": "fp32"}
