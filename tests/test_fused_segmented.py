@@ -178,3 +178,24 @@ def test_engine_with_segmented_decode_matches_generate_alone(zoo):
     names = ["r4a", "vera", "r4a", None, "dy3", "r2", "r4b"]  # 7 requests, 5 at a time: rows change between steps
     got = [o.token_ids for o in engine.generate(prompts, names, max_new_tokens=6)]
     assert got == [hf_greedy(zoo, p, n, 6) for p, n in zip(prompts, names)]
+
+
+@pytest.mark.parametrize("decode", ["segmented", "stacked"])
+def test_a_site_of_rank_zero_adds_nothing(tmp_path, decode):
+    """An AdaLoRA file whose allocation pruned every triplet of a site (rank 0 there) serves as its other sites."""
+    model = tiny_llama()
+    targets = ["q_proj", "v_proj"]
+    dt.attach(model, dt.AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=targets), "ada")
+    _randomise(model, "ada", 3)
+    pattern = {f"{path}.lora_E": [True, False, True, False] for path in (
+        f"model.layers.{i}.self_attn.{t}" for i in range(len(model.model.layers)) for t in targets)}
+    pattern["model.layers.0.self_attn.q_proj.lora_E"] = [False] * 4
+    dt.update_config(model, "ada", rank_pattern=pattern)
+    dt.save_adapter(model, tmp_path / "ada", "ada")
+    served = tiny_llama()
+    dt.load_adapter(served, tmp_path / "ada", "ada")
+    add_lora(served, "r2", 2, seed=1, targets=ALL)
+    names = ["ada", "r2", None, "ada"] * 2
+    ids = torch.randint(0, 250, (len(names), 1), generator=torch.Generator().manual_seed(0))
+    fused = _fused_logits(served, FusedLora(served, decode=decode), ids, names)
+    torch.testing.assert_close(fused, _alone(served, ids, names), rtol=1e-5, atol=1e-5)

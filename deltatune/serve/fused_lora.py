@@ -122,7 +122,9 @@ class _Stack:
         with torch.no_grad():
             for i, adapter in enumerate(self.adapters):
                 for path, delta in adapter.deltas(model):
-                    by_site.setdefault(path, []).append((i, low_rank_factors(delta)))
+                    factors = low_rank_factors(delta)
+                    if factors.A.shape[0]:  # rank 0 (an AdaLoRA site whose triplets were all pruned) adds nothing
+                        by_site.setdefault(path, []).append((i, factors))
             self.sites = [_SiteStack(model.get_submodule(resolve(model, p)), parts, len(names), embeddings.device,
                                      dtype or embeddings.dtype)
                           for p, parts in by_site.items()]
