@@ -1,4 +1,4 @@
-"""Memory mode through the training loop: `gradient_checkpointing: true | false | "selective"`.
+"""Memory mode through the training loop: `gradient_checkpointing: true | false | "selective" | "narrow"`.
 
 Parity tests: every checkpointing policy trains exactly as no checkpointing (losses and saved adapters equal
 bit for bit, fp32 and bf16 autocast); a run resumed under selective checkpointing equals one never
@@ -34,9 +34,10 @@ def test_the_key_reads_from_yaml_the_command_line_and_python(tmp_path):
     assert load_config(overrides=["--gradient_checkpointing", "selective"]).gradient_checkpointing == "selective"
     assert load_config(overrides=["--gradient_checkpointing=false"]).gradient_checkpointing is False
     assert TrainConfig(gradient_checkpointing="selective").gradient_checkpointing == "selective"
+    assert load_config(overrides=["--gradient_checkpointing", "narrow"]).gradient_checkpointing == "narrow"
     assert TrainConfig().gradient_checkpointing is False
     for bad in ("full", "Selective", 1):
-        with pytest.raises(ConfigError, match=r"gradient_checkpointing must be true or false or one of 'selective'"):
+        with pytest.raises(ConfigError, match=r"gradient_checkpointing must be true or false or one of 'selective', 'narrow'"):
             TrainConfig(gradient_checkpointing=bad)
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         load_config(overrides=["--gradient_checkpointing", "selectve"])
@@ -55,7 +56,7 @@ def test_every_policy_trains_exactly_as_no_checkpointing(tmp_path, tokenizer, pr
     common = dict(precision=precision, max_steps=2, batch_size=2, optim={"lr": 5e-3},
                   adapter={**ADAPTER, "lora_dropout": 0.1, "init_lora_weights": "gaussian"})
     plain = run(tmp_path, "none", prompt_completion(4), tokenizer, **common)
-    for policy in (True, "selective"):
+    for policy in (True, "selective", "narrow"):
         other = run(tmp_path, str(policy), prompt_completion(4), tokenizer, gradient_checkpointing=policy, **common)
         assert other.losses == plain.losses, policy
         assert_same_tensors(saved(other.adapter_dir), saved(plain.adapter_dir), rtol=0, atol=0)

@@ -174,6 +174,30 @@ def test_frozen_linears_in_bf16_compute_what_autocast_computed():
         assert torch.equal(grad, ref_grads[name]), name
 
 
+
+def test_a_memory_mapped_base_keeps_its_values_when_its_file_pages_are_released(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from deltatune.train.memory import _FilePages
+
+    make_tiny_llama(seed=1).save_pretrained(tmp_path, safe_serialization=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)  # tensors in the file's mapping
+    expected = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    assert _FilePages().ranges  # the file is mapped (Linux); elsewhere the release is skipped and this is moot
+    heap = torch.arange(4096, dtype=torch.float32)
+    _FilePages().release(heap)  # not in a file mapping: left alone
+    assert torch.equal(heap, torch.arange(4096, dtype=torch.float32))
+    model = dt.attach(model, dt.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    store_frozen_linears_in_bf16(model)
+    copy_out_of_file_mappings(model)
+    state = {name.replace("base_layer.", ""): t for name, t in model.state_dict().items() if "lora_" not in name}
+    assert state.keys() >= expected.keys()
+    for name, value in expected.items():  # bf16 where a frozen linear, else bit for bit
+        assert torch.equal(state[name], value.to(state[name].dtype)), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = causal_lm_loss(model, _batch(), chunk_size=7)
+    assert torch.isfinite(loss)
+
 # ---- selective checkpointing -----------------------------------------------------------------------------
 # the tiny Llama: hidden 64, MLP 128, LoRA r=4; (8, inf) keeps every matmul output but LoRA's B(A x), (8, 64) not
 # the MLP's gate/up either, (inf, inf) attention's outputs only; the default keeps down_proj's (reduction 128)

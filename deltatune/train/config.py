@@ -113,8 +113,9 @@ class TrainConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
     # memory mode: true recomputes each decoder layer in the backward instead of storing its activations;
     # "selective" stores the outputs of attention and of the wide matmuls and recomputes only the cheap rest
-    # (norms, rotary, SiLU, adds, casts, LoRA's rank-r product; train/memory.py). Same gradients either way.
-    gradient_checkpointing: bool | Literal["selective"] = False
+    # (norms, rotary, SiLU, adds, casts, LoRA's rank-r product; train/memory.py); "narrow" as selective but
+    # recomputes the MLP's gate/up projections too (outputs wider than the hidden size). Same gradients always.
+    gradient_checkpointing: bool | Literal["selective", "narrow"] = False
     frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products; also
     # in a model passed to train(model=...))
     quantize: Literal["nf4", "gguf"] | None = None  # QLoRA: the base's linear layers stored in NF4 + double quantization

@@ -11,7 +11,9 @@ Two measured sources of resident memory that have nothing to do with the adapter
   tied to the embeddings (49152x576 on SmolLM2). `store_for_bf16_inference` also gives such a head its own
   bf16 weight: a 16-row decode forward of SmolLM2-135M went from 0.157 to 0.058 CPU s, same logits bit for bit.
 * A model loaded from safetensors is memory-mapped; touching its pages makes the whole file resident.
-  Copying the remaining tensors out of the mapping lets it close.
+  Copying the remaining tensors out of the mapping lets it close, and the pages under each tensor replaced
+  by a copy (bf16 or a clone) are handed back as it is made, so that the copies never add to the whole
+  file: the peak while preparing SmolLM2 for bf16 training went from 1.33 to 0.90 GB.
 
 Gradient checkpointing recomputes each decoder layer's forward in the backward, matmuls included (+1/3 of the
 decoder's matmul work). `selective_checkpointing_context` is the selective policy (Korthikanti et al. 2022,
@@ -26,6 +28,7 @@ import ctypes
 import ctypes.util
 import functools
 import math
+import mmap
 from collections.abc import Callable, Set
 
 import torch
@@ -57,10 +60,10 @@ _keep_expensive = functools.partial(_keep_outputs, CHEAP_REDUCTION, math.inf)
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc_function(symbol: str) -> Callable[..., int] | None:
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        return getattr(ctypes.CDLL(name), symbol) if name else None
     except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
         return None
 
@@ -72,7 +75,7 @@ def release_freed_heap() -> bool:
     resident for reuse; between a checkpointed forward and its backward those blocks are the forward's
     freed intermediates, which the backward's differently sized allocations do not reuse, so they add to
     the peak. The next allocations that land on released pages fault them in again."""
-    trim = _malloc_trim()
+    trim = _libc_function("malloc_trim")
     return bool(trim(0)) if trim is not None else False
 
 
@@ -86,6 +89,45 @@ def selective_checkpointing_context(min_reduction: float = CHEAP_REDUCTION, max_
     return functools.partial(create_selective_checkpoint_contexts, policy)
 
 
+class _FilePages:
+    """The pages of this process's memory-mapped *.safetensors files under tensors that were replaced by copies.
+
+    A mapping stays resident, every page ever read, until its last tensor is gone; releasing each replaced
+    tensor's pages (madvise MADV_DONTNEED, whole pages inside its bytes only) as its copy is made keeps the
+    copies from adding to the whole file at the peak (SmolLM2 in bf16: 1.33 GB while building). Only ranges
+    inside a mapping of a *.safetensors file are released; where /proc/self/maps or madvise is missing
+    (not Linux, not glibc), nothing is. A released page that is read again is read from the file, so
+    another tensor viewing the same bytes would see the file's values, not in-place changes to them."""
+
+    DONTNEED = 4  # MADV_DONTNEED on Linux
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    if len(fields) == 6 and fields[5].strip().endswith(".safetensors"):
+                        start, end = (int(x, 16) for x in fields[0].split("-"))
+                        self.ranges.append((start, end))
+        except OSError:
+            pass
+        self.madvise = _libc_function("madvise") if self.ranges else None
+        self.page = mmap.PAGESIZE
+
+    def release(self, replaced: torch.Tensor) -> None:
+        """`replaced`: a contiguous CPU tensor no longer used by anything (its data was copied elsewhere)."""
+        if self.madvise is None or replaced.device.type != "cpu" or not replaced.is_contiguous():
+            return
+        start = replaced.data_ptr()
+        end = start + replaced.numel() * replaced.element_size()
+        if not any(low <= start and end <= high for low, high in self.ranges):
+            return
+        low, high = -(-start // self.page) * self.page, end // self.page * self.page
+        if high > low:
+            self.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), self.DONTNEED)
+
+
 def store_frozen_linears_in_bf16(model: nn.Module, *, skip: Set[int] = frozenset(), frozen_only: bool = True) -> int:
     """Store every frozen `nn.Linear` weight and bias of `model` in bf16; returns how many layers changed.
     `skip`: ids of modules to leave alone; frozen_only=False: trainable ones too (they are frozen first).
@@ -95,7 +137,7 @@ def store_frozen_linears_in_bf16(model: nn.Module, *, skip: Set[int] = frozenset
     """
     embedding = model.get_input_embeddings() if callable(getattr(model, "get_input_embeddings", None)) else None
     shared = embedding.weight if isinstance(embedding, nn.Module) else None
-    changed = 0
+    changed, pages = 0, _FilePages()
     for module in model.modules():
         if type(module) is not nn.Linear or id(module) in skip or module.weight is shared \
                 or (frozen_only and module.weight.requires_grad):
@@ -103,10 +145,14 @@ def store_frozen_linears_in_bf16(model: nn.Module, *, skip: Set[int] = frozenset
         if not frozen_only:
             module.requires_grad_(False)
         if module.weight.dtype != torch.bfloat16:
-            module.weight.data = module.weight.data.to(torch.bfloat16)
+            old = module.weight.data
+            module.weight.data = old.to(torch.bfloat16)
+            pages.release(old)
             changed += 1
         if module.bias is not None and not module.bias.requires_grad:
-            module.bias.data = module.bias.data.to(torch.bfloat16)
+            old = module.bias.data
+            module.bias.data = old.to(torch.bfloat16)
+            pages.release(old)
     return changed
 
 
@@ -138,6 +184,9 @@ def copy_out_of_file_mappings(model: nn.Module) -> None:
     A tensor loaded from safetensors shares one mapping with the whole file; the mapping, and every page
     of it ever read, stays resident while any tensor still points into it. Tied parameters stay tied.
     """
+    pages = _FilePages()
     for tensor in [*model.parameters(), *model.buffers()]:  # parameters() lists a tied parameter once
         if tensor.device.type == "cpu":
-            tensor.data = tensor.data.clone()
+            old = tensor.data
+            tensor.data = old.clone()
+            pages.release(old)

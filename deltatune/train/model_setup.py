@@ -98,15 +98,23 @@ def prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial
         copy_out_of_file_mappings(model)
         main_print(world, f"frozen base: {count} linear weights stored in bf16 (frozen_bf16: false keeps fp32)")
     if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model, selective=cfg.gradient_checkpointing == "selective")
+        enable_gradient_checkpointing(model, policy=cfg.gradient_checkpointing)
 
 
-def enable_gradient_checkpointing(model: nn.Module, *, selective: bool = False) -> None:
+def enable_gradient_checkpointing(model: nn.Module, *, policy: bool | str = True) -> None:
     """transformers' per-layer checkpointing, non-reentrant (it works although the frozen embeddings' outputs
-    need no gradient); `selective`: with memory.py's policy, which keeps the expensive outputs."""
+    need no gradient). policy True: every layer recomputed; "selective": memory.py's policy, which keeps
+    attention's and the wide matmuls' outputs; "narrow": the same without outputs wider than the hidden size
+    (the MLP's gate and up projections)."""
     kwargs: dict[str, Any] = {"use_reentrant": False}
-    if selective:
+    if policy == "selective":
         kwargs["context_fn"] = selective_checkpointing_context()
+    elif policy == "narrow":
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if not isinstance(hidden, int):
+            raise ConfigError(f"gradient_checkpointing: narrow needs the model's config.hidden_size, which "
+                              f"{type(model).__name__} lacks; use true or selective")
+        kwargs["context_fn"] = selective_checkpointing_context(max_width=hidden)
     if callable(getattr(model, "activation_checkpointing_enable", None)):  # transformers >= 5.2x
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     elif callable(getattr(model, "gradient_checkpointing_enable", None)):
