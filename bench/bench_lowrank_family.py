@@ -132,10 +132,18 @@ QUALITY_RUNS = [  # (name, adapter, lr grid or another row's name, ranks scored:
     ("LoRA r=8", lora(8), [1e-3], [None]), ("AdaLoRA 12->8", ADALORA, [1e-3, 3e-3, 1e-2], [None]),
     ("VeRA r=256", VERA, [1e-2], [None]), ("DyLoRA r=8 frozen=False", {**DYLORA, "frozen": False}, [1e-3], [2, 4, 8]),
     ("LoHa r=8", LOHA, [1e-3], [None]), ("LoKr r=8", LOKR, [1e-3], [None]),
-    ("LoRA r=4", lora(4), "LoRA r=8", [None]), ("LoRA r=2", lora(2), "LoRA r=8", [None])]
+    ("LoRA r=4", lora(4), "LoRA r=8", [None]), ("LoRA r=2", lora(2), "LoRA r=8", [None]),
+    ("LoRA r=8, lr on validation", lora(8), [1e-3, 3e-3, 1e-2], [None])]  # beside AdaLoRA's chosen lr
+# the added-module methods of issue 16 on the same task, at their recommended lr (fixed before measuring)
+ADDED_RUNS = [
+    ("Pfeiffer", {"peft_type": "PFEIFFER"}, [1e-3], [None]),
+    ("parallel adapter (mlp)", {"peft_type": "PARALLEL_ADAPTER", "target_modules": ["mlp"]}, [1e-3], [None]),
+    ("prefix tuning p=20", {"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 20}, [1e-2], [None]),
+    ("P-tuning MLP p=20", {"peft_type": "P_TUNING", "num_virtual_tokens": 20}, [1e-3], [None])]
 
 
-def quality(steps: int, seeds: list[int], only: list[str] | None = None, out: Path | None = None) -> list[dict]:
+def quality(steps: int, seeds: list[int], only: list[str] | None = None, out: Path | None = None,
+            fixed_lr: dict[str, float] | None = None) -> list[dict]:
     """Each method's lr chosen on event.validation at seeds[0] (mean over the ranks it is scored at; a tie keeps
     the smaller lr), then every seed at that lr; event.test scored once per run and never used to choose. Rows
     of lrs not chosen are kept with "chosen": false."""
@@ -173,7 +181,7 @@ def quality(steps: int, seeds: list[int], only: list[str] | None = None, out: Pa
             return out_rows
 
     chosen_lr: dict[str, float] = {}
-    selected = [r for r in QUALITY_RUNS if only is None or r[0] in only]
+    selected = [r for r in QUALITY_RUNS + ADDED_RUNS if (r in QUALITY_RUNS if only is None else r[0] in only)]
     for seed in seeds:  # every method at the first seed, then the next seed: a cut-off run keeps whole seeds
         for name, adapter, grid, ranks in selected:
             if seed != seeds[0]:
@@ -181,6 +189,8 @@ def quality(steps: int, seeds: list[int], only: list[str] | None = None, out: Pa
                 continue
             if isinstance(grid, str):  # another row's validation-chosen lr (LoRA at lower ranks: LoRA r=8's)
                 grid = [chosen_lr.get(grid, 1e-3)]
+            if name in (fixed_lr or {}):  # chosen on validation in an earlier run (--lr NAME=LR)
+                grid = [fixed_lr[name]]
             first = {lr: run(name, adapter, lr, ranks, seed) for lr in grid}
             chosen = chosen_lr[name] = max(grid, key=lambda lr: (statistics.mean(r["validation"] for r in first[lr]), -lr))
             for lr, lr_rows in first.items():
@@ -264,13 +274,16 @@ def main() -> None:
                         "names; quality: method names such as 'DyLoRA r=8')")
     parser.add_argument("--rounds", type=int, default=1, help="step: rounds in alternation, best of each row")
     parser.add_argument("--name", default=None, help="results file name (default: lowrank_<part>)")
+    parser.add_argument("--lr", nargs="+", default=[], metavar="NAME=LR", help="quality: a row's lr, chosen on "
+                        "validation by an earlier run (its seeds then continue at it)")
     args = parser.parse_args()
     if args.step_child:
         print(json.dumps(step_child(args.step_child)), flush=True)
         return
     from _common import cpu_name
 
-    rows = {"step": lambda: step(args.rows, args.rounds), "quality": lambda: quality(args.steps, args.seeds, args.rows, RESULTS / f"{args.name or 'lowrank_quality'}.partial.json"), "serve": lambda: serve(args.steps)}[args.part]()
+    rows = {"step": lambda: step(args.rows, args.rounds), "quality": lambda: quality(args.steps, args.seeds, args.rows, RESULTS / f"{args.name or 'lowrank_quality'}.partial.json",
+                                  {k: float(v) for k, _, v in (x.rpartition("=") for x in args.lr)}), "serve": lambda: serve(args.steps)}[args.part]()
     RESULTS.mkdir(exist_ok=True)
     name = args.name or f"lowrank_{args.part}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
