@@ -33,7 +33,7 @@ from torch import nn
 
 from ..core.config import ConfigError, check_positive_int
 from ..core.registry import register
-from .virtual_tokens import PromptLearningConfig, VirtualPart, file_view, resolve_prompt_learning, text_config_int
+from .virtual_tokens import KEY_VALUES_CHECKPOINTING, PromptLearningConfig, VirtualPart, file_view, resolve_prompt_learning, text_config_int
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,7 @@ class PrefixTuningConfig(PromptLearningConfig):
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     method_name: ClassVar[str] = "prefix tuning"
     recommended_lr: ClassVar[float] = 1e-2  # peft's prefix-tuning examples
-    gradient_checkpointing_problem: ClassVar[str] = (
-        "prefix tuning puts its keys and values into every layer's cache, which transformers' gradient "
-        "checkpointing drops in each layer; set gradient_checkpointing: false (peft's prefix tuning has the same limit)")
+    gradient_checkpointing_problem: ClassVar[str] = KEY_VALUES_CHECKPOINTING
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False

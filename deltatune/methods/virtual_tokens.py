@@ -43,6 +43,11 @@ from .prompt_learning import (  # noqa: F401  (re-exported: the config side live
 )
 
 IGNORE_INDEX = -100
+# Why a part of the key_values kind cannot train under gradient checkpointing (the forward refuses, and so does a
+# training config, through PrefixTuningConfig.gradient_checkpointing_problem)
+KEY_VALUES_CHECKPOINTING = (
+    "prefix tuning puts its keys and values into every layer's cache, which transformers' gradient checkpointing "
+    "drops in each layer; set gradient_checkpointing: false (peft's prefix tuning has the same limit)")
 _CACHE_KEYS = ("past_key_values", "cache")  # transformers <= 5.24 names it past_key_values; 5.25 passes cache=
 
 
@@ -119,9 +124,7 @@ class VirtualPart(nn.Module):
             kwargs["input_ids"] = None
         elif layout.kind == "key_values" and not past:  # prefill: every layer's cache starts with the prefix
             if module.training and any(getattr(m, "gradient_checkpointing", False) is True for m in (module, model)):
-                raise ValueError("prefix tuning puts its keys and values into every layer's cache, which transformers' "
-                                 "gradient checkpointing drops in each layer; set gradient_checkpointing: false "
-                                 "(peft's prefix tuning has the same limit)")
+                raise ValueError(KEY_VALUES_CHECKPOINTING)
             keeps = cache is not None or (kwargs.get("use_cache") is not False and not torch.is_grad_enabled())
             kwargs[self._cache_key] = layout.fill_cache(model, cache, batch, device, keeps=keeps)
             kwargs.update({k: None for k in _CACHE_KEYS if k != self._cache_key and k in kwargs})

@@ -31,24 +31,21 @@ def _named_path(text: str) -> tuple[str, str]:
     return name, path
 
 
-def _at_least_zero(flag: str):
-    def parse(text: str) -> int:
-        if not text.strip().isdigit():
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 0, got {text!r}")
-        return int(text)
-    return parse
-
-
-def _positive(flag: str):
+def _at_least(low: int, flag: str):
+    """An argparse type: an integer >= low, else an error naming the flag."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            value = 0
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= 1, got {text!r}")
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{flag} must be an integer >= {low}, got {text!r}")
         return value
     return parse
+
+
+def _positive(flag: str):
+    return _at_least(1, flag)
 
 
 def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
@@ -90,7 +87,7 @@ def add_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
                    help="a request body larger than this gets 413, before it is read (default 2 MiB)")
     p.add_argument("--max-connections", type=_positive("--max-connections"), default=1024,
                    help="open connections at most; one more gets 503 at once (default 1024)")
-    p.add_argument("--max-connections-per-client", type=_at_least_zero("--max-connections-per-client"), default=256,
+    p.add_argument("--max-connections-per-client", type=_at_least(0, "--max-connections-per-client"), default=256,
                    help="open connections of one client address at most; one more gets 503 (default 256; 0: no "
                    "such cap, e.g. behind a proxy, where every client has the proxy's address)")
     p.add_argument("--request-timeout", type=_positive("--request-timeout"), default=30,

@@ -157,7 +157,8 @@ class _Kernel:
         """The cost rule (SEGMENT_FROM) for this forward, or the mode FusedLora.decode forces."""
         if self.decode != "auto":
             return self.decode == "segmented"
-        own = self.stack.ranks[self.rows.cpu().clamp(min=0)] * (self.rows.cpu() >= 0)
+        rows = self.rows.cpu()
+        own = self.stack.ranks[rows.clamp(min=0)] * (rows >= 0)
         largest = int(own.max()) if own.numel() else 0
         return largest > 0 and self.stack.A_rows.shape[0] >= SEGMENT_FROM * largest
 
