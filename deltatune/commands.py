@@ -70,6 +70,9 @@ def recorded_base_quantization(adapter: str | os.PathLike) -> str:
 BASE_NAMES = {"nf4": "an NF4", "gguf": "a GGUF Q4_1"}  # for messages: "trained on an NF4 base"
 
 
+OWN_BASES = ("loftq-nf4", "qpissa-nf4")  # recorded by LoftQ / QPiSSA files: the base rebuilt for that adapter alone
+
+
 def quantize_for(recorded: str) -> str | None:
     """The --quantize value that rebuilds a recorded base: "nf4" for "nf4"/"nf4-dq", "gguf" for "gguf-q4_1"."""
     return next((kind for kind in ("nf4", "gguf") if recorded.startswith(kind)), None)

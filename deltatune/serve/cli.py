@@ -111,6 +111,35 @@ def base_quantization(args: argparse.Namespace) -> str | None:
     return kind
 
 
+def own_base_adapter(args: argparse.Namespace) -> str | None:
+    """The name of the --adapter that rebuilds its own 4-bit base (LoftQ / QPiSSA, as its file records), which
+    is then the only adapter served; None if there is none. CommandError if other adapters are asked for too."""
+    from ..cli import CommandError
+    from ..commands import OWN_BASES, recorded_base_quantization
+
+    own = [name for name, path in args.adapter if recorded_base_quantization(path) in OWN_BASES]
+    if not own:
+        return None
+    if len(args.adapter) > 1 or args.adapter_dir or args.quantize not in ("auto", "none"):
+        raise CommandError(f"--adapter {own[0]}: a LoftQ/QPiSSA adapter's 4-bit base is rebuilt from the full-precision "
+                           "weights for it alone, so it is served on its own, without other --adapter, --adapter-dir "
+                           "or --quantize nf4|gguf")
+    print(f"deltatune serve: {own[0]} rebuilds its own 4-bit base from the full-precision weights (LoftQ/QPiSSA); "
+          "no other adapter loads beside it, and the base model's name is not served", file=sys.stderr, flush=True)
+    return own[0]
+
+
+def _cast_beside(model: Any, keep: str, dtype: Any) -> None:
+    """Everything but attached adapter `keep` to `dtype` (the 4-bit layers keep their codes and constants)."""
+    import torch
+
+    from ..core.model import adapters
+
+    model.to(dtype)
+    for _, delta in adapters(model)[keep].deltas(model):
+        delta.to(torch.float32)  # adapters stay fp32 on a bf16 base, as AdapterRegistry keeps them
+
+
 def serve_main(args: argparse.Namespace) -> None:
     import torch
 
@@ -130,8 +159,10 @@ def serve_main(args: argparse.Namespace) -> None:
         print(line, flush=True)
     dtype = default_compute_dtype() if args.precision == "auto" else \
         torch.bfloat16 if args.precision == "bf16" else torch.float32
-    quantize = base_quantization(args)
-    model, tokenizer = load_model(args.base, dtype=dtype, quantize=quantize, compute_dtype=dtype if quantize else None)
+    quantize, own_base = base_quantization(args), own_base_adapter(args)
+    # an adapter that rebuilds its own 4-bit base does so from the full-precision weights it was trained on
+    model, tokenizer = load_model(args.base, dtype=torch.float32 if own_base else dtype, quantize=quantize,
+                                  compute_dtype=dtype if quantize else None)
     try:
         check_servable(model)
     except TypeError as exc:
@@ -141,7 +172,7 @@ def serve_main(args: argparse.Namespace) -> None:
                     prefix_cache_bytes=args.prefix_cache_memory)
     try:  # an adapter the engine cannot run (full fine-tuning, BitFit, ...) is refused here, by name
         registry = AdapterRegistry(model, adapter_dirs=args.adapter_dir, max_bytes=args.max_adapter_memory,
-                                   check=engine.check_adapter)
+                                   check=engine.check_adapter, own_base=own_base)
     except FileNotFoundError as exc:
         raise CommandError(str(exc)) from None
     for name, path in args.adapter:
@@ -149,6 +180,8 @@ def serve_main(args: argparse.Namespace) -> None:
             registry.add(name, path, pin=name in args.pin)
         except (RequestError, ValueError) as exc:
             raise CommandError(f"--adapter {name}={path}: {exc}") from None
+    if own_base and dtype != torch.float32:  # Q_T is built: the rest of the model to --precision, the adapter kept
+        _cast_beside(model, registry.entries[own_base].internal, dtype)
     for name in args.pin:
         try:
             registry.pin(name)

@@ -59,8 +59,12 @@ class _NoMetrics:
 class AdapterRegistry:
     def __init__(self, model: nn.Module, *, adapter_dirs: list[str | os.PathLike] = (), max_bytes: int | None = None,
                  dtype: torch.dtype | None = None, lock: threading.RLock | None = None, metrics: Any = None,
-                 check: Callable[[str, str], None] | None = None) -> None:
+                 check: Callable[[str, str], None] | None = None, own_base: str | None = None) -> None:
         self.model = model
+        # own_base: the one adapter allowed to build the base for itself (LoftQ / QPiSSA: its file rebuilds Q_T
+        # from the full-precision weights it loads onto); once it has, `base_owner` names it and no other
+        # adapter loads (each would run on Q_T instead of the base it was trained on)
+        self.own_base, self.base_owner = own_base, None
         # check(attached name, public name) raises RequestError for an adapter the engine cannot serve
         # (Engine.check_adapter): it is refused when it loads, not at every request
         self.check = check
@@ -246,6 +250,7 @@ class AdapterRegistry:
             config, tensors, _ = read_adapter(path)  # disk and validation, outside the model lock
         except AdapterFileError as exc:
             raise RequestError(f"adapter {name!r} cannot be loaded: {exc}", param="model", status=400) from None
+        builds_base = self._check_base(name, config)
         needed = sum(t.numel() * (t.element_size() if self.dtype is None else self.dtype.itemsize) for t in tensors.values())
         with self.lock:
             self._make_room(needed)
@@ -264,8 +269,29 @@ class AdapterRegistry:
             if old is not None:
                 self._retire(old)
             entry = self._register(name, internal, path)
+            if builds_base:
+                self.base_owner, entry.pinned = name, True  # never evicted: its base cannot be rebuilt
         self.metrics.adapter_loaded(name, entry.nbytes, time.perf_counter() - started)
         return entry
+
+    def _check_base(self, name: str, config: Any) -> bool:
+        """Whether adapter `name` builds the base for itself (LoftQ / QPiSSA); RequestError 409 where it would
+        change the base under other adapters, or where the base already is another adapter's."""
+        from ..methods.lora_init import quantizes_base
+
+        if self.base_owner is not None:
+            raise RequestError(f"the base in memory is adapter {self.base_owner!r}'s own 4-bit base (LoftQ/QPiSSA, "
+                               f"rebuilt for it alone), so adapter {name!r} cannot load beside it or replace it; "
+                               "restart the server to serve other adapters", param="model", code="base_owned",
+                               status=409)
+        if not quantizes_base(config):
+            return False
+        if name != self.own_base or self.entries:
+            raise RequestError(f"adapter {name!r} is a LoftQ/QPiSSA adapter: its 4-bit base is rebuilt from the "
+                               "full-precision weights for it alone, which would change the base under every other "
+                               f"adapter; serve it on its own: deltatune serve --adapter {name}=PATH",
+                               param="model", code="needs_own_base", status=409)
+        return True
 
     def _register(self, name: str, internal: str, path: Path | None) -> Entry:
         if self.dtype is not None:

@@ -152,7 +152,8 @@ class Server(AdminRoutes):
 
     async def models(self, request: Request) -> JSONResponse:
         self._check_key(request)
-        names = [self.base_name] + [n for n in self.registry.available() if n != self.base_name]
+        names = [self.base_name] * (self.registry.base_owner is None) + \
+            [n for n in self.registry.available() if n != self.base_name]
         return JSONResponse({"object": "list", "data": [
             {"id": n, "object": "model", "created": self.created, "owned_by": "deltatune",
              "root": self.base_name, "parent": None if n == self.base_name else self.base_name} for n in names]})
@@ -230,6 +231,10 @@ class Server(AdminRoutes):
                 raise RequestError("adapters must be an object {name: weight}", param="adapters")
             blend = _check_weights(blend)  # finite numbers, 400 naming the field otherwise
             return blend, blend_name(blend)
+        if model == self.base_name and self.registry.base_owner is not None:
+            raise RequestError(f"the base model {model!r} is not served: the weights in memory are adapter "
+                               f"{self.registry.base_owner!r}'s own 4-bit base (LoftQ/QPiSSA)", param="model",
+                               code="model_not_found", status=404)
         return (None, "base") if model == self.base_name else (model, model)
 
     def _params(self, body: dict, prompt_len: int, chat: bool) -> SamplingParams:
