@@ -104,12 +104,13 @@ def validate(config: Any) -> None:
 
 
 def is_special(config: Any) -> bool:
-    return config.init_lora_weights not in PLAIN
+    """A LoRA init beyond peft's plain ones; False for any other method's config (it has no such option)."""
+    return getattr(config, "init_lora_weights", True) not in PLAIN
 
 
 def quantizes_base(config: Any) -> bool:
     """LoftQ and QPiSSA: the init stores the base in NF4 itself."""
-    return is_special(config) and bool(config.loftq_config)
+    return is_special(config) and bool(getattr(config, "loftq_config", None))
 
 
 def changes_function(config: Any) -> bool:
