@@ -8,9 +8,10 @@ step: one process per row, fp32, all-linear, batch 4 x 128, AdamW, median of 5 s
 process, trainable parameters and the saved file's size; each method against peft's same method (DyLoRA, which
 peft lacks, against peft's LoRA at the same r; its step includes the rank sampler's masked update).
 quality: the task family's hard task (event, docs/tasks.md), the recipe of docs/tasks.md's sanity check (batch 8,
-24 steps, cosine to 0.1) at the recipe's lr (1e-3; VeRA 1e-2, its vectors being few), except AdaLoRA, whose lr is
-chosen from a grid on the validation split (40) at the first seed (at 1e-3 it had not learned the task: 0% on 3
-seeds, adalora_relora_quality.md); 3 seeds; the held-out test split (50) scored once per run, never used to choose.
+24 steps, cosine to 0.1); every row's lr chosen from its grid (QUALITY_RUNS) on the validation split (40) at the
+first seed, then every seed at it; the held-out test split (50) scored once per run, never used to choose.
+--reuse FILE... takes runs already in earlier results (same method, seed, lr and steps) instead of training them
+again (the lowrank_quality_family3 table reuses lowrank_quality_val_seed0.json's 1e-3 runs).
 AdaLoRA 12->8 ends at LoRA r=8's parameter budget. DyLoRA r=8 (frozen=False: the frozen mode scored 0% at every b
 in 24 steps, lowrank_quality_seed0.md) is trained once and scored at b = 2, 4, 8 (loaded with overrides={"rank": b})
 beside LoRA trained at r = 2, 4, 8.
@@ -130,9 +131,10 @@ ADALORA = {"peft_type": "ADALORA", "init_r": 12, "target_r": 8, "lora_alpha": 24
            "target_modules": ALL}  # the final budget of LoRA r=8 (b0 = 1.5·bT, the paper's), s = 24/12 = LoRA's 16/8
 QUALITY_RUNS = [  # (name, adapter, lr grid or another row's name, ranks scored: None = the trained one)
     ("LoRA r=8", lora(8), [1e-3], [None]), ("AdaLoRA 12->8", ADALORA, [1e-3, 3e-3, 1e-2], [None]),
-    ("VeRA r=256", VERA, [1e-2], [None]), ("DyLoRA r=8 frozen=False", {**DYLORA, "frozen": False}, [1e-3], [2, 4, 8]),
-    ("LoHa r=8", LOHA, [1e-3], [None]), ("LoKr r=8", LOKR, [1e-3], [None]),
-    ("LoRA r=4", lora(4), "LoRA r=8", [None]), ("LoRA r=2", lora(2), "LoRA r=8", [None]),
+    ("VeRA r=256", VERA, [3e-3, 1e-2, 3e-2], [None]),
+    ("DyLoRA r=8 frozen=False", {**DYLORA, "frozen": False}, [1e-3, 3e-3], [2, 4, 8]),
+    ("LoHa r=8", LOHA, [1e-3, 3e-3, 1e-2], [None]), ("LoKr r=8", LOKR, [1e-3, 3e-3, 1e-2], [None]),
+    ("LoRA r=4", lora(4), [1e-3, 3e-3], [None]), ("LoRA r=2", lora(2), [1e-3, 3e-3], [None]),
     ("LoRA r=8, lr on validation", lora(8), [1e-3, 3e-3, 1e-2], [None])]  # beside AdaLoRA's chosen lr
 # the added-module methods of issue 16 on the same task, at their recommended lr (fixed before measuring)
 ADDED_RUNS = [
@@ -143,10 +145,11 @@ ADDED_RUNS = [
 
 
 def quality(steps: int, seeds: list[int], only: list[str] | None = None, out: Path | None = None,
-            fixed_lr: dict[str, float] | None = None) -> list[dict]:
+            fixed_lr: dict[str, float] | None = None, reuse: list[Path] = ()) -> list[dict]:
     """Each method's lr chosen on event.validation at seeds[0] (mean over the ranks it is scored at; a tie keeps
     the smaller lr), then every seed at that lr; event.test scored once per run and never used to choose. Rows
-    of lrs not chosen are kept with "chosen": false."""
+    of lrs not chosen are kept with "chosen": false. A run (method, seed, lr, steps) already in a --reuse file
+    with its validation score is taken from there, marked "reused_from", instead of trained again."""
     from deltatune import load_adapter, trainable_parameters
     from deltatune.data import load_records
     from deltatune.models import load_model
@@ -156,7 +159,15 @@ def quality(steps: int, seeds: list[int], only: list[str] | None = None, out: Pa
     splits = {name: load_records(TASKS / f"event.{name}.jsonl") for name in ("validation", "test")}
     rows: list[dict] = []
 
+    earlier = [{**r, "reused_from": path.name} for path in reuse for r in json.loads(path.read_text())["rows"]
+               if r.get("validation") is not None]
+
     def run(name: str, adapter: dict, lr: float, ranks: list, seed: int) -> list[dict]:
+        methods = [name + (f" at b={b}" if b else "") for b in ranks]
+        found = {r["method"]: r for r in earlier if (r["seed"], r["lr"], r["steps"]) == (seed, lr, steps)}
+        if all(m in found for m in methods):
+            print(f"{name}, seed {seed}, lr {lr:g}: reused from {found[methods[0]]['reused_from']}", flush=True)
+            return [{k: v for k, v in found[m].items() if k != "chosen"} for m in methods]
         with tempfile.TemporaryDirectory() as tmp:
             model, tokenizer = load_model()
             started = time.perf_counter()
@@ -276,6 +287,8 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="results file name (default: lowrank_<part>)")
     parser.add_argument("--lr", nargs="+", default=[], metavar="NAME=LR", help="quality: a row's lr, chosen on "
                         "validation by an earlier run (its seeds then continue at it)")
+    parser.add_argument("--reuse", nargs="+", default=[], metavar="FILE", help="quality: earlier results files "
+                        "(bench/results/*.json) whose runs at the same method, seed, lr and steps are not trained again")
     args = parser.parse_args()
     if args.step_child:
         print(json.dumps(step_child(args.step_child)), flush=True)
@@ -283,7 +296,8 @@ def main() -> None:
     from _common import cpu_name
 
     rows = {"step": lambda: step(args.rows, args.rounds), "quality": lambda: quality(args.steps, args.seeds, args.rows, RESULTS / f"{args.name or 'lowrank_quality'}.partial.json",
-                                  {k: float(v) for k, _, v in (x.rpartition("=") for x in args.lr)}), "serve": lambda: serve(args.steps)}[args.part]()
+                                  {k: float(v) for k, _, v in (x.rpartition("=") for x in args.lr)},
+                                  [Path(f) for f in args.reuse]), "serve": lambda: serve(args.steps)}[args.part]()
     RESULTS.mkdir(exist_ok=True)
     name = args.name or f"lowrank_{args.part}"
     (RESULTS / f"{name}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
