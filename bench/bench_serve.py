@@ -102,12 +102,13 @@ def paired_decode(model, tokenizer, prompts, configs: dict[str, tuple[list, bool
     """Median decode-step seconds of each configuration, steps taken in strict alternation on the same prompts,
     so that other processes' load falls on every configuration alike (the rows above ran minutes apart).
     A configuration is (adapter per row, fused kernels or the routed path[, the fused decode kernel: "auto",
-    "stacked" or "segmented"])."""
+    "stacked", "segmented" or "segmented-torch"])."""
     engines = {}
     for label, (row_names, fused, *decode) in configs.items():
         engine = Engine(model, tokenizer, max_batch_size=len(prompts), max_prefill_tokens=1 << 30, fused_lora=fused)
-        if fused and decode:
-            engine.fused.decode = decode[0]
+        if fused and decode:  # "segmented-torch": the segmented product in torch ops, not serve/sgmv.py's kernel
+            engine.fused.decode = decode[0].removesuffix("-torch")
+            engine.fused.sgmv = not decode[0].endswith("-torch")
         for prompt, name in zip(prompts, row_names):
             engine.add_request(prompt, name, SamplingParams(max_new_tokens=steps + 3, ignore_eos=True))
         engine.prefill_step()
@@ -175,6 +176,7 @@ def paired_kernels(model, tokenizer, prompts, internal: dict, adapters: list[str
     for k in counts:
         names = [internal[adapters[i % k]] for i in range(len(prompts))]
         configs = {"base": ([None] * len(prompts), True), f"stacked {k}": (names, True, "stacked"),
+                   f"segmented-torch {k}": (names, True, "segmented-torch"),
                    f"segmented {k}": (names, True, "segmented"), f"auto {k}": (names, True, "auto")}
         bandwidth = memory_bandwidth()
         paired = paired_decode(model, tokenizer, prompts, configs, steps)
@@ -225,7 +227,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="engine rows: best of this many interleaved rounds")
     parser.add_argument("--skip", default="", help="rows to leave out: any of routed,paired,turns,peft")
     parser.add_argument("--kernels", action="store_true",
-                        help="only the decode kernels, paired: base, stacked, segmented and auto at each --adapters count")
+                        help="only the decode kernels, paired: base, stacked, segmented (torch ops and the C++ "
+                        "kernel of serve/sgmv.py) and auto at each --adapters count")
     parser.add_argument("--steps", type=int, default=8, help="paired decode steps of each configuration (median)")
     args = parser.parse_args()
     from deltatune.threads import choose_threads
@@ -311,12 +314,14 @@ def write_kernels(args, threads: int, why: str, dtype, kernels: dict) -> None:
     lines = [f"{meta['config']} decode kernels: {meta['requests']} running requests (prompts 64-128), decode steps in strict "
              f"alternation, median of {meta['steps']}, {meta['dtype']} base, adapters fp32, {threads} thread(s), {meta['cpu']}, "
              f"torch {meta['torch']}, {meta['when']}, load average {meta['uptime'][0]:.1f}", "",
-             "| adapters | base | stacked | segmented | auto (the cost rule) | bound | auto / bound | factors | other load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| adapters | base | stacked | segmented, torch ops | segmented, C++ (serve/sgmv.py) | auto (the cost rule) | "
+             "bound | auto / bound | factors | other load |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for k, row in kernels.items():
         t, b = row["steps_s"], row["bound"]
         cell = lambda label: f"{t[label] * 1e3:.0f} ms ({t['base'] / t[label]:.2f}x)"  # noqa: E731
-        lines.append(f"| {k} | {t['base'] * 1e3:.0f} ms | {cell(f'stacked {k}')} | {cell(f'segmented {k}')} | "
+        torch_ops = cell(f"segmented-torch {k}") if f"segmented-torch {k}" in t else "—"
+        lines.append(f"| {k} | {t['base'] * 1e3:.0f} ms | {cell(f'stacked {k}')} | {torch_ops} | {cell(f'segmented {k}')} | "
                      f"{cell(f'auto {k}')} | {b['bound_step_s'] * 1e3:.0f} ms ({b['bound_ratio']:.2f}x) | "
                      f"{b['bound_step_s'] / t[f'auto {k}']:.0%} | {b['factor_mb']:.0f} MB | {row['load']:.1f} |")
     b = next(iter(kernels.values()))["bound"]

@@ -5,6 +5,8 @@ adapters that change between forwards; the cost rule's choice."""
 from __future__ import annotations
 
 import copy
+import logging
+import shutil
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import deltatune as dt
 from deltatune.core.model import route
 from deltatune.serve import Engine
 from deltatune.serve import fused_lora as fl
+from deltatune.serve import sgmv
 from deltatune.serve.fused_lora import FusedLora
 from serve_helpers import add_lora, byte_tokenizer, hf_greedy, tiny_llama
 
@@ -85,10 +88,21 @@ def _kernels_used(monkeypatch) -> list[str]:
     return used
 
 
-def test_segmented_equals_stacked_and_each_row_alone_fp32(zoo, monkeypatch):
+def _compiler() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return (shutil.which("c++") is not None or shutil.which("g++") is not None) and is_ninja_available()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["sgmv", "torch-ops"])
+def test_segmented_equals_stacked_and_each_row_alone_fp32(zoo, monkeypatch, compiled):
+    if compiled and not _compiler():
+        pytest.skip("no C++ compiler: the SGMV kernel cannot be built here (the torch-op path serves)")
     ids = torch.randint(0, 250, (len(NAMES), 1), generator=torch.Generator().manual_seed(0))  # one token a row
     used = _kernels_used(monkeypatch)
-    segmented = _fused_logits(zoo, FusedLora(zoo, decode="segmented"), ids, NAMES)
+    fused = FusedLora(zoo, decode="segmented", sgmv=compiled)
+    assert (fused._compiled() is not None) == compiled
+    segmented = _fused_logits(zoo, fused, ids, NAMES)
     assert set(used) == {"_segmented"}
     stacked = _fused_logits(zoo, FusedLora(zoo, decode="stacked"), ids, NAMES)
     assert set(used) == {"_segmented", "_stacked"}
@@ -105,14 +119,17 @@ def test_segmented_in_bf16(zoo):
     bf16 = copy.deepcopy(zoo).to(torch.bfloat16)
     for p in (p for n, p in bf16.named_parameters() if "lora_" in n or "vera_" in n):
         p.data = p.data.float()  # adapters stay fp32 on a bf16 base, as the engine keeps them
-    segmented = _fused_logits(bf16, FusedLora(bf16, decode="segmented"), ids, NAMES)
+    segmented = _fused_logits(bf16, FusedLora(bf16, decode="segmented", sgmv=False), ids, NAMES)
     stacked = _fused_logits(bf16, FusedLora(bf16, decode="stacked"), ids, NAMES)
     torch.testing.assert_close(segmented, stacked, rtol=2e-2, atol=2e-2)  # both fp32 products, bf16 outputs
+    compiled = _fused_logits(bf16, FusedLora(bf16, decode="segmented"), ids, NAMES)  # one rounding, not two
     base_bf16 = _fused_logits(bf16, FusedLora(bf16), ids, [None] * len(NAMES))
     base = _alone(zoo, ids, [None] * len(NAMES))
     # as far from the fp32 reference as the bf16 base alone is from the fp32 base (bf16 rounding, not a wrong delta)
     bound = 2 * (base_bf16 - base).abs().max() + 1e-2
-    assert (segmented - reference).abs().max() <= bound
+    for got in (segmented, compiled):
+        assert (got - reference).abs().max() <= bound
+    assert (compiled - reference).abs().mean() <= (segmented - reference).abs().mean() * 1.05
 
 
 def test_a_cached_superset_stack_serves_a_subset(zoo, monkeypatch):
@@ -199,3 +216,68 @@ def test_a_site_of_rank_zero_adds_nothing(tmp_path, decode):
     ids = torch.randint(0, 250, (len(names), 1), generator=torch.Generator().manual_seed(0))
     fused = _fused_logits(served, FusedLora(served, decode=decode), ids, names)
     torch.testing.assert_close(fused, _alone(served, ids, names), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["sgmv", "torch-ops"])
+@pytest.mark.parametrize("names", [["r4a", "r4b", "r4c", "r4b", "r4a", "r4c"],  # every row in one group
+                                   ["r4a", "r4a", "r4a", "r4b", "r4c"]])  # the same, padded
+def test_a_batch_in_one_rank_group(zoo, names, compiled):
+    ids = torch.randint(0, 250, (len(names), 1), generator=torch.Generator().manual_seed(7))
+    got = _fused_logits(zoo, FusedLora(zoo, decode="segmented", sgmv=compiled), ids, names)
+    torch.testing.assert_close(got, _alone(zoo, ids, names), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_sgmv_kernel_against_its_formula(dtype):
+    """out[row] += s_a·B_aᵀ(A_a·x[row]) for each segment's rows: segments of 0-3 rows, rows left out, widths that
+    are no multiple of the 16 lanes, in the activations' dtype (fp32 inside, one rounding)."""
+    kernel = sgmv.kernel()
+    if kernel is None:
+        pytest.skip("the SGMV kernel cannot be built here" if not _compiler() else "DELTATUNE_SGMV=0")
+    g = torch.Generator().manual_seed(9)
+    k, r, d_in, d_out, N = 5, 3, 37, 21, 9
+    A, B = torch.randn(k, r, d_in, generator=g), torch.randn(k, r, d_out, generator=g)
+    scale = torch.rand(k, generator=g) + 0.5
+    x, out = torch.randn(N, d_in, generator=g).to(dtype), torch.randn(N, d_out, generator=g).to(dtype)
+    ids = torch.tensor([3, 0, 4, 1])  # adapter 2 unused; adapter 4's segment is empty
+    rows = torch.tensor([6, 1, 0, 8, 2, 5])  # rows 3, 4 and 7 are left as they are
+    starts = torch.tensor([0, 2, 5, 5, 6])
+    expected = out.float().clone()
+    for s, a in enumerate(ids.tolist()):
+        for row in rows[starts[s]:starts[s + 1]].tolist():
+            expected[row] += scale[a] * (B[a].T @ (A[a] @ x[row].float()))
+    got = out.clone()
+    kernel(x, got, A, B, scale, rows, starts, ids)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(got.float(), expected.to(dtype).float(), rtol=tol, atol=tol)
+    assert torch.equal(got[[3, 4, 7]], out[[3, 4, 7]])
+    threads = torch.get_num_threads()
+    try:  # segments split over threads: each writes its own rows, the same values
+        torch.set_num_threads(2)
+        parallel = out.clone()
+        kernel(x, parallel, A, B, scale, rows, starts, ids)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(parallel, got)
+
+
+def test_without_the_kernel_the_torch_op_path_serves(zoo, monkeypatch, caplog):
+    """DELTATUNE_SGMV=0, or a build that fails (no compiler): a warning, then the same outputs through torch ops."""
+    names = ["r4a", "r4b", "r2", None, "r4c", "r4a"]
+    ids = torch.randint(0, 250, (len(names), 1), generator=torch.Generator().manual_seed(10))
+    reference = _alone(zoo, ids, names)
+    monkeypatch.setenv("DELTATUNE_SGMV", "0")
+    assert sgmv.kernel() is None
+    torch.testing.assert_close(_fused_logits(zoo, FusedLora(zoo, decode="segmented"), ids, names), reference,
+                               rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("DELTATUNE_SGMV")
+    monkeypatch.setattr(sgmv, "_built", {})
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'deltatune_sgmv': c++: command not found")
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", no_compiler)
+    with caplog.at_level(logging.WARNING, logger="deltatune.serve"):
+        assert sgmv.kernel() is None
+    assert "could not be built" in caplog.text and "command not found" in caplog.text
+    torch.testing.assert_close(_fused_logits(zoo, FusedLora(zoo, decode="segmented"), ids, names), reference,
+                               rtol=1e-5, atol=1e-5)

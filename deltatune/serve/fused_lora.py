@@ -12,6 +12,8 @@ For the adapters a batch uses at a site (ranks r₁…rₖ, no padding between t
 - **segmented** (decode, many adapters; Punica's SGMV): the rows grouped by adapter, each group padded to the
   largest (G rows), then per rank two batched matmuls (k, G, d_in)·(k, d_in, r) and (k, G, r)·(k, r, d_out)
   against each adapter's own factors, read once, and the rows scattered back: a token pays its own rᵢ.
+  On the CPU this runs as one C++ call a site where serve/sgmv.py's kernel builds (no padding, buffers or
+  scatter; it reads the factors near the memory's bandwidth), else in the torch ops above.
   The cost rule (SEGMENT_FROM) takes it where the stack's columns at a site are at least 4 times the largest
   rank of the batch's rows there (4 or more equal-rank adapters); `FusedLora(decode=...)` forces either.
 - **gathered** (prefill, many tokens per row; Punica's BGMV): each row's own Aᵢ, Bᵢ gathered, one batched
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -139,9 +141,10 @@ SEGMENT_FROM = 4
 class _Kernel:
     """The forward hook of one site for one forward: adds each row's own sᵢBᵢAᵢx to the site's output."""
 
-    def __init__(self, stack: _SiteStack, rows: torch.Tensor, shared: dict, decode: str, workspace: dict) -> None:
+    def __init__(self, stack: _SiteStack, rows: torch.Tensor, shared: dict, decode: str, workspace: dict,
+                 sgmv: Callable[[], Callable | None]) -> None:
         self.stack, self.rows, self.shared = stack, rows, shared  # rows: (B,) adapter index, -1 for none
-        self.decode, self.workspace = decode, workspace
+        self.decode, self.workspace, self.sgmv = decode, workspace, sgmv
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # (B, T, d_in)
@@ -179,9 +182,13 @@ class _Kernel:
         width, d_out = x.shape[-1], output.shape[-1]
         xs, out = x.reshape(-1, width), output.view(-1, d_out)  # (B, d_in), (B, d_out): one token a row
         f32 = torch.float32
+        compiled = self.sgmv() if x.dtype == output.dtype and x.device.type == "cpu" else None
         for g, group in enumerate(self.stack.groups):
             seg = self._shared(("segments", g), lambda: _Segments(group.local, self.rows))
             if seg.rows.numel() == 0:
+                continue
+            if compiled is not None:  # the C++ kernel (serve/sgmv.py): no padding, buffers or scatter
+                compiled(xs.contiguous(), out, group.A, group.B, group.scales, seg.rows, seg.starts, seg.ids)
                 continue
             A, B, scales = group.A, group.B, group.scales  # (k, r, d_in), (k, r, d_out), (k,)
             if seg.used is not None:  # a subset of the group's adapters
@@ -251,7 +258,8 @@ class _Segments:
 
     rows: the batch positions of the group's rows, by adapter; source (k·G,): the row each padded position
     reads (padding repeats a real row: its output is dropped); slots: the padded positions of `rows`, None when
-    there is no padding; used: the group's adapters present, None when all are; count k, width G."""
+    there is no padding; used: the group's adapters present, None when all are; count k, width G; for the C++
+    kernel, ids: the adapters present, ids[s]'s rows being rows[starts[s]:starts[s + 1]]."""
 
     def __init__(self, local: torch.Tensor, rows: torch.Tensor) -> None:
         member = (rows >= 0) & (local[rows.clamp(min=0)] >= 0)
@@ -269,6 +277,7 @@ class _Segments:
         padded = torch.arange(self.width, device=ids.device)[None, :].minimum(counts[:, None] - 1)  # (k, G)
         self.source = self.rows.index_select(0, (first[:, None] + padded).flatten())
         self.slots = None if bool((counts == self.width).all()) else slots
+        self.ids, self.starts = present, torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
 
 
 def _selection(local: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -288,13 +297,18 @@ def _linear_low_rank(model: nn.Module, path: str, delta: nn.Module) -> bool:
 
 class FusedLora:
     """dtype: of the sites' activations when it is not the base's (the autocast dtype), for the prefill kernel.
-    decode: the decode kernel, "auto" (the cost rule, SEGMENT_FROM), "stacked" or "segmented"."""
+    decode: the decode kernel, "auto" (the cost rule, SEGMENT_FROM), "stacked" or "segmented". sgmv: the
+    segmented product through the C++ kernel of serve/sgmv.py where it builds (False: torch ops only)."""
 
     def __init__(self, model: nn.Module, max_sets: int = 4, dtype: torch.dtype | None = None,
-                 decode: str = "auto") -> None:
+                 decode: str = "auto", sgmv: bool = True) -> None:
         if decode not in ("auto", "stacked", "segmented"):
             raise ValueError(f"decode must be 'auto', 'stacked' or 'segmented', got {decode!r}")
-        self.model, self.dtype, self.decode = model, dtype, decode
+        self.model, self.dtype, self.decode, self.sgmv = model, dtype, decode, sgmv
+        if sgmv and decode != "stacked" and all(p.device.type == "cpu" for p in model.parameters()):
+            from . import sgmv as compiled
+
+            compiled.prepare()  # built in the background while the engine starts
         self._workspace: dict = {}  # the segmented kernel's buffers: 5 of the largest site's size (a few MB)
         self.max_sets = max_sets
         self._stacks: OrderedDict[tuple, _Stack] = OrderedDict()
@@ -328,12 +342,21 @@ class FusedLora:
         device = next(self.model.parameters()).device
         rows = torch.tensor([stack.index[n] if n in fused else -1 for n in names], device=device)
         shared: dict = {}  # per-forward row data, shared by the sites with the same adapters and ranks
-        handles = [site.site.register_forward_hook(_Kernel(site, rows, shared, self.decode, self._workspace)) for site in stack.sites]
+        handles = [site.site.register_forward_hook(_Kernel(site, rows, shared, self.decode, self._workspace,
+                                                           self._compiled)) for site in stack.sites]
         try:
             yield [None if n in fused else n for n in names]
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _compiled(self) -> Callable | None:
+        """The C++ segmented kernel where `sgmv` allows it and it builds (serve/sgmv.py), else None: torch ops."""
+        if not self.sgmv:
+            return None
+        from . import sgmv
+
+        return sgmv.kernel()
 
     def _stack(self, names: list[str]) -> _Stack:
         """A cached stack holding `names` (the same adapter objects, not merely the same names), else a new one."""

@@ -1,0 +1,146 @@
+"""A CPU kernel for the segmented decode product (Punica's SGMV): y_b += sᵢ·Bᵢ·(Aᵢ·x_b) for rows grouped by adapter.
+
+For each adapter of a site, its rows' inputs are read (in the activations' dtype, widened to fp32), then each
+row of Aᵢ (r, d_in) and of Bᵢ (r, d_out) is read once from memory and used for all of the adapter's rows while
+it is in L1, and each output row gets its own product added in place, rounded once to its dtype. Against the
+same product in torch ops (an index_select and cast of the inputs, two batched matmuls through padded groups, a
+cast and an index_add_ back; deltatune.serve.fused_lora), it needs no padding and no buffers between the steps,
+and reads the factors at close to the memory's bandwidth where MKL's batched product with 1-4 rows per adapter
+reads them at half to two thirds of it (measured in bench/bench_serve.py --kernels, docs/serving.md).
+
+It is C++ compiled with torch.utils.cpp_extension (a C++ compiler and ninja; about 20 s once per machine, CPU and
+torch version, in the background from the engine's start, then loaded from torch's extension cache in about
+half a second). Where that is not possible, `kernel()` returns None and fused_lora keeps the torch-op path;
+DELTATUNE_SGMV=0 turns it off. fp32 arithmetic throughout, in the order of a plain loop: the result equals the
+torch-op path's to float rounding (1e-5), not bitwise.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("deltatune.serve")
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <vector>
+
+namespace {
+
+constexpr int64_t W = 16;  // accumulator lanes: one AVX-512 register of floats
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[W] = {0};
+  int64_t c = 0;
+  for (; c + W <= n; c += W)
+    for (int64_t l = 0; l < W; ++l) acc[l] += a[c + l] * b[c + l];
+  float sum = 0;
+  for (int64_t l = 0; l < W; ++l) sum += acc[l];
+  for (; c < n; ++c) sum += a[c] * b[c];
+  return sum;
+}
+
+template <typename T>
+void run(const T* x, T* out, const float* A, const float* B, const float* scale, const int64_t* rows,
+         const int64_t* starts, const int64_t* ids, int64_t segments, int64_t r, int64_t d_in, int64_t d_out) {
+  at::parallel_for(0, segments, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> xs, h, y;
+    for (int64_t s = lo; s < hi; ++s) {
+      const int64_t begin = starts[s], G = starts[s + 1] - begin, a = ids[s];
+      if (G == 0) continue;
+      const float* Aa = A + a * r * d_in;
+      const float* Ba = B + a * r * d_out;
+      xs.resize(G * d_in);
+      h.resize(G * r);
+      y.assign(G * d_out, 0.f);
+      for (int64_t g = 0; g < G; ++g) {
+        const T* src = x + rows[begin + g] * d_in;
+        for (int64_t c = 0; c < d_in; ++c) xs[g * d_in + c] = static_cast<float>(src[c]);
+      }
+      for (int64_t j = 0; j < r; ++j)  // A's row j read once, for every row of the adapter
+        for (int64_t g = 0; g < G; ++g) h[g * r + j] = dot(Aa + j * d_in, xs.data() + g * d_in, d_in) * scale[a];
+      for (int64_t j = 0; j < r; ++j) {  // B's row j read once
+        const float* Bj = Ba + j * d_out;
+        for (int64_t g = 0; g < G; ++g) {
+          const float hj = h[g * r + j];
+          float* yg = y.data() + g * d_out;
+          for (int64_t c = 0; c < d_out; ++c) yg[c] += hj * Bj[c];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        T* dst = out + rows[begin + g] * d_out;
+        const float* yg = y.data() + g * d_out;
+        for (int64_t c = 0; c < d_out; ++c) dst[c] = static_cast<T>(static_cast<float>(dst[c]) + yg[c]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// out[rows[i]] += scale[a] * B[a]^T (A[a] x[rows[i]]) for the rows i of segment s (starts[s] <= i < starts[s+1]),
+// a = ids[s]; x (N, d_in) and out (N, d_out) contiguous in one dtype, A (k, r, d_in), B (k, r, d_out), scale (k,)
+// fp32 contiguous; rows, starts, ids int64.
+void sgmv(torch::Tensor x, torch::Tensor out, torch::Tensor A, torch::Tensor B, torch::Tensor scale,
+          torch::Tensor rows, torch::Tensor starts, torch::Tensor ids) {
+  const int64_t r = A.size(1), d_in = A.size(2), d_out = B.size(2), segments = ids.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sgmv", [&] {
+    run<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), A.data_ptr<float>(), B.data_ptr<float>(),
+                  scale.data_ptr<float>(), rows.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
+                  ids.data_ptr<int64_t>(), segments, r, d_in, d_out);
+  });
+}
+"""
+
+_lock = threading.Lock()
+_built: dict[str, Callable | None] = {}
+
+
+def _cpu_tag() -> str:
+    """The compiled code is -march=native: a cache entry per CPU model and flags (a shared home directory)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        info = platform.processor()
+    return hashlib.sha1((info + torch.__version__).encode()).hexdigest()[:10]
+
+
+def prepare() -> None:
+    """Start building the kernel in the background (the engine does at start, so that the first segmented decode
+    step finds it built, or waits only for the rest of the build); `kernel()` then returns it."""
+    if os.environ.get("DELTATUNE_SGMV", "1") != "0" and "sgmv" not in _built:
+        threading.Thread(target=kernel, name="deltatune-sgmv-build", daemon=True).start()
+
+
+def kernel() -> Callable | None:
+    """The compiled `sgmv(x, out, A, B, scale, rows, starts, ids)`, or None where it cannot be built (no compiler,
+    not x86-64/aarch64 Linux, DELTATUNE_SGMV=0): the caller keeps the torch-op path."""
+    if os.environ.get("DELTATUNE_SGMV", "1") == "0":
+        return None
+    with _lock:
+        if "sgmv" not in _built:
+            _built["sgmv"] = _build()
+        return _built["sgmv"]
+
+
+def _build() -> Callable | None:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        module = load_inline(name=f"deltatune_sgmv_{_cpu_tag()}", cpp_sources=_SOURCE, functions=["sgmv"],
+                             extra_cflags=["-O3", "-march=native", "-fno-math-errno"], verbose=False)
+    except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: the torch-op path serves
+        logger.warning("deltatune serve: the SGMV decode kernel could not be built (%s: %s); serving with the "
+                       "torch-op segmented product instead", type(error).__name__, str(error).splitlines()[0][:200])
+        return None
+    return module.sgmv
