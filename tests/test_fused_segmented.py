@@ -281,3 +281,25 @@ def test_without_the_kernel_the_torch_op_path_serves(zoo, monkeypatch, caplog):
     assert "could not be built" in caplog.text and "command not found" in caplog.text
     torch.testing.assert_close(_fused_logits(zoo, FusedLora(zoo, decode="segmented"), ids, names), reference,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch):
+    """torch waits forever on a build lock its owner never released (a server killed while building)."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(sgmv, "_built", {})
+    directory = tmp_path / f"deltatune_sgmv_{sgmv._cpu_tag()}"
+    directory.mkdir()
+    (directory / "lock").touch()
+    old = time.time() - sgmv.STALE_LOCK_S - 60
+    os.utime(directory / "lock", (old, old))
+    seen = []
+
+    def fake_build(**kwargs):
+        seen.append((kwargs["build_directory"], (directory / "lock").exists()))
+        return type("Module", (), {"sgmv": staticmethod(lambda *a: None)})
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", fake_build)
+    assert sgmv.kernel() is not None
+    assert seen == [(str(directory), False)]

@@ -20,7 +20,9 @@ import hashlib
 import logging
 import os
 import platform
+import sys
 import threading
+import time
 from typing import Callable
 
 import torch
@@ -101,23 +103,29 @@ void sgmv(torch::Tensor x, torch::Tensor out, torch::Tensor A, torch::Tensor B, 
 
 _lock = threading.Lock()
 _built: dict[str, Callable | None] = {}
+_building: list[threading.Thread] = []
+STALE_LOCK_S = 600  # a build takes ~20 s: a lock file this old was left by a process killed while building
 
 
 def _cpu_tag() -> str:
-    """The compiled code is -march=native: a cache entry per CPU model and flags (a shared home directory)."""
+    """A cache entry per CPU model and flags (the code is -march=native; a shared home directory), torch and
+    Python version (the module is built against both)."""
     try:
         with open("/proc/cpuinfo") as f:
             info = "".join(line for line in f if line.startswith(("model name", "flags")))
     except OSError:
         info = platform.processor()
-    return hashlib.sha1((info + torch.__version__).encode()).hexdigest()[:10]
+    return hashlib.sha1((info + torch.__version__ + sys.version).encode()).hexdigest()[:10]
 
 
 def prepare() -> None:
     """Start building the kernel in the background (the engine does at start, so that the first segmented decode
     step finds it built, or waits only for the rest of the build); `kernel()` then returns it."""
-    if os.environ.get("DELTATUNE_SGMV", "1") != "0" and "sgmv" not in _built:
-        threading.Thread(target=kernel, name="deltatune-sgmv-build", daemon=True).start()
+    with _lock:
+        if os.environ.get("DELTATUNE_SGMV", "1") == "0" or "sgmv" in _built or _building:
+            return
+        _building.append(threading.Thread(target=kernel, name="deltatune-sgmv-build", daemon=True))
+    _building[0].start()
 
 
 def kernel() -> Callable | None:
@@ -135,9 +143,16 @@ def _build() -> Callable | None:
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "aarch64"):
         return None
     try:
-        from torch.utils.cpp_extension import load_inline
+        from torch.utils.cpp_extension import get_default_build_root, load_inline
 
-        module = load_inline(name=f"deltatune_sgmv_{_cpu_tag()}", cpp_sources=_SOURCE, functions=["sgmv"],
+        name = f"deltatune_sgmv_{_cpu_tag()}"
+        directory = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name)
+        os.makedirs(directory, exist_ok=True)
+        lock = os.path.join(directory, "lock")  # torch's build lock: a stale one would make every start wait
+        if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+            logger.warning("deltatune serve: removing %s, left by a build that did not finish", lock)
+            os.remove(lock)
+        module = load_inline(name=name, cpp_sources=_SOURCE, functions=["sgmv"], build_directory=directory,
                              extra_cflags=["-O3", "-march=native", "-fno-math-errno"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: the torch-op path serves
         logger.warning("deltatune serve: the SGMV decode kernel could not be built (%s: %s); serving with the "
