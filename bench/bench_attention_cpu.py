@@ -6,7 +6,8 @@ The profiler puts SDPA (torch's flash kernel for CPU) at ~29% of speed mode's bf
 so this times one layer's attention (batch 4x231, 9 query heads, 3 kv heads, head dim 64, q laid out as the
 model's projections give it) five ways, interleaved within each round, process CPU seconds, best per way:
 sdpa with the packing mask (what transformers runs), sdpa with GQA done by the kernel, the math backend,
-eager (matmul, fp32 softmax, matmul: transformers' "eager"), and per packed segment with is_causal (varlen).
+eager (matmul, fp32 softmax, matmul: transformers' "eager"), per packed segment with is_causal (varlen), and
+the segments as 2 or 3 padded batches of causal segments (by length; one SDPA call each).
 Each row prints its largest difference from the same computation in fp64.
 """
 from __future__ import annotations
@@ -67,8 +68,38 @@ def varlen(q, k, v, mask):
     return torch.cat(rows)
 
 
+def bucket_plan(buckets: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The segments sorted by length into `buckets` groups, each a padded batch: (positions read (S, L) into the
+    flattened B·T rows, a segment's padding repeating its last token; the real ones among them (S, L))."""
+    segments = sorted(((b, sum(s[:i]), n) for b, s in enumerate(SEGMENTS) for i, n in enumerate(s)), key=lambda t: t[2])
+    cuts = [round(len(segments) * i / buckets) for i in range(buckets + 1)]
+    plan = []
+    for group in (segments[cuts[i]:cuts[i + 1]] for i in range(buckets)):
+        L = max(n for _, _, n in group)
+        plan.append((torch.tensor([[b * T + s + min(j, n - 1) for j in range(L)] for b, s, n in group]),
+                     torch.tensor([[j < n for j in range(L)] for _, _, n in group])))
+    return plan
+
+
+def bucketed(q, k, v, mask, plan):
+    """Per segment again, as a few padded batches of causal segments (padding at a segment's end is never seen
+    by its real positions), one SDPA call each: fewer, larger calls than varlen's 15."""
+    flat = [x.transpose(1, 2).reshape(B * T, x.shape[1], D) for x in (q, k, v)]
+    out = torch.zeros(B * T, H, D, dtype=q.dtype)
+    for index, real in plan:
+        S, L = index.shape
+        qs, ks, vs = (x[index.flatten()].view(S, L, -1, D).transpose(1, 2) for x in flat)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=D ** -0.5, enable_gqa=True)
+        keep = real.flatten().nonzero().flatten()
+        out = out.index_copy(0, index.flatten()[keep], o.transpose(1, 2).reshape(S * L, H, D)[keep])
+    return out.view(B, T, H, D).transpose(1, 2)
+
+
+PLANS = {n: bucket_plan(n) for n in (2, 3)}
 WAYS = {"sdpa + packing mask": sdpa, "sdpa, GQA in the kernel": sdpa_gqa, "math backend": math_backend,
-        "eager (fp32 softmax)": eager, "varlen (per segment, causal)": varlen}
+        "eager (fp32 softmax)": eager, "varlen (per segment, causal)": varlen,
+        "segments in 2 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[2]),
+        "segments in 3 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[3])}
 
 
 def main() -> None:
