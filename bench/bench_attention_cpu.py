@@ -6,7 +6,7 @@ The profiler puts SDPA (torch's flash kernel for CPU) at ~29% of speed mode's bf
 so this times one layer's attention (batch 4x231, 9 query heads, 3 kv heads, head dim 64, q laid out as the
 model's projections give it) five ways, interleaved within each round, process CPU seconds, best per way:
 sdpa with the packing mask (what transformers runs), sdpa with GQA done by the kernel, the math backend,
-eager (matmul, fp32 softmax, matmul: transformers' "eager"), per packed segment with is_causal (varlen), and
+eager (matmul, fp32 softmax, matmul: transformers' "eager"), eager with fp32 scores, per packed segment with is_causal (varlen), and
 the segments as 2 or 3 padded batches of causal segments (by length; one SDPA call each).
 Each row prints its largest difference from the same computation in fp64.
 """
@@ -55,6 +55,13 @@ def eager(q, k, v, mask):
     return w @ repeat_kv(v)
 
 
+def eager_fp32_scores(q, k, v, mask):
+    """eager with the scores and softmax in fp32 (q, k widened first) and P·V in the inputs' dtype."""
+    w = (q.float() @ repeat_kv(k).float().transpose(2, 3)) * D ** -0.5
+    w = torch.softmax(w.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
+    return w @ repeat_kv(v)
+
+
 def varlen(q, k, v, mask):
     rows = []
     for b, lengths in enumerate(SEGMENTS):
@@ -97,7 +104,8 @@ def bucketed(q, k, v, mask, plan):
 
 PLANS = {n: bucket_plan(n) for n in (2, 3)}
 WAYS = {"sdpa + packing mask": sdpa, "sdpa, GQA in the kernel": sdpa_gqa, "math backend": math_backend,
-        "eager (fp32 softmax)": eager, "varlen (per segment, causal)": varlen,
+        "eager (fp32 softmax)": eager, "eager, fp32 scores, P·V in the inputs' dtype": eager_fp32_scores,
+        "varlen (per segment, causal)": varlen,
         "segments in 2 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[2]),
         "segments in 3 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[3])}
 
