@@ -4,7 +4,7 @@
 
 The profiler puts SDPA (torch's flash kernel for CPU) at ~29% of speed mode's bf16 SFT step (docs/benchmarks.md),
 so this times one layer's attention (batch 4x231, 9 query heads, 3 kv heads, head dim 64, q laid out as the
-model's projections give it) five ways, interleaved within each round, process CPU seconds, best per way:
+model's projections give it) eight ways, interleaved within each round, process CPU seconds, best per way:
 sdpa with the packing mask (what transformers runs), sdpa with GQA done by the kernel, the math backend,
 eager (matmul, fp32 softmax, matmul: transformers' "eager"), eager with fp32 scores, per packed segment with is_causal (varlen), and
 the segments as 2 or 3 padded batches of causal segments (by length; one SDPA call each).
@@ -62,6 +62,27 @@ def eager_fp32_scores(q, k, v, mask):
     return w @ repeat_kv(v)
 
 
+def segments_fp32_scores(q, k, v, mask):
+    """Per packed segment, eager: q·kᵀ and the softmax in fp32 (the segment's causal block only), P·V in the
+    inputs' dtype; the rows of all segments side by side in one output."""
+    out = torch.empty_like(q)
+    scale = D ** -0.5
+    for b, lengths in enumerate(SEGMENTS):
+        start = 0
+        for n in lengths:
+            s = slice(start, start + n)
+            qs = q[b, :, s].float().view(KV, H // KV, n, D)
+            ks, vs = k[b, :, s], v[b, :, s]  # (KV, n, D)
+            w = torch.matmul(qs, ks.float()[:, None].transpose(2, 3)) * scale  # (KV, H/KV, n, n)
+            w = torch.softmax(w.masked_fill(CAUSAL[:n, :n], float("-inf")), dim=-1).to(q.dtype)
+            out[b, :, s] = torch.matmul(w, vs[:, None]).reshape(H, n, D)
+            start += n
+    return out
+
+
+CAUSAL = torch.ones(T, T, dtype=torch.bool).triu(1)
+
+
 def varlen(q, k, v, mask):
     rows = []
     for b, lengths in enumerate(SEGMENTS):
@@ -105,7 +126,7 @@ def bucketed(q, k, v, mask, plan):
 PLANS = {n: bucket_plan(n) for n in (2, 3)}
 WAYS = {"sdpa + packing mask": sdpa, "sdpa, GQA in the kernel": sdpa_gqa, "math backend": math_backend,
         "eager (fp32 softmax)": eager, "eager, fp32 scores, P·V in the inputs' dtype": eager_fp32_scores,
-        "varlen (per segment, causal)": varlen,
+        "varlen (per segment, causal)": varlen, "per segment, eager, fp32 scores": segments_fp32_scores,
         "segments in 2 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[2]),
         "segments in 3 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[3])}
 

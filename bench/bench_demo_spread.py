@@ -3,6 +3,9 @@ training seeds 0..N-1, each adapter reloaded into a fresh base and scored on the
 (greedy, exact and JSON match), exactly as `deltatune demo` scores it (seed 0 is the demo itself).
 
     flock /tmp/deltatune-bench.lock python3 bench/bench_demo_spread.py --seeds 5 --out bench/results/demo_spread.json
+
+--set KEY=VALUE changes a training key of the demo's config (dotted for a section, VALUE as JSON), e.g.
+`--set data.packing=true --set attention='"per_example"'`.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", default="bench/results/demo_spread.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a training key of the demo's config, dotted for a section, VALUE as JSON")
     args = parser.parse_args()
 
     from deltatune.core.io import load_adapter
@@ -45,7 +50,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             model, tokenizer = load_model()
-            result = train(model=model, tokenizer=tokenizer, **{**demo_config(Path(tmp) / "run", DEMO_STEPS), "seed": seed})
+            config = {**demo_config(Path(tmp) / "run", DEMO_STEPS), "seed": seed}
+            for item in args.set:
+                key, _, value = item.partition("=")
+                *sections, last = key.split(".")
+                target = config
+                for section in sections:
+                    target = target.setdefault(section, {})
+                target[last] = json.loads(value)
+            result = train(model=model, tokenizer=tokenizer, **config)
             fresh, _ = load_model()
             load_adapter(fresh, result.adapter_dir)
             if bf16_available(fresh):
@@ -56,7 +69,7 @@ def main() -> None:
                          "load": os.getloadavg()[0]})
             print(json.dumps(runs[-1]), flush=True)
     exact = [r["exact"] for r in runs]
-    summary = {"cpu": cpu_name(), "seeds": args.seeds, "runs": runs,
+    summary = {"cpu": cpu_name(), "seeds": args.seeds, "set": args.set, "runs": runs,
                "exact_mean": statistics.mean(exact), "exact_min": min(exact), "exact_max": max(exact),
                "exact_stdev": statistics.pstdev(exact), "json_mean": statistics.mean(r["json"] for r in runs),
                "eval_loss_mean": statistics.mean(r["eval_loss"] for r in runs)}

@@ -73,7 +73,8 @@ class Setup:
     # "attention" (selective keeping attention's outputs only), "attention+down" (and the matmuls of reduction
     # dimension > hidden size: down_proj's), "narrow" (selective without the MLP's gate/up outputs, N > hidden size)
     checkpointing: str = ""
-    attention: str = ""  # "eager": transformers' eager attention (matmul, fp32 softmax, matmul) instead of SDPA
+    attention: str = ""  # "eager": transformers' eager attention (matmul, fp32 softmax, matmul) instead of SDPA;
+    # "segments": deltatune.train.attention (each packed example's causal block)
 
     def recomputed(self) -> float:
         """Share of the decoder's forward matmuls the backward runs again (selective: only LoRA's B(A x), ~0;
@@ -89,6 +90,9 @@ SETUPS: dict[str, Setup] = {
                    loss="chunked", base_bf16=True, fused=True),
     "speed+eager": Setup("speed mode with transformers' eager attention instead of SDPA's CPU flash kernel",
                          loss="chunked", base_bf16=True, fused=True, attention="eager"),
+    "speed+segments": Setup("speed mode with attention per packed example (deltatune.train.attention: fp32 "
+                            "scores, bf16 P·V) instead of SDPA's CPU flash kernel over the masked row",
+                            loss="chunked", base_bf16=True, fused=True, attention="segments"),
     "speed+compile": Setup("speed mode + torch.compile of each decoder layer", loss="chunked", base_bf16=True,
                            fused=True, compile=True),
     "memory": Setup("memory mode: speed mode + gradient checkpointing", loss="chunked", base_bf16=True, fused=True,
@@ -174,7 +178,12 @@ def build(setup: Setup, precision: str):
         info["bf16_linears"] = store_frozen_linears_in_bf16(hf)
         copy_out_of_file_mappings(hf)
     if setup.attention:
-        hf.set_attn_implementation(setup.attention)
+        if setup.attention == "segments":  # deltatune.train.attention: each packed example's own causal block
+            from deltatune.train.attention import register
+
+            hf.set_attn_implementation(register())
+        else:
+            hf.set_attn_implementation(setup.attention)
     if setup.checkpointing:
         from deltatune.train.memory import selective_checkpointing_context
 

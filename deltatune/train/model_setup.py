@@ -89,7 +89,7 @@ def attach_adapter(model: nn.Module, cfg: TrainConfig, config: AdapterConfig, wo
 
 def prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial, world: World) -> None:
     """The frozen base in bf16 under bf16 autocast (frozen_bf16; NF4 layers stay as they are), and gradient
-    checkpointing (memory mode: every layer, or selective)."""
+    checkpointing (memory mode: every layer, or selective), and the attention (`attention: per_example`)."""
     if is_quantized_model(model):
         check_quantized_training(model)
         main_print(world, f"quantized base: {footprint(model).summary()}")
@@ -99,6 +99,13 @@ def prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial
         main_print(world, f"frozen base: {count} linear weights stored in bf16 (frozen_bf16: false keeps fp32)")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, policy=cfg.gradient_checkpointing)
+    if cfg.attention == "per_example":
+        if not callable(getattr(model, "set_attn_implementation", None)):
+            raise ConfigError(f"attention: per_example needs a transformers model, not {type(model).__name__}; "
+                              "set attention: sdpa")
+        from .attention import register
+
+        model.set_attn_implementation(register())
 
 
 def enable_gradient_checkpointing(model: nn.Module, *, policy: bool | str = True) -> None:

@@ -1,0 +1,143 @@
+"""`attention: per_example` (deltatune.train.attention): on packed rows under bf16 autocast on a CPU, each packed
+example's own causal block instead of SDPA over the masked row. Close to SDPA (bf16 rounding of another order),
+SDPA itself everywhere else (fp32, unpacked rows with padding, a decode step), and a config key."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltatune.core.config import ConfigError
+from deltatune.data import collate
+from deltatune.train import attention
+from deltatune.train.config import TrainConfig, load_config
+
+from conftest import make_tiny_llama
+from test_train_loop import prompt_completion, run
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from test_train_loop import make_tokenizer
+
+    return make_tokenizer()
+
+
+def _packed_batch() -> dict:
+    g = torch.Generator().manual_seed(0)
+    rows = [[5, 9, 3], [12, 4], [17]]  # examples per row; the shorter rows end in padding (a segment of its own)
+    examples = []
+    for lengths in rows:
+        ids = torch.randint(3, 250, (sum(lengths),), generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": ids, "position_ids": [p for n in lengths for p in range(n)]})
+    return collate(examples, pad_id=0)
+
+
+def _forward(model, batch, implementation: str, bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.set_attn_implementation(implementation)
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "attention_mask") if k in batch}
+        logits = model(**kwargs, use_cache=False).logits.float()
+    logits.square().mean().backward()
+    return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+def _spy(monkeypatch) -> dict:
+    calls = {"per_example": 0, "sdpa": 0}
+    original = attention._Plan.get
+
+    def get(self, position_ids, mask, batch):
+        starts = original(self, position_ids, mask, batch)
+        calls["sdpa" if starts is None else "per_example"] += 1
+        return starts
+    monkeypatch.setattr(attention._Plan, "get", get)
+    return calls
+
+
+def test_per_example_is_sdpa_to_bf16_rounding_forward_and_backward(monkeypatch):
+    model, batch = make_tiny_llama(), _packed_batch()
+    name = attention.register()
+    ref_logits, ref_grads = _forward(model, batch, "sdpa", bf16=True)
+    calls = _spy(monkeypatch)
+    logits, grads = _forward(model, batch, name, bf16=True)
+    assert calls["per_example"] > 0 and calls["sdpa"] == 0
+    exact_logits, _ = _forward(model, batch, "sdpa", bf16=False)
+    # as far from the fp32 result as SDPA's bf16 run is, not further (another rounding order, not another function)
+    assert (logits - exact_logits).abs().mean() <= 1.5 * (ref_logits - exact_logits).abs().mean() + 1e-4
+    torch.testing.assert_close(logits, ref_logits, rtol=0.05, atol=0.05)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=0.1, atol=0.02)
+
+
+def test_it_never_attends_across_examples():
+    """An example's outputs do not change when another example of its row changes."""
+    model, batch = make_tiny_llama(), _packed_batch()
+    model.set_attn_implementation(attention.register())
+    other = {k: v.clone() for k, v in batch.items()}
+    other["input_ids"][0, 5:14] = 7  # row 0's second example
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        b = model(input_ids=other["input_ids"], position_ids=other["position_ids"], use_cache=False).logits
+    assert torch.equal(a[0, :5], b[0, :5]) and torch.equal(a[0, 14:17], b[0, 14:17]) and torch.equal(a[1:], b[1:])
+    assert not torch.equal(a[0, 5:14], b[0, 5:14])
+
+
+def test_everything_else_is_sdpa_bit_for_bit(monkeypatch):
+    """fp32; unpacked rows with a padding mask; a generate() decode with a cache: SDPA, the same bits."""
+    model, packed = make_tiny_llama(), _packed_batch()
+    name = attention.register()
+    calls = _spy(monkeypatch)
+    ref, ref_grads = _forward(model, packed, "sdpa", bf16=False)
+    got, grads = _forward(model, packed, name, bf16=False)
+    assert torch.equal(got, ref) and all(torch.equal(a, b) for a, b in zip(grads, ref_grads))
+    assert calls["per_example"] == 0
+    unpacked = collate([{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9]},
+                        {"input_ids": [10, 11], "labels": [10, 11]}], pad_id=0)
+    ref, _ = _forward(model, unpacked, "sdpa", bf16=True)
+    got, _ = _forward(model, unpacked, name, bf16=True)
+    assert torch.equal(got, ref)
+    model.set_attn_implementation("sdpa")
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    want = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    model.set_attn_implementation(name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.generate(prompt, max_new_tokens=4, do_sample=False)  # runs: one row, no packing mask
+    assert torch.equal(model.generate(prompt, max_new_tokens=4, do_sample=False), want)  # fp32: SDPA
+
+
+def test_unpacked_rows_without_padding_are_each_one_example(monkeypatch):
+    """No packing and no padding: transformers passes no mask and one row of position_ids for the batch; every
+    row is one causal example (a bug once left the rows after the first uncomputed)."""
+    model = make_tiny_llama()
+    ids = torch.randint(3, 250, (3, 11), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    ref, ref_grads = _forward(model, batch, "sdpa", bf16=True)
+    calls = _spy(monkeypatch)
+    got, grads = _forward(model, batch, attention.register(), bf16=True)
+    assert calls["per_example"] > 0
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.02)
+
+
+def test_a_mask_that_is_not_the_packing_mask_goes_to_sdpa():
+    starts = [[0, 3, 5], [0, 5]]
+    mask = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    mask[0, 0, :3, :3], mask[0, 0, 3:, 3:], mask[1, 0] = causal[:3, :3], causal[:2, :2], causal
+    assert attention._is_packing_mask(mask, starts)
+    mask[1, 0, 4, 0] = False  # a padding-like hole
+    assert not attention._is_packing_mask(mask, starts)
+    assert not attention._is_packing_mask(mask.float(), starts)
+
+
+def test_the_config_key(tmp_path, tokenizer, monkeypatch):
+    calls = _spy(monkeypatch)
+    assert TrainConfig().attention == "sdpa"
+    assert load_config(overrides=["--attention", "per_example"]).attention == "per_example"
+    with pytest.raises(ConfigError, match="attention"):
+        TrainConfig(attention="flash")
+    result = run(tmp_path, "per_example", prompt_completion(8), tokenizer, precision="bf16", max_steps=2,
+                 batch_size=2, attention="per_example", data={"packing": True})
+    assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
+    assert calls["per_example"] > 0
