@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(METHODS), help="comma-separated method names")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--name", default="methods", help="results file stem under bench/results")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = [base_score()]
@@ -102,8 +103,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "methods.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
-    (RESULTS / "methods.md").write_text(table(rows, cpu_name()))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"cpu": cpu_name(), "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(table(rows, cpu_name()))
     print(table(rows, cpu_name()))
 
 
