@@ -153,7 +153,10 @@ def _build() -> Callable | None:
             logger.warning("deltatune serve: removing %s, left by a build that did not finish", lock)
             os.remove(lock)
         module = load_inline(name=name, cpp_sources=_SOURCE, functions=["sgmv"], build_directory=directory,
-                             extra_cflags=["-O3", "-march=native", "-fno-math-errno"], verbose=False)
+                             # OpenMP for at::parallel_for (without it the header runs serially); the library
+                             # it needs is the libgomp.so.1 torch has already loaded, so there is one thread pool
+                             extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                             extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as error:  # noqa: BLE001 - no compiler, no ninja, a failed build: the torch-op path serves
         logger.warning("deltatune serve: the SGMV decode kernel could not be built (%s: %s); serving with the "
                        "torch-op segmented product instead", type(error).__name__, str(error).splitlines()[0][:200])
