@@ -141,3 +141,16 @@ def test_the_config_key(tmp_path, tokenizer, monkeypatch):
                  batch_size=2, attention="per_example", data={"packing": True})
     assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
     assert calls["per_example"] > 0
+
+
+def test_checkpointing_recomputes_it_exactly(tmp_path, tokenizer):
+    """Memory mode's backward recomputes the same per-example attention: the same losses and adapter."""
+    from test_train_loop import assert_same_tensors, saved
+
+    common = dict(precision="bf16", max_steps=2, batch_size=2, attention="per_example", data={"packing": True},
+                  optim={"lr": 5e-3})
+    plain = run(tmp_path, "plain", prompt_completion(8), tokenizer, **common)
+    for policy in (True, "selective"):
+        other = run(tmp_path, str(policy), prompt_completion(8), tokenizer, gradient_checkpointing=policy, **common)
+        assert other.losses == plain.losses, policy
+        assert_same_tensors(saved(other.adapter_dir), saved(plain.adapter_dir), rtol=0, atol=0)
