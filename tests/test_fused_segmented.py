@@ -259,6 +259,15 @@ def test_the_sgmv_kernel_against_its_formula(dtype):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(parallel, got)
+    for bad, message in ((dict(rows=torch.tensor([6, 1, 0, 8, 2, N])), "row out of range"),
+                         (dict(ids=torch.tensor([3, 0, 5, 1])), "adapter id out of range"),
+                         (dict(starts=torch.tensor([0, 2, 5, 5, 5])), "from 0 to len"),
+                         (dict(x=x[:, :-1].contiguous()), "shapes disagree"), (dict(out=got.T.contiguous().T), "contiguous")):
+        args = {**dict(x=x, out=got.clone(), A=A, B=B, scale=scale, rows=rows, starts=starts, ids=ids), **bad}
+        before = args["out"].clone()
+        with pytest.raises(RuntimeError, match=message):
+            kernel(*args.values())
+        assert torch.equal(args["out"], before)
 
 
 def test_without_the_kernel_the_torch_op_path_serves(zoo, monkeypatch, caplog):

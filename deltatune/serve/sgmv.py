@@ -2,7 +2,8 @@
 
 For each adapter of a site, its rows' inputs are read (in the activations' dtype, widened to fp32), then each
 row of Aᵢ (r, d_in) and of Bᵢ (r, d_out) is read once from memory and used for all of the adapter's rows while
-it is in L1, and each output row gets its own product added in place, rounded once to its dtype. Against the
+it is in L1, and each output row gets its own product added in place, rounded once to its dtype; the adapters
+are split over torch's threads, and every argument is checked (shapes, dtypes, index ranges). Against the
 same product in torch ops (an index_select and cast of the inputs, two batched matmuls through padded groups, a
 cast and an index_add_ back; deltatune.serve.fused_lora), it needs no padding and no buffers between the steps,
 and reads the factors at close to the memory's bandwidth where MKL's batched product with 1-4 rows per adapter
@@ -92,7 +93,25 @@ void run(const T* x, T* out, const float* A, const float* B, const float* scale,
 // fp32 contiguous; rows, starts, ids int64.
 void sgmv(torch::Tensor x, torch::Tensor out, torch::Tensor A, torch::Tensor B, torch::Tensor scale,
           torch::Tensor rows, torch::Tensor starts, torch::Tensor ids) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && A.dim() == 3 && B.dim() == 3, "sgmv: x, out (N, d); A, B (k, r, d)");
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && A.is_contiguous() && B.is_contiguous() &&
+              scale.is_contiguous() && rows.is_contiguous() && starts.is_contiguous() && ids.is_contiguous(),
+              "sgmv: every tensor contiguous");
+  TORCH_CHECK(x.scalar_type() == out.scalar_type() && A.scalar_type() == at::kFloat &&
+              B.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat, "sgmv: x, out one dtype; A, B, scale fp32");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && starts.scalar_type() == at::kLong && ids.scalar_type() == at::kLong,
+              "sgmv: rows, starts, ids int64");
   const int64_t r = A.size(1), d_in = A.size(2), d_out = B.size(2), segments = ids.size(0);
+  TORCH_CHECK(x.size(1) == d_in && out.size(1) == d_out && out.size(0) == x.size(0) && B.size(0) == A.size(0) &&
+              B.size(1) == r && scale.size(0) == A.size(0) && starts.size(0) == segments + 1, "sgmv: shapes disagree");
+  const int64_t *st = starts.data_ptr<int64_t>(), *id = ids.data_ptr<int64_t>(), *rw = rows.data_ptr<int64_t>();
+  TORCH_CHECK(st[0] == 0 && st[segments] == rows.size(0), "sgmv: starts must run from 0 to len(rows)");
+  for (int64_t s = 0; s < segments; ++s) {
+    TORCH_CHECK(st[s] <= st[s + 1], "sgmv: starts must not decrease");
+    TORCH_CHECK(id[s] >= 0 && id[s] < A.size(0), "sgmv: adapter id out of range");
+  }
+  for (int64_t i = 0; i < rows.size(0); ++i)
+    TORCH_CHECK(rw[i] >= 0 && rw[i] < x.size(0), "sgmv: row out of range");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "sgmv", [&] {
     run<scalar_t>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), A.data_ptr<float>(), B.data_ptr<float>(),
                   scale.data_ptr<float>(), rows.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
