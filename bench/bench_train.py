@@ -90,8 +90,8 @@ SETUPS: dict[str, Setup] = {
                    loss="chunked", base_bf16=True, fused=True),
     "speed+eager": Setup("speed mode with transformers' eager attention instead of SDPA's CPU flash kernel",
                          loss="chunked", base_bf16=True, fused=True, attention="eager"),
-    "speed+segments": Setup("speed mode with attention per packed example (deltatune.train.attention: fp32 "
-                            "scores, bf16 P·V) instead of SDPA's CPU flash kernel over the masked row",
+    "speed+segments": Setup("speed mode with attention per packed example (deltatune.train.attention: bf16 with "
+                            "fp32 scores, fp32 through SDPA's causal kernel) instead of SDPA over the masked row",
                             loss="chunked", base_bf16=True, fused=True, attention="segments"),
     "speed+compile": Setup("speed mode + torch.compile of each decoder layer", loss="chunked", base_bf16=True,
                            fused=True, compile=True),

@@ -2,13 +2,14 @@
 
 On packed SFT rows transformers' SDPA runs the CPU flash kernel over the whole row under a block-diagonal mask:
 it computes every (query, key) pair of the row, across examples, and its bf16 backward is slow. This computes
-each example's own causal block, eagerly: q·kᵀ and the softmax in fp32 (as the flash kernel accumulates them),
-P·V in bf16, so a row of n examples of length m costs about n·m² instead of (n·m)², with the kernels that run
-fast here. Measured in bench/bench_attention_cpu.py (0.56x SDPA's time in bf16 on an AMD EPYC with AVX512-BF16)
-and bench/bench_train.py (setup speed+segments).
+each example's own causal block, so a row of n examples of length m costs about n·m² instead of (n·m)²: under
+bf16 autocast eagerly, q·kᵀ and the softmax in fp32 (as the flash kernel accumulates them) and P·V in bf16, the
+kernels that run fast here; in fp32 through SDPA's causal kernel per example (exact). Measured in
+bench/bench_attention_cpu.py (0.56x SDPA's time in bf16, 0.61x in fp32, on an AMD EPYC with AVX512-BF16) and
+bench/bench_train.py (setup speed+segments).
 
 The examples are found from position_ids as transformers finds packed sequences (a new one wherever a position
-does not follow its predecessor by 1). Everything else (an fp32 run, no packing, dropout, a sliding window, a
+does not follow its predecessor by 1). Everything else (fp16, CUDA, no packing, dropout, a sliding window, a
 mask that is not the packing mask) goes to SDPA unchanged.
 """
 from __future__ import annotations
@@ -71,9 +72,10 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")
-    bf16 = query.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu")
-                                             and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    plain = (query.device.type != "cpu" or not bf16 or dropout or position_ids is None
+    autocast = torch.is_autocast_enabled("cpu")
+    bf16 = query.dtype == torch.bfloat16 or (autocast and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    fp32 = query.dtype == torch.float32 and not autocast
+    plain = (query.device.type != "cpu" or not (bf16 or fp32) or dropout or position_ids is None
              or position_ids.shape[-1] != query.shape[2] or key.shape[2] != query.shape[2]
              or getattr(module, "sliding_window", None) or kwargs.get("softcap") or kwargs.get("s_aux") is not None)
     starts = None if plain else _plan.get(position_ids, attention_mask, query.shape[0])
@@ -83,6 +85,14 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     batch, heads, length, width = query.shape
     groups = key.shape[1]
     scale = scaling if scaling is not None else width ** -0.5
+    if fp32:  # SDPA's own causal kernel on each example: exact, and it skips the masked blocks
+        out = query.new_empty(batch, length, heads, width)
+        for b, row in enumerate(starts):
+            for s, e in zip(row, row[1:]):
+                out[b, s:e] = torch.nn.functional.scaled_dot_product_attention(
+                    query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True,
+                    scale=scale, enable_gqa=groups != heads)[0].transpose(0, 1)
+        return out, None
     causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
     # as SDPA under autocast: q, k, v rounded to bf16 first (after the rotary embedding's fp32), then the
     # scores accumulated in fp32

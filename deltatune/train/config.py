@@ -118,9 +118,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool | Literal["selective", "narrow"] = False
     frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products; also
     # in a model passed to train(model=...))
-    # "per_example": on packed rows under bf16 autocast on a CPU, attention over each packed example's own causal
-    # block (deltatune.train.attention) instead of SDPA over the masked row: faster there, rounded differently
-    # (docs/benchmarks.md); anything else (fp32, unpacked rows, CUDA) runs SDPA as "sdpa" does
+    # "per_example": on packed rows on a CPU, attention over each packed example's own causal block
+    # (deltatune.train.attention) instead of SDPA over the masked row: faster there; in bf16 rounded differently
+    # (docs/benchmarks.md); anything else (padded rows, CUDA, fp16) runs SDPA as "sdpa" does
     attention: Literal["sdpa", "per_example"] = "sdpa"
     quantize: Literal["nf4", "gguf"] | None = None  # QLoRA: the base's linear layers stored in NF4 + double quantization
     # (~4.13 bits/weight), the adapter trained on top (docs/qlora.md); also applied to a model passed in; gguf: the
