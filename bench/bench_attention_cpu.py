@@ -62,25 +62,16 @@ def eager_fp32_scores(q, k, v, mask):
     return w @ repeat_kv(v)
 
 
-def segments_fp32_scores(q, k, v, mask):
-    """Per packed segment, eager: q·kᵀ and the softmax in fp32 (the segment's causal block only), P·V in the
-    inputs' dtype; the rows of all segments side by side in one output."""
-    out = torch.empty_like(q)
-    scale = D ** -0.5
-    for b, lengths in enumerate(SEGMENTS):
-        start = 0
-        for n in lengths:
-            s = slice(start, start + n)
-            qs = q[b, :, s].float().view(KV, H // KV, n, D)
-            ks, vs = k[b, :, s], v[b, :, s]  # (KV, n, D)
-            w = torch.matmul(qs, ks.float()[:, None].transpose(2, 3)) * scale  # (KV, H/KV, n, n)
-            w = torch.softmax(w.masked_fill(CAUSAL[:n, :n], float("-inf")), dim=-1).to(q.dtype)
-            out[b, :, s] = torch.matmul(w, vs[:, None]).reshape(H, n, D)
-            start += n
-    return out
+POSITIONS = torch.tensor([[p for n in s for p in range(n)] for s in SEGMENTS])
 
 
-CAUSAL = torch.ones(T, T, dtype=torch.bool).triu(1)
+def per_example(q, k, v, mask):
+    """deltatune.train.attention (`attention: per_example`), as the model calls it: bf16 with fp32 scores and
+    bf16 P·V per packed example, fp32 through SDPA's causal kernel per example."""
+    from deltatune.train.attention import packed_attention
+
+    out, _ = packed_attention(torch.nn.Module(), q, k, v, mask, scaling=D ** -0.5, position_ids=POSITIONS)
+    return out.transpose(1, 2)
 
 
 def varlen(q, k, v, mask):
@@ -126,7 +117,7 @@ def bucketed(q, k, v, mask, plan):
 PLANS = {n: bucket_plan(n) for n in (2, 3)}
 WAYS = {"sdpa + packing mask": sdpa, "sdpa, GQA in the kernel": sdpa_gqa, "math backend": math_backend,
         "eager (fp32 softmax)": eager, "eager, fp32 scores, P·V in the inputs' dtype": eager_fp32_scores,
-        "varlen (per segment, causal)": varlen, "per segment, eager, fp32 scores": segments_fp32_scores,
+        "varlen (per segment, causal)": varlen, "per example (deltatune.train.attention)": per_example,
         "segments in 2 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[2]),
         "segments in 3 padded causal batches": lambda q, k, v, mask: bucketed(q, k, v, mask, PLANS[3])}
 

@@ -54,19 +54,28 @@ def _spy(monkeypatch) -> dict:
     return calls
 
 
+def _assert_close(got: tuple, want: tuple, *, logits: float, rtol: float, atol: float) -> None:
+    """(logits, gradients) of two `_forward`s: the logits to `logits`, the gradients to rtol/atol."""
+    torch.testing.assert_close(got[0], want[0], rtol=logits, atol=logits)
+    for a, b in zip(got[1], want[1]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def _both(monkeypatch, model, batch, bf16: bool) -> tuple[tuple, tuple, dict]:
+    """(per_example's (logits, gradients), SDPA's, the counts of the path per_example took)."""
+    ref = _forward(model, batch, "sdpa", bf16=bf16)
+    calls = _spy(monkeypatch)
+    return _forward(model, batch, attention.register(), bf16=bf16), ref, calls
+
+
 def test_per_example_is_sdpa_to_bf16_rounding_forward_and_backward(monkeypatch):
     model, batch = make_tiny_llama(), _packed_batch()
-    name = attention.register()
-    ref_logits, ref_grads = _forward(model, batch, "sdpa", bf16=True)
-    calls = _spy(monkeypatch)
-    logits, grads = _forward(model, batch, name, bf16=True)
+    got, ref, calls = _both(monkeypatch, model, batch, bf16=True)
     assert calls["per_example"] > 0 and calls["sdpa"] == 0
     exact_logits, _ = _forward(model, batch, "sdpa", bf16=False)
     # as far from the fp32 result as SDPA's bf16 run is, not further (another rounding order, not another function)
-    assert (logits - exact_logits).abs().mean() <= 1.5 * (ref_logits - exact_logits).abs().mean() + 1e-4
-    torch.testing.assert_close(logits, ref_logits, rtol=0.05, atol=0.05)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0.1, atol=0.02)
+    assert (got[0] - exact_logits).abs().mean() <= 1.5 * (ref[0] - exact_logits).abs().mean() + 1e-4
+    _assert_close(got, ref, logits=0.05, rtol=0.1, atol=0.02)
 
 
 def test_it_never_attends_across_examples():
@@ -83,15 +92,9 @@ def test_it_never_attends_across_examples():
 
 
 def test_in_fp32_it_is_sdpa_per_example_exactly(monkeypatch):
-    model, packed = make_tiny_llama(), _packed_batch()
-    name = attention.register()
-    ref, ref_grads = _forward(model, packed, "sdpa", bf16=False)
-    calls = _spy(monkeypatch)
-    got, grads = _forward(model, packed, name, bf16=False)
+    got, ref, calls = _both(monkeypatch, make_tiny_llama(), _packed_batch(), bf16=False)
     assert calls["per_example"] > 0
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    _assert_close(got, ref, logits=1e-5, rtol=1e-4, atol=1e-6)
 
 
 def test_everything_else_is_sdpa_bit_for_bit(monkeypatch):
@@ -121,13 +124,9 @@ def test_unpacked_rows_without_padding_are_each_one_example(monkeypatch):
     model = make_tiny_llama()
     ids = torch.randint(3, 250, (3, 11), generator=torch.Generator().manual_seed(1))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    ref, ref_grads = _forward(model, batch, "sdpa", bf16=True)
-    calls = _spy(monkeypatch)
-    got, grads = _forward(model, batch, attention.register(), bf16=True)
+    got, ref, calls = _both(monkeypatch, model, batch, bf16=True)
     assert calls["per_example"] > 0
-    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
-    for a, b in zip(grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=0.1, atol=0.02)
+    _assert_close(got, ref, logits=0.05, rtol=0.1, atol=0.02)
 
 
 def test_a_mask_that_is_not_the_packing_mask_goes_to_sdpa():

@@ -182,7 +182,9 @@ class _Kernel:
         width, d_out = x.shape[-1], output.shape[-1]
         xs, out = x.reshape(-1, width), output.view(-1, d_out)  # (B, d_in), (B, d_out): one token a row
         f32 = torch.float32
-        compiled = self.sgmv() if x.dtype == output.dtype and x.device.type == "cpu" else None
+        if "sgmv" not in self.shared:  # looked up once a forward, by the first segmented site
+            self.shared["sgmv"] = self.sgmv()
+        compiled = self.shared["sgmv"] if x.dtype == output.dtype and x.device.type == "cpu" else None
         for g, group in enumerate(self.stack.groups):
             seg = self._shared(("segments", g), lambda: _Segments(group.local, self.rows))
             if seg.rows.numel() == 0:

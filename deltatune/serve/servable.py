@@ -33,7 +33,7 @@ class ServableAdapters:
                 adapter = self._blend(dict(key))
             else:
                 if key not in self._blends or self._blends[key] not in attached_adapters(self.model):
-                    from .registry import blend_lora, blend_name
+                    from .blends import blend_lora, blend_name
                     self._blends[key] = blend_lora(self.model, dict(key), blend_name(dict(key)))
                 adapter = self._blends[key]
         if adapter is not None:

@@ -39,7 +39,8 @@ from .guards import AccessLog, Limits, guarded_protocol
 from .request import StepOutput
 from .responses import Shape, event, logprobs_wanted
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics
-from .registry import AdapterRegistry, _check_weights, blend_name
+from .blends import blend_name, check_weights
+from .registry import AdapterRegistry
 from .sampling import RequestError, SamplingParams
 from .worker import EngineWorker
 
@@ -229,7 +230,7 @@ class Server(AdminRoutes):
         if blend is not None:
             if not isinstance(blend, dict):
                 raise RequestError("adapters must be an object {name: weight}", param="adapters")
-            blend = _check_weights(blend)  # finite numbers, 400 naming the field otherwise
+            blend = check_weights(blend)  # finite numbers, 400 naming the field otherwise
             return blend, blend_name(blend)
         if model == self.base_name and self.registry.base_owner is not None:
             raise RequestError(f"the base model {model!r} is not served: the weights in memory are adapter "

@@ -5,7 +5,7 @@ it computes every (query, key) pair of the row, across examples, and its bf16 ba
 each example's own causal block, so a row of n examples of length m costs about n·m² instead of (n·m)²: under
 bf16 autocast eagerly, q·kᵀ and the softmax in fp32 (as the flash kernel accumulates them) and P·V in bf16, the
 kernels that run fast here; in fp32 through SDPA's causal kernel per example (exact). Measured in
-bench/bench_attention_cpu.py (0.56x SDPA's time in bf16, 0.61x in fp32, on an AMD EPYC with AVX512-BF16) and
+bench/bench_attention_cpu.py (0.53x SDPA's time in bf16, 0.63x in fp32, on an AMD EPYC with AVX512-BF16) and
 bench/bench_train.py (setup speed+segments).
 
 The examples are found from position_ids as transformers finds packed sequences (a new one wherever a position
