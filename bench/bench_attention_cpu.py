@@ -4,10 +4,11 @@
 
 The profiler puts SDPA (torch's flash kernel for CPU) at ~29% of speed mode's bf16 SFT step (docs/benchmarks.md),
 so this times one layer's attention (batch 4x231, 9 query heads, 3 kv heads, head dim 64, q laid out as the
-model's projections give it) eight ways, interleaved within each round, process CPU seconds, best per way:
+model's projections give it) nine ways, interleaved within each round, process CPU seconds, best per way:
 sdpa with the packing mask (what transformers runs), sdpa with GQA done by the kernel, the math backend,
-eager (matmul, fp32 softmax, matmul: transformers' "eager"), eager with fp32 scores, per packed segment with is_causal (varlen), and
-the segments as 2 or 3 padded batches of causal segments (by length; one SDPA call each).
+eager (matmul, fp32 softmax, matmul: transformers' "eager"), eager with fp32 scores, per packed segment with
+is_causal (varlen), deltatune.train.attention (`attention: per_example`), and the segments as 2 or 3 padded
+batches of causal segments (by length; one SDPA call each).
 Each row prints its largest difference from the same computation in fp64.
 """
 from __future__ import annotations
