@@ -73,8 +73,9 @@ class Setup:
     # "attention" (selective keeping attention's outputs only), "attention+down" (and the matmuls of reduction
     # dimension > hidden size: down_proj's), "narrow" (selective without the MLP's gate/up outputs, N > hidden size)
     checkpointing: str = ""
-    attention: str = ""  # "eager": transformers' eager attention (matmul, fp32 softmax, matmul) instead of SDPA;
-    # "segments": deltatune.train.attention (each packed example's causal block)
+    attention: str = ""  # "": the model's SDPA; "eager": transformers' eager attention (matmul, fp32 softmax,
+    # matmul); "auto": as `deltatune train` (attention: auto): deltatune.train.attention, each packed example's
+    # causal block, on the packed sft workload, SDPA on the random one
 
     def recomputed(self) -> float:
         """Share of the decoder's forward matmuls the backward runs again (selective: only LoRA's B(A x), ~0;
@@ -86,32 +87,33 @@ class Setup:
 SETUPS: dict[str, Setup] = {
     "peft": Setup("peft + transformers: model(**batch).loss (full logits); torch's default AdamW", lib="peft"),
     "deltatune-hf": Setup("deltatune LoRA layers with peft's step (same HF loss and AdamW)"),
-    "speed": Setup("speed mode: chunked fused loss + fused AdamW (+ bf16 frozen base weights under bf16)",
-                   loss="chunked", base_bf16=True, fused=True),
+    "speed": Setup("speed mode: chunked fused loss + fused AdamW (+ bf16 frozen base weights under bf16; attention "
+                   "per packed example on packed rows)", loss="chunked", base_bf16=True, fused=True, attention="auto"),
+    "speed+sdpa": Setup("speed mode with SDPA over the masked row (attention: sdpa)", loss="chunked",
+                        base_bf16=True, fused=True),
     "speed+eager": Setup("speed mode with transformers' eager attention instead of SDPA's CPU flash kernel",
                          loss="chunked", base_bf16=True, fused=True, attention="eager"),
-    "speed+segments": Setup("speed mode with attention per packed example (deltatune.train.attention: bf16 with "
-                            "fp32 scores, fp32 through SDPA's causal kernel) instead of SDPA over the masked row",
-                            loss="chunked", base_bf16=True, fused=True, attention="segments"),
     "speed+compile": Setup("speed mode + torch.compile of each decoder layer", loss="chunked", base_bf16=True,
-                           fused=True, compile=True),
+                           fused=True, compile=True, attention="auto"),
     "memory": Setup("memory mode: speed mode + gradient checkpointing", loss="chunked", base_bf16=True, fused=True,
-                    checkpointing="full"),
+                    checkpointing="full", attention="auto"),
     "memory-selective": Setup("speed mode + selective checkpointing (matmul and attention outputs kept, the rest "
-                              "recomputed)", loss="chunked", base_bf16=True, fused=True, checkpointing="selective"),
+                              "recomputed)", loss="chunked", base_bf16=True, fused=True, checkpointing="selective",
+                              attention="auto"),
     "peft+trim": Setup("peft's step + malloc_trim(0) between forward and backward", lib="peft", trim=True),
     "memory+trim": Setup("memory mode + malloc_trim(0) between forward and backward", loss="chunked", base_bf16=True,
-                         fused=True, checkpointing="full", trim=True),
+                         fused=True, checkpointing="full", trim=True, attention="auto"),
     "memory-selective+trim": Setup("selective checkpointing + malloc_trim(0) between forward and backward",
-                                   loss="chunked", base_bf16=True, fused=True, checkpointing="selective", trim=True),
+                                   loss="chunked", base_bf16=True, fused=True, checkpointing="selective", trim=True,
+                                   attention="auto"),
     "memory-attn": Setup("checkpointing that keeps attention's outputs only (the rest recomputed)", loss="chunked",
-                         base_bf16=True, fused=True, checkpointing="attention"),
+                         base_bf16=True, fused=True, checkpointing="attention", attention="auto"),
     "memory-attn-down": Setup("checkpointing that keeps attention's and down_proj's outputs", loss="chunked",
-                              base_bf16=True, fused=True, checkpointing="attention+down"),
+                              base_bf16=True, fused=True, checkpointing="attention+down", attention="auto"),
     "memory-narrow": Setup("selective checkpointing that recomputes the MLP's gate and up projections too",
-                           loss="chunked", base_bf16=True, fused=True, checkpointing="narrow"),
+                           loss="chunked", base_bf16=True, fused=True, checkpointing="narrow", attention="auto"),
     "memory-half": Setup("speed mode + gradient checkpointing of every 2nd layer", loss="chunked", base_bf16=True,
-                         fused=True, checkpointing="half"),
+                         fused=True, checkpointing="half", attention="auto"),
     # ablations, run with --only
     "chunked": Setup("peft's step with deltatune layers and the chunked loss only", loss="chunked"),
     "chunked1024": Setup("as chunked, 1024-token chunks", loss="chunked", chunk=1024),
@@ -158,7 +160,7 @@ def make_batch(workload: str, tokenizer, vocab_size: int) -> tuple[dict[str, tor
                    "real_tokens": sum(len(rows[i]["input_ids"]) for i in first)}
 
 
-def build(setup: Setup, precision: str):
+def build(setup: Setup, precision: str, workload: str):
     """(model with LoRA, its HF causal-LM module, optimizer, info) for one setup."""
     model, tokenizer, loader = load_base_and_tokenizer()
     info: dict = {"loader": loader, "rss_after_load_gb": current_rss_gb()}
@@ -177,13 +179,12 @@ def build(setup: Setup, precision: str):
 
         info["bf16_linears"] = store_frozen_linears_in_bf16(hf)
         copy_out_of_file_mappings(hf)
-    if setup.attention:
-        if setup.attention == "segments":  # deltatune.train.attention: each packed example's own causal block
-            from deltatune.train.attention import register
+    if setup.attention == "auto" and workload == "sft":  # deltatune.train.attention: each packed example's block
+        from deltatune.train.attention import register
 
-            hf.set_attn_implementation(register())
-        else:
-            hf.set_attn_implementation(setup.attention)
+        hf.set_attn_implementation(register())
+    elif setup.attention not in ("", "auto"):
+        hf.set_attn_implementation(setup.attention)
     if setup.checkpointing:
         from deltatune.train.memory import selective_checkpointing_context
 
@@ -283,7 +284,7 @@ def run_one(name: str, args) -> dict:
         raise SystemExit(f"--one {name!r}: use SETUP/PRECISION with SETUP in {', '.join(SETUPS)} and PRECISION in {PRECISIONS}")
     setup = SETUPS[setup_name]
     torch.manual_seed(0)
-    model, hf, optimizer, tokenizer, info = build(setup, precision)
+    model, hf, optimizer, tokenizer, info = build(setup, precision, args.workload)
     batch, info["batch"] = make_batch(args.workload, tokenizer, hf.config.vocab_size)
     step = make_step(setup, precision, model, hf, optimizer, batch)
     start = time.perf_counter()

@@ -140,9 +140,60 @@ def test_a_mask_that_is_not_the_packing_mask_goes_to_sdpa():
     assert not attention._is_packing_mask(mask.float(), starts)
 
 
+def test_bf16_rounds_only_the_output_closer_to_exact_than_sdpa():
+    """On the same bf16 inputs, its outputs are exact attention rounded once to bf16; SDPA's bf16 kernel also
+    rounds the probabilities, so it is further from exact, and its gradients too."""
+    g = torch.Generator().manual_seed(0)
+    lengths = [[7, 20, 5], [32]]
+    q, k, v = (torch.randn(2, h, 32, 16, generator=g).bfloat16().requires_grad_() for h in (6, 2, 2))
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths])
+    starts = attention._starts(position_ids)
+    mask = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    for b, row in enumerate(starts):
+        for s, e in zip(row, row[1:]):
+            mask[b, 0, s:e, s:e] = torch.ones(e - s, e - s, dtype=torch.bool).tril()
+    grad_out = torch.randn(2, 32, 6, 16, generator=g, dtype=torch.float64)
+
+    def run_(fn, *inputs):
+        out = fn(*inputs)
+        (out.double() * grad_out).sum().backward()
+        return out.detach().double(), [x.grad.double() for x in inputs]
+
+    exact = run_(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2), *(x.detach().double().requires_grad_() for x in (q, k, v)))
+    ours = run_(lambda q, k, v: attention._per_example(q, k, v, starts, None, round_to_bf16=True), q, k, v)
+    for x in (q, k, v):
+        x.grad = None
+    sdpa = run_(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2), q, k, v)
+    # one rounding, at the output: exact attention rounded to bf16 but where fp32 lands beside a tie
+    assert (ours[0] != exact[0].bfloat16().double()).float().mean() < 0.01
+    assert (ours[0] - exact[0]).abs().mean() < (sdpa[0] - exact[0]).abs().mean()
+    for got, ref, want in zip(ours[1], sdpa[1], exact[1]):
+        assert (got - want).abs().mean() < (ref - want).abs().mean()
+
+
+def test_auto_takes_it_on_packed_rows_of_a_transformers_model_on_sdpa(monkeypatch):
+    from deltatune.train.config import DataConfig
+    from deltatune.train.model_setup import _attention_per_example
+
+    model = make_tiny_llama()
+    assert TrainConfig().attention == "auto"
+    packed = DataConfig(packing=True)
+    assert _attention_per_example(model, TrainConfig(data=packed))
+    assert not _attention_per_example(model, TrainConfig())  # unpacked rows: SDPA as loaded
+    assert not _attention_per_example(model, TrainConfig(data=packed, attention="sdpa"))
+    assert _attention_per_example(model, TrainConfig(attention="per_example"))
+    model.set_attn_implementation("eager")  # the user's choice is kept
+    assert not _attention_per_example(model, TrainConfig(data=packed))
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert not _attention_per_example(plain, TrainConfig(data=packed))
+    with pytest.raises(ConfigError, match="transformers model"):
+        _attention_per_example(plain, TrainConfig(attention="per_example"))
+
+
 def test_the_config_key(tmp_path, tokenizer, monkeypatch):
     calls = _spy(monkeypatch)
-    assert TrainConfig().attention == "sdpa"
     assert load_config(overrides=["--attention", "per_example"]).attention == "per_example"
     with pytest.raises(ConfigError, match="attention"):
         TrainConfig(attention="flash")

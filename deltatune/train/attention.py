@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 NAME = "deltatune_packed"
 
@@ -82,32 +83,42 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    return _per_example(query, key, value, starts, scaling, round_to_bf16=bf16), None
+
+
+def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: list[list[int]],
+                 scaling: float | None, round_to_bf16: bool) -> torch.Tensor:
+    """Each example's causal attention, (B, H, T, D) and (B, KV, T, D) -> (B, T, H, D), computed in fp32.
+
+    Under bf16 autocast q, k and v are first rounded to bf16 as SDPA's inputs are (after the rotary embedding's
+    fp32); then, unlike SDPA's bf16 kernel, nothing is rounded until the output: closer to exact attention than
+    SDPA, forward and gradients, in less time at these lengths (bench/bench_attention_cpu.py). The examples are
+    taken by one unbind and one split per row and the outputs joined by one cat, so the backward is a stack and
+    a cat per row rather than a zero-filled full-size gradient per example."""
     batch, heads, length, width = query.shape
     groups = key.shape[1]
     scale = scaling if scaling is not None else width ** -0.5
-    if fp32:  # SDPA's own causal kernel on each example: exact, and it skips the masked blocks
-        out = query.new_empty(batch, length, heads, width)
-        for b, row in enumerate(starts):
-            for s, e in zip(row, row[1:]):
-                out[b, s:e] = torch.nn.functional.scaled_dot_product_attention(
-                    query[b:b + 1, :, s:e], key[b:b + 1, :, s:e], value[b:b + 1, :, s:e], is_causal=True,
-                    scale=scale, enable_gqa=groups != heads)[0].transpose(0, 1)
-        return out, None
     causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-    # as SDPA under autocast: q, k, v rounded to bf16 first (after the rotary embedding's fp32), then the
-    # scores accumulated in fp32
-    query, key, value = (x.to(torch.bfloat16) for x in (query, key, value))
-    out = query.new_empty(batch, length, heads, width)
-    with torch.autocast("cpu", enabled=False):
-        for b, row in enumerate(starts):
-            for s, e in zip(row, row[1:]):
-                n = e - s
-                q = query[b, :, s:e].float().view(groups, heads // groups, n, width)
-                k, v = key[b, :, s:e].float(), value[b, :, s:e]
-                scores = torch.matmul(q, k[:, None].transpose(2, 3)) * scale  # (KV, H/KV, n, n) fp32
-                p = torch.softmax(scores.masked_fill(causal[:n, :n], float("-inf")), dim=-1).to(value.dtype)
-                out[b, s:e] = torch.matmul(p, v[:, None]).reshape(heads, n, width).transpose(0, 1)
-    return out, None
+    if round_to_bf16:
+        query, key, value = (x.to(torch.bfloat16) for x in (query, key, value))
+    pieces = []
+    with torch.autocast(query.device.type, enabled=False):
+        query, key, value = (x.float() for x in (query, key, value))
+        for row, q_row, k_row, v_row in zip(starts, query.unbind(0), key.unbind(0), value.unbind(0)):
+            lengths = [e - s for s, e in zip(row, row[1:])]
+            for n, q, k, v in zip(lengths, *(x.split(lengths, dim=1) for x in (q_row, k_row, v_row))):
+                if not round_to_bf16:  # fp32: SDPA's causal kernel, exact, is the faster here
+                    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                                       enable_gqa=groups != heads)[0]
+                    pieces.append(o.transpose(0, 1))
+                    continue
+                # bf16 inputs: SDPA's bf16 backward is the slow part; these fp32 matmuls are not
+                q = q.view(groups, heads // groups, n, width)  # GQA: each kv head's query heads together
+                scores = torch.matmul(q, k[:, None].transpose(2, 3)) * scale  # (KV, H/KV, n, n)
+                p = torch.softmax(scores.masked_fill(causal[:n, :n], float("-inf")), dim=-1)
+                pieces.append(torch.matmul(p, v[:, None]).view(heads, n, width).transpose(0, 1))
+    out = torch.cat(pieces).view(batch, length, heads, width)
+    return out.to(torch.bfloat16) if round_to_bf16 else out  # bf16 out, as SDPA's
 
 
 def register() -> str:

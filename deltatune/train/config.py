@@ -119,9 +119,11 @@ class TrainConfig(_Section):
     frozen_bf16: bool = True  # under bf16 autocast, store the frozen linear weights in bf16 (same products; also
     # in a model passed to train(model=...))
     # "per_example": on packed rows on a CPU, attention over each packed example's own causal block
-    # (deltatune.train.attention) instead of SDPA over the masked row: faster there; in bf16 rounded differently
-    # (docs/benchmarks.md); anything else (padded rows, CUDA, fp16) runs SDPA as "sdpa" does
-    attention: Literal["sdpa", "per_example"] = "sdpa"
+    # (deltatune.train.attention) instead of SDPA over the masked row: faster there, exact in fp32, and in bf16
+    # closer to exact attention than SDPA's bf16 kernel (docs/benchmarks.md); anything else (padded rows, CUDA,
+    # fp16) runs SDPA as "sdpa" does. "auto": per_example where data.packing is on, the model a transformers
+    # one on SDPA and on a CPU; "sdpa": the model's attention left as it is
+    attention: Literal["auto", "sdpa", "per_example"] = "auto"
     quantize: Literal["nf4", "gguf"] | None = None  # QLoRA: the base's linear layers stored in NF4 + double quantization
     # (~4.13 bits/weight), the adapter trained on top (docs/qlora.md); also applied to a model passed in; gguf: the
     # embedded model's own Q4_1 blocks (lossless, ~5 bits/weight; loaded from the file, not from a model passed in)

@@ -99,13 +99,25 @@ def prepare_base(model: nn.Module, cfg: TrainConfig, autocast: functools.partial
         main_print(world, f"frozen base: {count} linear weights stored in bf16 (frozen_bf16: false keeps fp32)")
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model, policy=cfg.gradient_checkpointing)
-    if cfg.attention == "per_example":
-        if not callable(getattr(model, "set_attn_implementation", None)):
-            raise ConfigError(f"attention: per_example needs a transformers model, not {type(model).__name__}; "
-                              "set attention: sdpa")
+    if _attention_per_example(model, cfg):
         from .attention import register
 
         model.set_attn_implementation(register())
+
+
+def _attention_per_example(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Whether the run computes attention per packed example (`attention`; auto: on packed rows of a
+    transformers model on SDPA, on a CPU, where it is faster and rounds no worse)."""
+    settable = callable(getattr(model, "set_attn_implementation", None))
+    if cfg.attention == "per_example" and not settable:
+        raise ConfigError(f"attention: per_example needs a transformers model, not {type(model).__name__}; "
+                          "set attention: sdpa")
+    if cfg.attention != "auto":
+        return cfg.attention == "per_example"
+    first = next(iter(model.parameters()), None)
+    on_cpu = first is None or first.device.type == "cpu"
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return cfg.data.packing and settable and on_cpu and implementation == "sdpa"
 
 
 def enable_gradient_checkpointing(model: nn.Module, *, policy: bool | str = True) -> None:
