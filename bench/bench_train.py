@@ -347,7 +347,12 @@ def step_flops(setup: Setup, precision: str, config, batch: dict, step_s: float)
     rows, length = batch["input_ids"].shape
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     head_rows = rows * length if setup.loss == "hf" else labelled
-    shape = StepShape.of(config, rows, length, head_rows, LORA["r"], setup.recomputed())
+    examples: tuple[int, ...] = ()
+    if setup.attention == "auto" and "position_ids" in batch:  # attention per packed example: its blocks only
+        from deltatune.train.attention import _starts
+
+        examples = tuple(e - s for row in _starts(batch["position_ids"]) for s, e in zip(row, row[1:]))
+    shape = StepShape.of(config, rows, length, head_rows, LORA["r"], setup.recomputed(), examples)
     parts = step_matmuls(shape)
     counted = flops(parts)
     chunk = 0 if setup.loss == "hf" else (setup.chunk or auto_chunk_size(config.vocab_size, torch.device("cpu")))

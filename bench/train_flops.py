@@ -6,7 +6,8 @@ A step is counted as the matmuls it must do (elementwise work is left out: it is
     LoRA rank r on it:                     forward 2·N·r·(in+out), backward 2x the forward (both factors' gradients
                                            and the input gradient)
     attention, B rows of T, nh heads of hd: forward Q·Kᵀ and P·V, 4·B·nh·T²·hd (the dense T x T the kernel runs
-                                           with a mask), backward 2x the forward
+                                           with a mask), backward 2x the forward; computed per packed example
+                                           (deltatune.train.attention), Σ 4·nh·n²·hd over the examples' lengths n
     output head (H -> V), M rows:          forward 2·M·H·V, input gradient 2·M·H·V (tied to the frozen embedding)
     gradient checkpointing:                the decoder's forward once more (or the share of it recomputed)
 
@@ -21,7 +22,7 @@ step, and limit time / measured step time is the share of it the step reaches.
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,15 @@ class StepShape:
     head_rows: int  # M: positions that go through the output head
     rank: int  # LoRA r on every linear of every layer
     recompute: float  # share of the decoder's forward that gradient checkpointing runs again (0, 0.5, 1)
+    examples: tuple[int, ...] = ()  # attention per packed example: every example's length; () = dense rows
 
     @classmethod
-    def of(cls, config, rows: int, length: int, head_rows: int, rank: int, recompute: float) -> "StepShape":
+    def of(cls, config, rows: int, length: int, head_rows: int, rank: int, recompute: float,
+           examples: tuple[int, ...] = ()) -> "StepShape":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                   config.num_key_value_heads, head_dim, config.vocab_size, rows, length, head_rows, rank, recompute)
+                   config.num_key_value_heads, head_dim, config.vocab_size, rows, length, head_rows, rank, recompute,
+                   examples)
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in, out) of one decoder layer's linears."""
@@ -72,10 +76,12 @@ def step_matmuls(s: StepShape) -> dict[str, list[tuple[Shape, int]]]:
             parts["LoRA"] += [((n, d_in, r), s.layers * forwards), ((n, r, d_out), s.layers * forwards),  # A x, B(.)
                               ((r, n, d_out), s.layers), ((n, d_out, r), s.layers),  # grad B, grad of (A x)
                               ((r, n, d_in), s.layers), ((n, r, d_in), s.layers - reads_embedding)]  # grad A, input
-    bh = s.rows * s.heads
-    qk = ((s.length, s.head_dim, s.length), bh * s.layers)  # per (row, head): (T, hd) @ (hd, T)
-    pv = ((s.length, s.length, s.head_dim), bh * s.layers)
-    parts["attention"] += [(qk[0], qk[1] * forwards), (pv[0], pv[1] * forwards), (qk[0], 2 * qk[1]), (pv[0], 2 * pv[1])]
+    blocks = s.examples or (s.length,) * s.rows  # per (block, head): (n, hd) @ (hd, n), then (n, n) @ (n, hd)
+    for n, count in sorted(Counter(blocks).items()):
+        qk = ((n, s.head_dim, n), count * s.heads * s.layers)
+        pv = ((n, n, s.head_dim), count * s.heads * s.layers)
+        parts["attention"] += [(qk[0], qk[1] * forwards), (pv[0], pv[1] * forwards), (qk[0], 2 * qk[1]),
+                               (pv[0], 2 * pv[1])]
     parts["head"] += [((s.head_rows, s.hidden, s.vocab), 1), ((s.head_rows, s.vocab, s.hidden), 1)]
     return dict(parts)
 

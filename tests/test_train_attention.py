@@ -161,7 +161,7 @@ def test_bf16_rounds_only_the_output_closer_to_exact_than_sdpa():
 
     exact = run_(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, enable_gqa=True).transpose(1, 2), *(x.detach().double().requires_grad_() for x in (q, k, v)))
-    ours = run_(lambda q, k, v: attention._per_example(q, k, v, starts, None, round_to_bf16=True), q, k, v)
+    ours = run_(lambda q, k, v: attention._per_example(q, k, v, starts, None, bf16=True), q, k, v)
     for x in (q, k, v):
         x.grad = None
     sdpa = run_(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(

@@ -1,12 +1,12 @@
-"""Attention per packed example for bf16 training on a CPU.
+"""Attention per packed example for training on a CPU (`attention: auto` on packed rows, or `per_example`).
 
 On packed SFT rows transformers' SDPA runs the CPU flash kernel over the whole row under a block-diagonal mask:
 it computes every (query, key) pair of the row, across examples, and its bf16 backward is slow. This computes
 each example's own causal block, so a row of n examples of length m costs about n·m² instead of (n·m)²: under
-bf16 autocast eagerly, q·kᵀ and the softmax in fp32 (as the flash kernel accumulates them) and P·V in bf16, the
-kernels that run fast here; in fp32 through SDPA's causal kernel per example (exact). Measured in
-bench/bench_attention_cpu.py (0.53x SDPA's time in bf16, 0.63x in fp32, on an AMD EPYC with AVX512-BF16) and
-bench/bench_train.py (setup speed+segments).
+bf16 eagerly in fp32 (nothing rounded until the bf16 output, so closer to exact attention than SDPA's bf16
+kernel, which rounds q, k and the probabilities), in fp32 through SDPA's causal kernel per example (exact).
+Measured in bench/bench_attention_cpu.py (0.51x SDPA's time in bf16, 0.47x in fp32, forward and backward of
+one layer, on an AMD EPYC with AVX512-BF16) and bench/bench_train.py (setup speed against speed+sdpa).
 
 The examples are found from position_ids as transformers finds packed sequences (a new one wherever a position
 does not follow its predecessor by 1). Everything else (fp16, CUDA, no packing, dropout, a sliding window, a
@@ -83,42 +83,41 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     if starts is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    return _per_example(query, key, value, starts, scaling, round_to_bf16=bf16), None
+    return _per_example(query, key, value, starts, scaling, bf16=bf16), None
 
 
 def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: list[list[int]],
-                 scaling: float | None, round_to_bf16: bool) -> torch.Tensor:
+                 scaling: float | None, bf16: bool) -> torch.Tensor:
     """Each example's causal attention, (B, H, T, D) and (B, KV, T, D) -> (B, T, H, D), computed in fp32.
 
-    Under bf16 autocast q, k and v are first rounded to bf16 as SDPA's inputs are (after the rotary embedding's
-    fp32); then, unlike SDPA's bf16 kernel, nothing is rounded until the output: closer to exact attention than
-    SDPA, forward and gradients, in less time at these lengths (bench/bench_attention_cpu.py). The examples are
-    taken by one unbind and one split per row and the outputs joined by one cat, so the backward is a stack and
-    a cat per row rather than a zero-filled full-size gradient per example."""
+    bf16 (bf16 inputs or bf16 autocast): q, k and v taken as they come (under autocast q and k in the rotary
+    embedding's fp32, v in bf16), nothing rounded until the bf16 output; SDPA's bf16 kernel rounds q, k and the
+    probabilities too. Closer to exact attention than SDPA, forward and gradients, in less time at these
+    lengths, because SDPA's bf16 backward is the slow part and these fp32 matmuls are not
+    (bench/bench_attention_cpu.py). fp32: SDPA's causal kernel per example, exact and the faster there.
+    The examples are taken by one unbind and one split per row and the outputs joined by one cat, so the
+    backward is a stack and a cat per row rather than a zero-filled full-size gradient per example."""
     batch, heads, length, width = query.shape
     groups = key.shape[1]
     scale = scaling if scaling is not None else width ** -0.5
     causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
-    if round_to_bf16:
-        query, key, value = (x.to(torch.bfloat16) for x in (query, key, value))
     pieces = []
     with torch.autocast(query.device.type, enabled=False):
         query, key, value = (x.float() for x in (query, key, value))
         for row, q_row, k_row, v_row in zip(starts, query.unbind(0), key.unbind(0), value.unbind(0)):
             lengths = [e - s for s, e in zip(row, row[1:])]
             for n, q, k, v in zip(lengths, *(x.split(lengths, dim=1) for x in (q_row, k_row, v_row))):
-                if not round_to_bf16:  # fp32: SDPA's causal kernel, exact, is the faster here
+                if not bf16:
                     o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
                                                        enable_gqa=groups != heads)[0]
                     pieces.append(o.transpose(0, 1))
                     continue
-                # bf16 inputs: SDPA's bf16 backward is the slow part; these fp32 matmuls are not
                 q = q.view(groups, heads // groups, n, width)  # GQA: each kv head's query heads together
                 scores = torch.matmul(q, k[:, None].transpose(2, 3)) * scale  # (KV, H/KV, n, n)
                 p = torch.softmax(scores.masked_fill(causal[:n, :n], float("-inf")), dim=-1)
                 pieces.append(torch.matmul(p, v[:, None]).view(heads, n, width).transpose(0, 1))
     out = torch.cat(pieces).view(batch, length, heads, width)
-    return out.to(torch.bfloat16) if round_to_bf16 else out  # bf16 out, as SDPA's
+    return out.to(torch.bfloat16) if bf16 else out  # bf16 out, as SDPA's
 
 
 def register() -> str:
