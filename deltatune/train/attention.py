@@ -100,22 +100,22 @@ def _per_example(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, st
     batch, heads, length, width = query.shape
     groups = key.shape[1]
     scale = scaling if scaling is not None else width ** -0.5
-    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1) if bf16 else None
     pieces = []
     with torch.autocast(query.device.type, enabled=False):
         query, key, value = (x.float() for x in (query, key, value))
         for row, q_row, k_row, v_row in zip(starts, query.unbind(0), key.unbind(0), value.unbind(0)):
             lengths = [e - s for s, e in zip(row, row[1:])]
             for n, q, k, v in zip(lengths, *(x.split(lengths, dim=1) for x in (q_row, k_row, v_row))):
-                if not bf16:
-                    o = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
-                                                       enable_gqa=groups != heads)[0]
-                    pieces.append(o.transpose(0, 1))
-                    continue
-                q = q.view(groups, heads // groups, n, width)  # GQA: each kv head's query heads together
-                scores = torch.matmul(q, k[:, None].transpose(2, 3)) * scale  # (KV, H/KV, n, n)
-                p = torch.softmax(scores.masked_fill(causal[:n, :n], float("-inf")), dim=-1)
-                pieces.append(torch.matmul(p, v[:, None]).view(heads, n, width).transpose(0, 1))
+                if bf16:
+                    q = q.view(groups, heads // groups, n, width)  # GQA: each kv head's query heads together
+                    scores = torch.matmul(q, k[:, None].transpose(2, 3)) * scale  # (KV, H/KV, n, n)
+                    p = torch.softmax(scores.masked_fill(causal[:n, :n], float("-inf")), dim=-1)
+                    out = torch.matmul(p, v[:, None]).view(heads, n, width)
+                else:
+                    out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                                         enable_gqa=groups != heads)[0]
+                pieces.append(out.transpose(0, 1))
     out = torch.cat(pieces).view(batch, length, heads, width)
     return out.to(torch.bfloat16) if bf16 else out  # bf16 out, as SDPA's
 
